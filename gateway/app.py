@@ -1,0 +1,92 @@
+"""The composition root: ``create_app(settings)`` builds the whole gateway; nothing runs at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.catalog import Catalog
+from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, UnknownPath
+from gateway.local_routes import LocalRoutes
+from gateway.pipeline import Proxy, Runtime
+from gateway.settings import Settings
+from gateway.upstream import HttpxUpstream
+
+logger = logging.getLogger("gateway")
+
+CATALOG_PATH = "/api/models"
+
+
+def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """The gateway as an ASGI app. ``transport`` replaces the network under the upstream client."""
+    runtime = Runtime()
+    local = LocalRoutes(settings, runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        upstream = HttpxUpstream(settings.upstream, transport)
+        runtime.upstream = upstream
+        runtime.catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
+        runtime.upstream_open = True
+        runtime.catalog.start()
+        try:
+            yield
+        finally:
+            runtime.upstream_open = False
+            await runtime.catalog.aclose()
+            await upstream.aclose()
+
+    routes = [
+        Route("/healthz", local.healthz, methods=["GET"]),
+        Route("/readyz", local.readyz, methods=["GET"]),
+        Route(CATALOG_PATH, local.api_models, methods=["GET"]),
+        Route("/v1/models", local.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", local.retrieve_model, methods=["GET"]),
+        # Every other /v1 path and method: the proxy answers (404/405 for what does not exist).
+        Route("/v1/{path:path}", Proxy(settings, runtime)),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+
+
+def _error_response(error: GatewayError) -> Response:
+    return Response(
+        error.body(),
+        status_code=error.status,
+        headers={k.decode(): v.decode() for k, v in error.headers()},
+    )
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if exc.status_code == 404:
+        return _error_response(UnknownPath(f"Unknown endpoint {path}."))
+    if exc.status_code == 405:
+        return _error_response(MethodNotAllowed(f"{request.method} is not allowed on {path}."))
+    return _error_response(InvalidRequest(str(exc.detail), code=None))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(InternalError("Internal gateway error."))

@@ -1,0 +1,28 @@
+"""Who may call, and which credential goes upstream.
+
+- passthrough: the client's own Authorization goes upstream unchanged (each caller uses its key).
+- open: the gateway's upstream key goes upstream; the client's Authorization is never forwarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gateway.headers import Header
+from gateway.settings import Settings
+
+
+class UpstreamAuth:
+    __slots__ = ("_gateway_key",)
+
+    def __init__(self, settings: Settings) -> None:
+        mode = settings.auth_mode
+        self._gateway_key = b"Bearer " + settings.upstream.api_key.encode() if mode == "open" else None
+
+    def upstream_authorization(self, client_headers: Iterable[Header]) -> bytes | None:
+        if self._gateway_key is not None:
+            return self._gateway_key
+        for name, value in client_headers:
+            if name == b"authorization":
+                return value
+        return None

@@ -1,0 +1,198 @@
+"""The ``gateway`` command: serve, demo, check-config, models."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.entries import CATEGORIES, ModelEntry, parse_catalog
+from gateway.settings import Settings, SettingsError, load_settings, resolve_config_path
+
+DEMO_CLIENT_KEY = "sk-demo"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except SettingsError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Catalog-aware OpenAI-compatible gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument(
+        "--config", help="TOML config file (default: $GATEWAY_CONFIG, else config/gateway.toml)"
+    )
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8080)")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="run the gateway in front of a built-in simulated upstream")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
+    demo.set_defaults(run=_demo)
+
+    check = commands.add_parser("check-config", help="validate the settings and exit")
+    check.add_argument("path", nargs="?", help="TOML config file (default as for serve)")
+    check.set_defaults(run=_check_config)
+
+    models = commands.add_parser("models", help="show the upstream's model catalog")
+    models.add_argument("--config", help="TOML config file (for the upstream URL)")
+    models.add_argument("--url", help="base URL serving /api/models (default: the configured upstream)")
+    models.add_argument("--category", choices=sorted(CATEGORIES), help="only this category")
+    models.add_argument("--supports", action="append", default=[], metavar="TAG", help="only models with TAG")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.set_defaults(run=_models)
+    return parser
+
+
+def _settings(config: str | None, **overrides: Any) -> Settings:
+    return load_settings(resolve_config_path(config, os.environ), os.environ, overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args.config, host=args.host, port=args.port)
+    _run(settings)
+    return 0
+
+
+def _run(settings: Settings) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import create_demo_upstream
+    from gateway.localserver import serve_in_thread
+
+    with serve_in_thread(create_demo_upstream()) as upstream:
+        settings = dataclasses.replace(
+            load_settings(None, {}),
+            host=args.host,
+            port=args.port,
+            upstream=dataclasses.replace(Settings().upstream, url=upstream.url, api_key="demo-upstream-key"),
+            auth=dataclasses.replace(Settings().auth, mode="open"),
+        )
+        print(_demo_banner(settings), flush=True)
+        _run(settings)
+    return 0
+
+
+def _demo_banner(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"http://{host}:{settings.port}"
+    return f"""
+Demo mode: the gateway on {base} in front of a simulated FlexAI upstream (no network, any key works).
+
+  curl -s {base}/v1/models | python3 -m json.tool
+  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "Qwen2.5-32B-Instruct-FP8", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+  curl -sN {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "Qwen2.5-32B-Instruct-FP8", "stream": true,
+            "messages": [{{"role": "user", "content": "Hi"}}]}}'
+  # refused by the gateway itself (an embedding model on the chat endpoint):
+  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "bge-m3", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+  python3 -c 'from openai import OpenAI
+c = OpenAI(base_url="{base}/v1", api_key="{DEMO_CLIENT_KEY}")
+print(c.chat.completions.create(model="Qwen2.5-32B-Instruct-FP8",
+      messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)'
+
+Press Ctrl-C to stop.
+"""
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path = resolve_config_path(args.path, os.environ)
+    settings = load_settings(path, os.environ)
+    source = str(path) if path else "built-in defaults"
+    print(
+        f"configuration OK ({source}): upstream {settings.upstream.url}, auth mode {settings.auth_mode}, "
+        f"listening on {settings.host}:{settings.port}"
+    )
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    base = (args.url or _settings(args.config).upstream.url).rstrip("/")
+    try:
+        response = httpx.get(base + "/api/models", timeout=10.0, trust_env=False)
+        response.raise_for_status()
+        parsed = parse_catalog(orjson.loads(response.content))
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"gateway: cannot load the catalog from {base}/api/models: {exc}", file=sys.stderr)
+        return 1
+    wanted = {t.lower() for t in args.supports}
+    entries = [
+        e
+        for e in parsed.entries
+        if (args.category is None or e.category == args.category) and wanted <= e.supports
+    ]
+    if args.json:
+        print(orjson.dumps([dict(e.raw) for e in entries], option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(_table(entries))
+    for reason in parsed.skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    return 0
+
+
+def _table(entries: list[ModelEntry]) -> str:
+    header = ("MODEL", "CATEGORY", "HEALTH", "CONTEXT", "IN $/MTOK", "OUT $/MTOK", "SUPPORTS")
+    rows = [
+        (
+            e.model_name,
+            e.category,
+            e.health_status or "-",
+            str(e.context_window or "-"),
+            _price(e.input_per_mtok),
+            _price(e.output_per_mtok),
+            ",".join(sorted(e.supports)),
+        )
+        for e in entries
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    )
+
+
+def _price(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""One exception family for every refusal the gateway answers itself.
+
+Each class knows its HTTP status, OpenAI error ``type`` and ``code``; ``render`` turns any of them
+into the OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}`` that the OpenAI
+SDKs parse into the right exception (status decides the class: 400 BadRequestError, 401
+AuthenticationError, 404 NotFoundError, 429 RateLimitError, 5xx InternalServerError).
+
+This module imports nothing else from the gateway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+Headers = list[tuple[bytes, bytes]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
+class GatewayError(Exception):
+    """A request the gateway answers itself with an OpenAI-shaped error."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        headers: Headers | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+        self.extra_headers: Headers = headers or []
+
+    def body(self) -> bytes:
+        return render(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> Headers:
+        headers = [JSON_CONTENT_TYPE, *self.extra_headers]
+        if self.retry_after is not None:
+            # Retry-After is whole seconds (RFC 9110); never 0 so clients do not spin.
+            headers.append((b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()))
+        return headers
+
+
+def render(message: str, type_: str, param: str | None, code: str | None) -> bytes:
+    """The OpenAI error envelope, with all four keys present (null where none applies)."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+# --- 4xx: the caller can fix these -------------------------------------------------------------
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ModelEndpointMismatch(InvalidRequest):
+    code = "model_endpoint_mismatch"
+
+
+class ModelNotFound(InvalidRequest):
+    # OpenAI answers 404 for an unknown model, so the SDK raises NotFoundError.
+    status = 404
+    code = "model_not_found"
+
+
+class UnknownPath(InvalidRequest):
+    status = 404
+    code = "unknown_url"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+# --- 5xx: the gateway or the upstream cannot serve this now ------------------------------------
+
+
+class InternalError(GatewayError):
+    status = 500
+    code = "internal_error"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    code = "upstream_unavailable"
+
+
+class CatalogUnavailable(GatewayError):
+    status = 503
+    code = "catalog_unavailable"
+
+
+class ModelUnavailable(GatewayError):
+    status = 503
+    code = "model_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    code = "upstream_timeout"
+
+
+async def send_error(send: Send, error: GatewayError, extra_headers: Headers) -> None:
+    """Answer ``error`` on a raw ASGI ``send`` (nothing may have been sent yet)."""
+    body = error.body()
+    headers = [*error.headers(), (b"content-length", str(len(body)).encode()), *extra_headers]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,114 @@
+"""Endpoints the gateway answers itself: the model list, the raw catalog, health and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.catalog import Snapshot
+from gateway.entries import CATEGORIES, ModelEntry
+from gateway.errors import InvalidRequest
+from gateway.pipeline import Runtime
+from gateway.routing import endpoint_for, is_routable
+from gateway.settings import Settings
+
+
+def model_object(entry: ModelEntry) -> dict[str, Any]:
+    """OpenAI's Model shape, plus the catalog's facts as extra fields (SDKs ignore them)."""
+    created = entry.raw.get("created")
+    return {
+        "id": entry.model_name,
+        "object": "model",
+        "created": created if isinstance(created, int) and not isinstance(created, bool) else 0,
+        "owned_by": entry.provider or "flexai",
+        "category": entry.category,
+        "endpoint": endpoint_for(entry),
+        "supports": sorted(entry.supports),
+        "context_window": entry.context_window,
+        "max_output": entry.max_output,
+        "pricing": {
+            "input_per_mtok": entry.input_per_mtok,
+            "output_per_mtok": entry.output_per_mtok,
+            "units": list(entry.pricing),
+        },
+        "health_status": entry.health_status,
+    }
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _filter_values(request: Request, name: str) -> set[str]:
+    return {
+        v.strip().lower() for raw in request.query_params.getlist(name) for v in raw.split(",") if v.strip()
+    }
+
+
+class LocalRoutes:
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._routable = frozenset(settings.catalog.routable_health)
+
+    async def list_models(self, request: Request) -> Response:
+        snapshot = await self._runtime.catalog.current()
+        categories = _filter_values(request, "category")
+        unknown = categories - CATEGORIES
+        if unknown:
+            raise InvalidRequest(
+                f"Unknown category {', '.join(sorted(unknown))}; known: {', '.join(sorted(CATEGORIES))}.",
+                param="category",
+            )
+        tags = _filter_values(request, "supports")
+        data = [
+            model_object(e)
+            for e in snapshot.entries.values()
+            if is_routable(e, self._routable)
+            and (not categories or e.category in categories)
+            and tags <= e.supports
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: Request) -> Response:
+        snapshot = await self._runtime.catalog.current()
+        name = request.path_params["model"]
+        entry = snapshot.entries.get(name)
+        if entry is None:
+            entry = await self._runtime.catalog.lookup(name)  # refreshes early once, or raises 404
+        return _json(model_object(entry))
+
+    async def api_models(self, request: Request) -> Response:
+        snapshot = await self._runtime.catalog.current()
+        return Response(snapshot.raw, media_type="application/json")
+
+    async def healthz(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        catalog = self._runtime.catalog
+        snapshot = catalog.snapshot
+        if snapshot is None:
+            catalog.start()  # keep trying while not ready (respects the refresh backoff)
+        ready = snapshot is not None and self._runtime.upstream_open
+        age = catalog.age()
+        body = {
+            "status": "ready" if ready else "not ready",
+            "catalog": {
+                "loaded": snapshot is not None,
+                "age_seconds": None if age is None else round(age, 1),
+                "models": 0 if snapshot is None else len(snapshot.entries),
+                "routable": 0 if snapshot is None else self._count_routable(snapshot),
+                "skipped_entries": [] if snapshot is None else list(snapshot.skipped),
+                "refreshes": catalog.refreshes,
+                "refresh_failures": catalog.refresh_failures,
+                "last_error": catalog.last_error,
+            },
+            "upstream_client": "open" if self._runtime.upstream_open else "closed",
+        }
+        return _json(body, 200 if ready else 503)
+
+    def _count_routable(self, snapshot: Snapshot) -> int:
+        return sum(1 for e in snapshot.entries.values() if is_routable(e, self._routable))

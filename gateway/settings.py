@@ -1,0 +1,251 @@
+"""Frozen, validated settings from a TOML file and ``GATEWAY_*`` environment variables.
+
+Every setting lives in a section dataclass below; its type and bounds are the schema. A TOML key
+``[section] key`` is overridden by the environment variable ``GATEWAY_SECTION_KEY`` (top-level keys:
+``GATEWAY_KEY``). Unknown keys, wrong types and out-of-range values raise ``SettingsError`` naming
+the key, before any socket is bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
+ENV_PREFIX = "GATEWAY_"
+
+AuthMode = Literal["passthrough", "open", "keys"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or invalid; the message names the key."""
+
+
+def _bounded(default: float, *, gt: float | None = None, ge: float | None = None) -> Any:
+    return field(default=default, metadata={"gt": gt, "ge": ge})
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = "https://tokens.flex.ai"
+    api_key: str = field(default="", repr=False)
+    connect_timeout: float = _bounded(10.0, gt=0)
+    first_byte_timeout: float = _bounded(600.0, gt=0)
+    idle_timeout: float = _bounded(300.0, gt=0)
+    write_timeout: float = _bounded(60.0, gt=0)
+    max_connections: int = _bounded(512, ge=1)
+    max_keepalive_connections: int = _bounded(128, ge=0)
+    keepalive_expiry: float = _bounded(30.0, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSettings:
+    ttl: float = _bounded(60.0, gt=0)
+    fetch_timeout: float = _bounded(5.0, gt=0)
+    max_staleness: float = _bounded(86400.0, ge=0)
+    unknown_model_refresh_interval: float = _bounded(5.0, ge=0)
+    refresh_backoff_max: float = _bounded(60.0, gt=0)
+    routable_health: tuple[str, ...] = ("healthy", "degraded")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    max_body_bytes: int = _bounded(32 * 1024 * 1024, ge=1)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    # None means "choose": passthrough without an upstream key; an upstream key needs an explicit mode.
+    mode: AuthMode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = _bounded(8080, ge=0)
+    log_level: LogLevel = "info"
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+
+    @property
+    def auth_mode(self) -> AuthMode:
+        """The effective mode (validated by ``load_settings``)."""
+        return self.auth.mode or "passthrough"
+
+
+def resolve_config_path(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    """--config, else GATEWAY_CONFIG, else config/gateway.toml when present, else built-in defaults."""
+    chosen = explicit or env.get(ENV_PREFIX + "CONFIG")
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            raise SettingsError(f"config file {chosen!r} does not exist")
+        return path
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_settings(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build and validate Settings: defaults < TOML file < environment < ``overrides`` (CLI flags)."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"cannot read config file {str(path)!r}: {exc}") from exc
+    settings: Settings = _build(Settings, data, env, section=None, overrides=overrides or {})
+    _check_cross_field(settings)
+    return settings
+
+
+def _build(
+    cls: type[Any],
+    data: Mapping[str, Any],
+    env: Mapping[str, str],
+    section: str | None,
+    overrides: Mapping[str, Any],
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise SettingsError(f"unknown setting {_label(section, key)}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        hint = hints[name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            sub = data.get(name, {})
+            if not isinstance(sub, dict):
+                raise SettingsError(f"[{name}] must be a table")
+            values[name] = _build(hint, sub, env, section=name, overrides={})
+            continue
+        env_name = ENV_PREFIX + (f"{section}_{name}" if section else name).upper()
+        label = _label(section, name)
+        if section is None and name in overrides and overrides[name] is not None:
+            raw, source = overrides[name], "command line"
+        elif env_name in env:
+            raw, source = env[env_name], "env"
+        elif name in data:
+            raw, source = data[name], "toml"
+        else:
+            continue
+        where = env_name if source == "env" else label
+        values[name] = _coerce(raw, hint, where, from_env=source == "env")
+        _check_bounds(values[name], f.metadata, where)
+    return cls(**values)
+
+
+def _label(section: str | None, key: str) -> str:
+    return f"[{section}] {key}" if section else key
+
+
+def _coerce(raw: Any, hint: Any, where: str, *, from_env: bool) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(raw, hint, where, from_env=from_env)
+    if origin is Literal:
+        value = raw.strip().lower() if isinstance(raw, str) else raw
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise SettingsError(f"{where}: must be one of {choices}, got {raw!r}")
+        return value
+    if origin is tuple:
+        if from_env and isinstance(raw, str):
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            raise SettingsError(f"{where}: must be a list of strings, got {raw!r}")
+        return tuple(x.strip().lower() for x in raw)
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if (
+            from_env
+            and isinstance(raw, str)
+            and raw.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off")
+        ):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        raise SettingsError(f"{where}: must be true or false, got {raw!r}")
+    if hint in (int, float):
+        return _number(raw, hint, where, from_env=from_env)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise SettingsError(f"{where}: must be a string, got {raw!r}")
+        return raw.strip()
+    raise SettingsError(f"{where}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _number(raw: Any, hint: type[int] | type[float], where: str, *, from_env: bool) -> int | float:
+    kind = "an integer" if hint is int else "a number"
+    if from_env and isinstance(raw, str):
+        try:
+            raw = hint(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{where}: must be {kind}, got {raw!r}") from None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or (hint is int and isinstance(raw, float)):
+        raise SettingsError(f"{where}: must be {kind}, got {raw!r}")
+    value = hint(raw)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SettingsError(f"{where}: must be a finite number, got {raw!r}")
+    return value
+
+
+def _check_bounds(value: Any, metadata: Mapping[str, Any], where: str) -> None:
+    gt, ge = metadata.get("gt"), metadata.get("ge")
+    if gt is not None and not value > gt:
+        raise SettingsError(f"{where}: must be greater than {gt}, got {value!r}")
+    if ge is not None and not value >= ge:
+        raise SettingsError(f"{where}: must be at least {ge}, got {value!r}")
+
+
+def _check_cross_field(s: Settings) -> None:
+    url = urlsplit(s.upstream.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingsError(f"[upstream] url: must be an http(s) URL with a host, got {s.upstream.url!r}")
+    if url.query or url.fragment:
+        raise SettingsError("[upstream] url: must not carry a query or fragment")
+    if s.port > 65535:
+        raise SettingsError(f"port: must be at most 65535, got {s.port}")
+    if not s.host:
+        raise SettingsError("host: must not be empty")
+    if not s.catalog.routable_health:
+        raise SettingsError("[catalog] routable_health: must name at least one health status")
+
+    has_key = bool(s.upstream.api_key)
+    mode = s.auth.mode
+    if mode == "keys":
+        raise SettingsError('[auth] mode: "keys" (gateway keys) is not available in this version yet')
+    if mode is None and has_key:
+        raise SettingsError(
+            "[auth] mode: an upstream key is set (GATEWAY_UPSTREAM_API_KEY or [upstream] api_key) but no "
+            "way to authenticate clients is: anyone who reaches the gateway would spend that key. "
+            'Set [auth] mode = "open" (or GATEWAY_AUTH_MODE=open) to accept that explicitly.'
+        )
+    if mode == "passthrough" and has_key:
+        raise SettingsError(
+            '[auth] mode: "passthrough" forwards each client\'s own key, so an upstream key must not be set '
+            '(remove it, or use mode = "open")'
+        )
+    if mode == "open" and not has_key:
+        raise SettingsError('[auth] mode: "open" sends the gateway\'s upstream key, but none is set')
+
+
+def normalized_upstream_url(s: Settings) -> str:
+    """The upstream base URL without a trailing slash."""
+    return s.upstream.url.rstrip("/")

@@ -1,0 +1,149 @@
+"""The seam between the gateway and the upstream HTTP API.
+
+``Upstream`` is the interface the rest of the gateway calls; no httpx type crosses it, so another
+client can stand behind it. ``HttpxUpstream`` is the implementation on a shared
+``httpx.AsyncClient`` whose transport is injectable (tests, other transports). Library errors are
+translated here, once, into the gateway's own:
+
+- before response headers: connection failures -> UpstreamUnavailable (502), timeouts ->
+  UpstreamTimeout (504);
+- while streaming the body: anything -> UpstreamStreamError (the response has started, so the relay
+  can only end the stream).
+
+Timeouts are per phase: ``connect_timeout`` to open a connection, ``first_byte_timeout`` for the
+response headers, ``idle_timeout`` between two body chunks. There is no total timeout, so a long,
+healthy stream is never cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import httpx
+
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.settings import UpstreamSettings
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+class UpstreamStreamError(Exception):
+    """The upstream failed after its response started (reset, timeout, protocol error)."""
+
+
+class UpstreamResponse(Protocol):
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Headers:
+        """As received, names in their original case."""
+        ...
+
+    def iter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it came off the wire (still compressed); raises UpstreamStreamError."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
+        """Send a request; returns once the response headers arrived. ``target`` is path + query."""
+        ...
+
+    async def get_bytes(self, target: str) -> bytes:
+        """GET a small resource and return its body; non-2xx raises UpstreamUnavailable."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _HttpxResponse:
+    __slots__ = ("_idle_timeout", "_response", "headers", "status")
+
+    def __init__(self, response: httpx.Response, idle_timeout: float) -> None:
+        self._response = response
+        self._idle_timeout = idle_timeout
+        self.status = response.status_code
+        self.headers = response.headers.raw
+
+    async def iter_raw(self) -> AsyncIterator[bytes]:
+        chunks = self._response.aiter_raw()
+        while True:
+            try:
+                async with asyncio.timeout(self._idle_timeout):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamStreamError(f"the upstream sent nothing for {self._idle_timeout:g}s") from None
+            except httpx.HTTPError as exc:
+                raise UpstreamStreamError(_describe(exc)) from exc
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxUpstream:
+    def __init__(self, settings: UpstreamSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._base = settings.url.rstrip("/")
+        self._first_byte_timeout = settings.first_byte_timeout
+        self._idle_timeout = settings.idle_timeout
+        limits = httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_keepalive_connections,
+            keepalive_expiry=settings.keepalive_expiry,
+        )
+        self._client = httpx.AsyncClient(
+            # read=None: first-byte and idle deadlines are enforced per phase in send()/iter_raw().
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout,
+                read=None,
+                write=settings.write_timeout,
+                pool=settings.connect_timeout,
+            ),
+            limits=limits,
+            transport=transport or httpx.AsyncHTTPTransport(limits=limits, retries=0),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self._client.headers.clear()  # forward the client's headers, not httpx's defaults
+
+    async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
+        request = self._client.build_request(method, self._base + target, headers=list(headers), content=body)
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                response = await self._client.send(request, stream=True)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The upstream did not start answering within {self._first_byte_timeout:g}s."
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"The upstream timed out: {_describe(exc)}.") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"The upstream could not be reached: {_describe(exc)}.") from None
+        return _HttpxResponse(response, self._idle_timeout)
+
+    async def get_bytes(self, target: str) -> bytes:
+        try:
+            response = await self._client.get(self._base + target, headers={"accept": "application/json"})
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"GET {target} timed out: {_describe(exc)}") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"GET {target} failed: {_describe(exc)}") from None
+        if not response.is_success:
+            raise UpstreamUnavailable(f"GET {target} answered HTTP {response.status_code}")
+        return response.content
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    # The exception text can carry the URL; keep the class and the reason only.
+    reason = str(exc).split("\n", 1)[0]
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
