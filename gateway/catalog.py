@@ -220,10 +220,10 @@ def _not_found_message(name: str, snapshot: Snapshot) -> str:
 def suggest(name: str, snapshot: Snapshot, limit: int = 3) -> list[str]:
     """Close model names: a case-insensitive or slug match first, then similar spellings."""
     key = name.lower()
-    found: list[str] = []
     exact = snapshot.lowercase.get(key)
     if exact is not None:
-        found.append(exact)
+        return [exact]  # the same name in another case, or the model's slug
+    found: list[str] = []
     for close in difflib.get_close_matches(key, list(snapshot.lowercase), n=limit + 1, cutoff=0.6):
         candidate = snapshot.lowercase[close]
         if candidate not in found:

@@ -142,7 +142,7 @@ def admit(
     if not fits(entry, endpoint.path):
         home = endpoint_for(entry)
         raise ModelEndpointMismatch(
-            f"Model {entry.model_name!r} is a {_describe(entry)} model and is called through POST {home}, "
+            f"Model {entry.model_name!r} ({_describe(entry)}) is called through POST {home}, "
             f"not {endpoint.path}.",
             param="model",
         )
@@ -158,5 +158,9 @@ def admit(
 
 def _describe(entry: ModelEntry) -> str:
     if entry.category == "audio":
-        return "speech-to-text audio" if STT_TAG in entry.supports else "text-to-speech audio"
-    return entry.category
+        return (
+            "category audio, speech-to-text"
+            if STT_TAG in entry.supports
+            else "category audio, text-to-speech"
+        )
+    return f"category {entry.category}"

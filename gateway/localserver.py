@@ -1,0 +1,124 @@
+"""Run an ASGI app under uvicorn on a background thread, with its own event loop.
+
+The listening socket is bound here, before uvicorn starts, so ``port=0`` picks a free port
+that is known before the first request. ``serve_in_thread`` returns once uvicorn reports
+that it is serving and stops it (bounded) when the ``with`` block ends. uvicorn installs
+signal handlers only in the main thread, so a server in a thread leaves Ctrl-C to the
+caller. Used by ``gateway demo`` (the simulated upstream) and by the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
+
+START_TIMEOUT_SECONDS = 10.0
+STOP_TIMEOUT_SECONDS = 10.0
+_POLL_SECONDS = 0.01
+_DEFAULT_CONFIG: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "log_level": "warning",
+        "access_log": False,
+        "lifespan": "on",
+        # Open streams get this long to finish once shutdown starts, then they are cancelled.
+        "timeout_graceful_shutdown": 3,
+    }
+)
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """Where a server started by ``serve_in_thread`` listens."""
+
+    host: str
+    port: int
+    url: str
+
+
+class _ServerThread(threading.Thread):
+    """Runs ``uvicorn.Server.run`` on one pre-bound socket and keeps what it raised."""
+
+    def __init__(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        super().__init__(name=f"uvicorn-{sock.getsockname()[1]}", daemon=True)
+        self.server = server
+        self.sock = sock
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException as exc:  # uvicorn ends a failed startup with sys.exit()
+            self.error = exc
+
+    def wait_started(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.is_alive():
+                raise RuntimeError("uvicorn exited before it started serving") from self.error
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start within {timeout} s")
+            time.sleep(_POLL_SECONDS)
+
+    def stop(self, timeout: float) -> None:
+        self.server.should_exit = True
+        self.join(timeout)
+        if self.is_alive():  # a connection that never ends: stop waiting for it
+            self.server.force_exit = True
+            self.join(timeout)
+        if self.is_alive():
+            raise RuntimeError(f"uvicorn thread {self.name} did not stop within {2 * timeout} s")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_config_kwargs: Any
+) -> Iterator[LocalServer]:
+    """Serve ``app`` on ``host:port`` in a daemon thread for the duration of the block.
+
+    ``uvicorn_config_kwargs`` go to ``uvicorn.Config`` and override the defaults
+    (``log_level="warning"``, ``access_log=False``, ``lifespan="on"``,
+    ``timeout_graceful_shutdown=3``). Raises ``RuntimeError`` if the server does not start
+    within ``START_TIMEOUT_SECONDS`` or does not stop within twice ``STOP_TIMEOUT_SECONDS``.
+    """
+    sock = _bind(host, port)
+    try:
+        bound_port: int = sock.getsockname()[1]
+        options = {**_DEFAULT_CONFIG, **uvicorn_config_kwargs}
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=bound_port, **options))
+        thread = _ServerThread(server, sock)
+        thread.start()
+        try:
+            thread.wait_started(START_TIMEOUT_SECONDS)
+            yield LocalServer(host=host, port=bound_port, url=_url(host, bound_port))
+        finally:
+            thread.stop(STOP_TIMEOUT_SECONDS)
+        if thread.error is not None:
+            raise RuntimeError("uvicorn thread failed") from thread.error
+    finally:
+        sock.close()

@@ -1,0 +1,71 @@
+"""Shared fixtures: the simulated upstream and the gateway as real servers on 127.0.0.1.
+
+Each server runs under uvicorn in its own thread (gateway.localserver), so the tests talk to them
+over real sockets with the official openai SDK (sync client) or httpx, as users do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+
+import httpx
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.demo import DemoState, create_demo_upstream
+from gateway.localserver import LocalServer, serve_in_thread
+from gateway.settings import Settings, load_settings
+
+StartGateway = Callable[..., LocalServer]
+
+CHAT_MODEL = "Qwen2.5-32B-Instruct-FP8"
+
+
+@pytest.fixture
+def demo_state() -> DemoState:
+    """The simulated upstream's state: its catalog, counters and recorded requests."""
+    return DemoState(token_delay=0.002, video_seconds=0.0)
+
+
+@pytest.fixture
+def upstream(demo_state: DemoState) -> Iterator[LocalServer]:
+    with serve_in_thread(create_demo_upstream(demo_state)) as server:
+        yield server
+
+
+def gateway_settings(upstream_url: str, env: dict[str, str] | None = None) -> Settings:
+    return load_settings(None, {"GATEWAY_UPSTREAM_URL": upstream_url, **(env or {})})
+
+
+@pytest.fixture
+def start_gateway(upstream: LocalServer) -> Iterator[StartGateway]:
+    """Start a gateway in front of the simulated upstream, with extra GATEWAY_* settings."""
+    with ExitStack() as stack:
+
+        def start(env: dict[str, str] | None = None, upstream_url: str | None = None) -> LocalServer:
+            settings = gateway_settings(upstream_url or upstream.url, env)
+            return stack.enter_context(serve_in_thread(create_app(settings)))
+
+        yield start
+
+
+@pytest.fixture
+def gateway(start_gateway: StartGateway) -> LocalServer:
+    """A gateway with default settings (pass-through auth)."""
+    return start_gateway()
+
+
+@pytest.fixture
+def client(gateway: LocalServer) -> Iterator[openai.OpenAI]:
+    """The official SDK pointed at the gateway, as a developer would use it."""
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-client", max_retries=0, timeout=15) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+def http(gateway: LocalServer) -> Iterator[httpx.Client]:
+    """Plain HTTP to the gateway, for what the SDK does not cover."""
+    with httpx.Client(base_url=gateway.url, timeout=15) as c:
+        yield c

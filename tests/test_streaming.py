@@ -1,0 +1,175 @@
+"""Streaming over real sockets: chunks relayed as they arrive, disconnects cancel the upstream."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.demo import default_catalog
+from gateway.localserver import LocalServer, serve_in_thread
+from tests.conftest import CHAT_MODEL, StartGateway
+
+WAIT = 10.0  # seconds: the bound on every wait below
+
+
+@dataclass
+class StreamControl:
+    """Lets a test hold the stand-in upstream's stream between two chunks."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+def _chunk(text: str) -> bytes:
+    payload = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": CHAT_MODEL,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def held_stream_upstream(control: StreamControl) -> Starlette:
+    """Sends one SSE chunk, then waits for ``control.release`` before the rest (bounded)."""
+    import anyio
+
+    async def catalog(request: Request) -> Response:
+        return Response(orjson.dumps(default_catalog()), media_type="application/json")
+
+    async def chat(request: Request) -> StreamingResponse:
+        await request.body()
+
+        async def events() -> AsyncIterator[bytes]:
+            control.started.set()
+            try:
+                yield _chunk("first ")
+                # Poll so that a cancelled stream is noticed quickly; bounded by WAIT.
+                for _ in range(int(WAIT / 0.01)):
+                    if control.release.is_set():
+                        break
+                    await anyio.sleep(0.01)
+                for word in ("second ", "third"):
+                    yield _chunk(word)
+                yield b"data: [DONE]\n\n"
+                control.finished.set()
+            except BaseException:
+                control.cancelled.set()
+                raise
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return Starlette(
+        routes=[Route("/api/models", catalog), Route("/v1/chat/completions", chat, methods=["POST"])]
+    )
+
+
+@pytest.fixture
+def control() -> StreamControl:
+    return StreamControl()
+
+
+@pytest.fixture
+def held_gateway(control: StreamControl, start_gateway: StartGateway) -> Iterator[LocalServer]:
+    with serve_in_thread(held_stream_upstream(control)) as upstream:
+        yield start_gateway(upstream_url=upstream.url)
+
+
+def _stream_request(client: httpx.Client) -> httpx.Request:
+    return client.build_request(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": CHAT_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    )
+
+
+def test_first_chunk_reaches_the_client_before_upstream_sends_the_rest(
+    held_gateway: LocalServer, control: StreamControl
+) -> None:
+    with httpx.Client(base_url=held_gateway.url, timeout=WAIT) as client:
+        response = client.send(_stream_request(client), stream=True)
+        try:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["x-accel-buffering"] == "no"
+            lines = response.iter_lines()
+            # The upstream holds everything after the first chunk until we release it: a proxy that
+            # buffered the stream could not deliver this line (the read would time out instead).
+            first = next(line for line in lines if line)
+            assert b"first" in first.encode()
+            assert not control.finished.is_set()
+            control.release.set()
+            rest = [line for line in lines if line]
+        finally:
+            response.close()
+    assert [b"second" in r.encode() for r in rest[:2]] == [True, False]
+    assert rest[-1] == "data: [DONE]"
+
+
+def test_client_disconnect_mid_stream_cancels_the_upstream_stream(
+    held_gateway: LocalServer, control: StreamControl
+) -> None:
+    with httpx.Client(base_url=held_gateway.url, timeout=WAIT) as client:
+        response = client.send(_stream_request(client), stream=True)
+        next(line for line in response.iter_lines() if line)
+        response.close()  # the client goes away while the upstream is still generating
+        assert control.cancelled.wait(WAIT), "the upstream stream was not cancelled after the disconnect"
+        assert not control.finished.is_set()
+        # The gateway is still healthy and streams again.
+        assert client.get("/healthz").status_code == 200
+
+
+def test_sdk_stream_is_relayed_chunk_by_chunk_from_the_demo_upstream(
+    start_gateway: StartGateway,
+) -> None:
+    import openai
+
+    gateway = start_gateway()
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-x", max_retries=0, timeout=WAIT) as sdk:
+        stream = sdk.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=[{"role": "user", "content": "Say something"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("This is a simulated reply")
+    assert len([c for c in chunks if c.choices]) > 3  # many chunks, not one buffered blob
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_demo_upstream_counts_a_cancelled_stream_after_sdk_client_closes(
+    start_gateway: StartGateway, demo_state: object
+) -> None:
+    from gateway.demo import DemoState
+
+    assert isinstance(demo_state, DemoState)
+    demo_state.token_delay = 0.2  # a stream that runs for seconds
+    gateway = start_gateway()
+    with httpx.Client(base_url=gateway.url, timeout=WAIT) as client:
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": CHAT_MODEL, "stream": True, "messages": [{"role": "user", "content": "x " * 50}]},
+        ) as response:
+            next(line for line in response.iter_lines() if line)
+        for _ in range(int(WAIT / 0.02)):
+            if demo_state.streams_cancelled:
+                break
+            threading.Event().wait(0.02)
+    assert demo_state.streams_cancelled == 1
+    assert demo_state.streams_completed == 0
