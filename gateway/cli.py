@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -83,6 +84,9 @@ def _run(settings: Settings) -> None:
     )
     # httpx logs every request (with its URL) at INFO: not an access log, and noisy.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler it found: make
+    # that handler exit 0, since a requested, completed shutdown is a success.
+    signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -93,6 +97,10 @@ def _run(settings: Settings) -> None:
         proxy_headers=False,
         lifespan="on",
     )
+
+
+def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:
+    sys.exit(0)
 
 
 def _demo(args: argparse.Namespace) -> int:
