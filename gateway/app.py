@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -16,7 +17,8 @@ from starlette.routing import Route
 from gateway.catalog import Catalog
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, UnknownPath
 from gateway.local_routes import LocalRoutes
-from gateway.pipeline import Proxy, Runtime
+from gateway.pipeline import DRY_RUN_PREFIX, Proxy, Runtime
+from gateway.request_id import RequestIdMiddleware
 from gateway.settings import Settings
 from gateway.upstream import HttpxUpstream
 
@@ -50,11 +52,14 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         Route(CATALOG_PATH, local.api_models, methods=["GET"]),
         Route("/v1/models", local.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", local.retrieve_model, methods=["GET"]),
+        # Dry run: what would the gateway do with this request? (never forwarded)
+        Route(DRY_RUN_PREFIX + "/{path:path}", Proxy(settings, runtime, dry_run=True)),
         # Every other /v1 path and method: the proxy answers (404/405 for what does not exist).
         Route("/v1/{path:path}", Proxy(settings, runtime)),
     ]
     return Starlette(
         routes=routes,
+        middleware=[Middleware(RequestIdMiddleware)],
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,
@@ -83,7 +88,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return _error_response(UnknownPath(f"Unknown endpoint {path}."))
     if exc.status_code == 405:
-        return _error_response(MethodNotAllowed(f"{request.method} is not allowed on {path}."))
+        allow = (exc.headers or {}).get("Allow", "")
+        return _error_response(
+            MethodNotAllowed(
+                f"{request.method} is not allowed on {path}; use {allow}.", headers=[(b"allow", allow.encode())]
+            )
+        )
     return _error_response(InvalidRequest(str(exc.detail), code=None))
 
 

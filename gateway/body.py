@@ -62,9 +62,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise InvalidRequest(
-            f"The request body must be a JSON object, not {_json_type(data)}.", code="invalid_json"
-        )
+        raise InvalidRequest(f"The request body must be a JSON object, not {_json_type(data)}.", code="invalid_json")
     return data
 
 

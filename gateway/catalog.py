@@ -85,10 +85,7 @@ class Catalog:
         if fresh is not None:
             return fresh
         last = self._last
-        if (
-            last is not None
-            and self._clock() - last.fetched_at <= self._settings.ttl + self._settings.max_staleness
-        ):
+        if last is not None and self._clock() - last.fetched_at <= self._settings.ttl + self._settings.max_staleness:
             self._start_refresh()
             return last
         return await self._refresh_and_wait()

@@ -38,9 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument(
-        "--config", help="TOML config file (default: $GATEWAY_CONFIG, else config/gateway.toml)"
-    )
+    serve.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG, else config/gateway.toml)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8080)")
     serve.set_defaults(run=_serve)
@@ -167,9 +165,7 @@ def _models(args: argparse.Namespace) -> int:
         return 1
     wanted = {t.lower() for t in args.supports}
     entries = [
-        e
-        for e in parsed.entries
-        if (args.category is None or e.category == args.category) and wanted <= e.supports
+        e for e in parsed.entries if (args.category is None or e.category == args.category) and wanted <= e.supports
     ]
     if args.json:
         print(orjson.dumps([dict(e.raw) for e in entries], option=orjson.OPT_INDENT_2).decode())

@@ -13,9 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-CATEGORIES = frozenset(
-    {"text", "code", "reasoning", "multimodal", "vision", "embedding", "image", "audio", "video"}
-)
+CATEGORIES = frozenset({"text", "code", "reasoning", "multimodal", "vision", "embedding", "image", "audio", "video"})
 
 
 class CatalogFormatError(ValueError):

@@ -29,6 +29,9 @@ HOP_BY_HOP = frozenset(
 # Set by the gateway itself on the way up (httpx computes Host and Content-Length from the request).
 _REPLACED_UPSTREAM = frozenset({b"host", b"content-length", b"authorization", b"x-request-id", b"expect"})
 _REPLACED_DOWNSTREAM = frozenset({b"x-request-id", b"server", b"date"})
+# X-Accel-* are instructions from an upstream to the proxy in front of it (nginx strips them too);
+# the gateway sets its own X-Accel-Buffering for event streams.
+_PROXY_DIRECTIVE_PREFIX = b"x-accel-"
 
 REQUEST_ID = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -52,9 +55,7 @@ def _connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def upstream_request_headers(
-    client_headers: Sequence[Header], authorization: bytes | None, rid: bytes
-) -> list[Header]:
+def upstream_request_headers(client_headers: Sequence[Header], authorization: bytes | None, rid: bytes) -> list[Header]:
     """Headers for the upstream request. ASGI gives header names lowercased."""
     extra_hop = _connection_tokens(client_headers)
     out = [
@@ -77,7 +78,12 @@ def client_response_headers(upstream_headers: Sequence[Header], extra: Iterable[
     out: list[Header] = []
     for name, value in upstream_headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in _REPLACED_DOWNSTREAM or lname in extra_hop:
+        if (
+            lname in HOP_BY_HOP
+            or lname in _REPLACED_DOWNSTREAM
+            or lname in extra_hop
+            or lname.startswith(_PROXY_DIRECTIVE_PREFIX)
+        ):
             continue
         out.append((lname, value))
     out.extend(extra)

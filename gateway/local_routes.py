@@ -43,9 +43,7 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 def _filter_values(request: Request, name: str) -> set[str]:
-    return {
-        v.strip().lower() for raw in request.query_params.getlist(name) for v in raw.split(",") if v.strip()
-    }
+    return {v.strip().lower() for raw in request.query_params.getlist(name) for v in raw.split(",") if v.strip()}
 
 
 class LocalRoutes:
@@ -66,9 +64,7 @@ class LocalRoutes:
         data = [
             model_object(e)
             for e in snapshot.entries.values()
-            if is_routable(e, self._routable)
-            and (not categories or e.category in categories)
-            and tags <= e.supports
+            if is_routable(e, self._routable) and (not categories or e.category in categories) and tags <= e.supports
         ]
         return _json({"object": "list", "data": data})
 

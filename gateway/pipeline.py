@@ -1,27 +1,35 @@
 """The /v1/* handler: one request's path through the gateway, read top to bottom.
 
     match endpoint -> read body once (bounded) -> find `model` -> catalog lookup -> admit
-    -> send upstream (the client's bytes, untouched) -> relay the response chunk by chunk
+    -> validate against the catalog entry -> send upstream (the client's bytes, untouched)
+    -> relay the response chunk by chunk
 
 Every check that can refuse happens before the first response byte: afterwards an error can only
-end the stream.
+end the stream. ``POST /v1/validate/{path}`` runs the same steps up to the upstream call and answers
+what the gateway would do (the exact refusal, or a 200 admission report).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from gateway import routing
 from gateway.auth import UpstreamAuth
 from gateway.body import ClientDisconnected, model_of, parse_json_object, parse_multipart, read_body
 from gateway.catalog import Catalog
-from gateway.errors import GatewayError, InternalError, send_error
-from gateway.headers import Header, is_event_stream, request_id, upstream_request_headers
+from gateway.entries import ModelEntry
+from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, send_error
+from gateway.headers import Header, is_event_stream, upstream_request_headers
 from gateway.relay import relay
+from gateway.request_id import scope_request_id
 from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamResponse
+from gateway.validation import CHECKS, Violation, alternatives, validate
 
 logger = logging.getLogger("gateway.pipeline")
 
@@ -31,6 +39,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 SSE_NO_BUFFERING = (b"x-accel-buffering", b"no")
 MODEL_HEALTH = b"x-gateway-model-health"
+VALIDATION_WARNING = b"x-gateway-validation-warning"
+DRY_RUN_PREFIX = "/v1/validate"
 
 
 class Runtime:
@@ -41,69 +51,144 @@ class Runtime:
     upstream_open: bool = False
 
 
-class Proxy:
-    """ASGI app for every forwarded /v1 path."""
+@dataclass(slots=True)
+class Admission:
+    """What admission decided about one request."""
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    endpoint: routing.Endpoint
+    entry: ModelEntry | None = None
+    warnings: list[Violation] = field(default_factory=list)
+
+
+class Proxy:
+    """ASGI app for every forwarded /v1 path (and, with ``dry_run``, for /v1/validate/*)."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, *, dry_run: bool = False) -> None:
         self._runtime = runtime
+        self._dry_run = dry_run
         self._auth = UpstreamAuth(settings)
         self._max_body = settings.limits.max_body_bytes
         self._routable = frozenset(settings.catalog.routable_health)
+        modes = {check: getattr(settings.validation, check) for check in CHECKS}
+        self._modes = {check: mode for check, mode in modes.items() if mode != "off"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[Header] = scope["headers"]
-        rid = request_id(headers)
-        extra: list[Header] = [(b"x-request-id", rid)]
+        rid = scope_request_id(scope)
+        extra: list[Header] = []
         try:
-            response = await self._admit_and_forward(scope, receive, headers, rid, extra)
+            path = scope["path"]
+            if self._dry_run:
+                path = "/v1" + path.removeprefix(DRY_RUN_PREFIX)
+            endpoint = routing.match("POST" if self._dry_run else scope["method"], path)
+            if self._dry_run and scope["method"] != "POST":
+                raise MethodNotAllowed(f"Use POST {scope['path']}.", headers=[(b"allow", b"POST")])
+            body = await read_body(receive, _content_length(headers), self._max_body)
+            admission = await self._admit(endpoint, headers, body)
+            extra.extend(_admission_headers(admission))
+            if self._dry_run:
+                await _send_json(send, _report(admission), extra)
+                return
+            response = await self._forward(scope, headers, body, rid)
         except GatewayError as error:
             await send_error(send, error, extra)
             return
         except ClientDisconnected:
             return
         except Exception:
-            logger.exception(
-                "unexpected error handling %s %s (request %s)", scope["method"], scope["path"], rid.decode()
-            )
-            await send_error(
-                send, InternalError(f"Internal gateway error (request id {rid.decode()})."), extra
-            )
+            logger.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], rid.decode())
+            await send_error(send, InternalError(f"Internal gateway error (request id {rid.decode()})."), extra)
             return
+        if is_event_stream(response.headers):
+            extra.append(SSE_NO_BUFFERING)
         await relay(response, receive, send, extra)
 
-    async def _admit_and_forward(
-        self, scope: Scope, receive: Receive, headers: list[Header], rid: bytes, extra: list[Header]
-    ) -> UpstreamResponse:
-        endpoint = routing.match(scope["method"], scope["path"])
-        body = await read_body(receive, _content_length(headers), self._max_body)
-        if endpoint.needs_model:
-            await self._admit(endpoint, headers, body, extra)
+    async def _admit(self, endpoint: routing.Endpoint, headers: list[Header], body: bytes) -> Admission:
+        admission = Admission(endpoint)
+        if not endpoint.needs_model:
+            return admission
+        files: dict[str, int] = {}
+        if endpoint.body == "multipart":
+            form = parse_multipart(body, _header(headers, b"content-type"))
+            fields: dict[str, Any] = dict(form.fields)
+            files = form.files
+        else:
+            fields = parse_json_object(body)
+        catalog = self._runtime.catalog
+        entry = await catalog.lookup(model_of(fields))
+        routing.admit(entry, endpoint, self._routable, catalog.seconds_until_refresh())
+        admission.entry = entry
+        if self._modes:
+            for violation in validate(endpoint.path, fields, files, entry):
+                mode = self._modes.get(violation.check)
+                if mode == "enforce":
+                    raise self._refusal(violation, endpoint)
+                if mode == "warn":
+                    admission.warnings.append(violation)
+                    logger.warning(
+                        "validation warning (%s, %s): %s", violation.check, violation.code, violation.message
+                    )
+        return admission
+
+    def _refusal(self, violation: Violation, endpoint: routing.Endpoint) -> InvalidRequest:
+        message = violation.message
+        snapshot = self._runtime.catalog.snapshot
+        if snapshot is not None:
+            routable = (e for e in snapshot.entries.values() if routing.is_routable(e, self._routable))
+            names = alternatives(violation, endpoint.path, routable)
+            if names:
+                message += " Models that would accept this request: " + ", ".join(names) + "."
+        return InvalidRequest(message, param=violation.param, code=violation.code)
+
+    async def _forward(self, scope: Scope, headers: list[Header], body: bytes, rid: bytes) -> UpstreamResponse:
         target = scope.get("raw_path") or scope["path"].encode()
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
-        response = await self._runtime.upstream.send(
+        return await self._runtime.upstream.send(
             scope["method"],
             target.decode("latin-1"),
             upstream_request_headers(headers, self._auth.upstream_authorization(headers), rid),
             body,
         )
-        if is_event_stream(response.headers):
-            extra.append(SSE_NO_BUFFERING)
-        return response
 
-    async def _admit(
-        self, endpoint: routing.Endpoint, headers: list[Header], body: bytes, extra: list[Header]
-    ) -> None:
-        if endpoint.body == "multipart":
-            fields: dict[str, Any] = dict(parse_multipart(body, _header(headers, b"content-type")).fields)
-        else:
-            fields = parse_json_object(body)
-        model = model_of(fields)
-        catalog = self._runtime.catalog
-        entry = await catalog.lookup(model)
-        routing.admit(entry, endpoint, self._routable, catalog.seconds_until_refresh())
-        if entry.health_status is not None and entry.health_status != "healthy":
-            extra.append((MODEL_HEALTH, entry.health_status.encode()))
+
+def _admission_headers(admission: Admission) -> list[Header]:
+    out: list[Header] = []
+    entry = admission.entry
+    if entry is not None and entry.health_status is not None and entry.health_status != "healthy":
+        out.append((MODEL_HEALTH, entry.health_status.encode("latin-1", "replace")))
+    if admission.warnings:
+        value = ", ".join(f"{v.check}={v.code}" for v in admission.warnings)
+        out.append((VALIDATION_WARNING, value.encode()))
+    return out
+
+
+def _report(admission: Admission) -> dict[str, Any]:
+    return {
+        "object": "validation",
+        "admitted": True,
+        "endpoint": admission.endpoint.path,
+        "model": admission.entry.model_name if admission.entry else None,
+        "warnings": [
+            {"check": v.check, "code": v.code, "param": v.param, "message": v.message} for v in admission.warnings
+        ],
+    }
+
+
+async def _send_json(send: Send, data: dict[str, Any], extra: list[Header]) -> None:
+    body = orjson.dumps(data)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _header(headers: list[Header], name: bytes) -> str:

@@ -30,9 +30,7 @@ class Outcome(enum.Enum):
     UPSTREAM_BROKEN = "upstream_broken"
 
 
-async def relay(
-    response: UpstreamResponse, receive: Receive, send: Send, extra_headers: list[Header]
-) -> Outcome:
+async def relay(response: UpstreamResponse, receive: Receive, send: Send, extra_headers: list[Header]) -> Outcome:
     """Relay and close ``response``; returns how the relay ended."""
     task = asyncio.current_task()
     assert task is not None

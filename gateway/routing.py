@@ -132,9 +132,7 @@ def is_routable(entry: ModelEntry, routable_health: Collection[str]) -> bool:
     return entry.health_status is None or entry.health_status in routable_health
 
 
-def admit(
-    entry: ModelEntry, endpoint: Endpoint, routable_health: Collection[str], retry_after: float
-) -> None:
+def admit(entry: ModelEntry, endpoint: Endpoint, routable_health: Collection[str], retry_after: float) -> None:
     """Raise the error to answer when this model cannot serve this endpoint now.
 
     The wrong endpoint wins over bad health: the caller's mistake is permanent, the health is not.
@@ -142,8 +140,7 @@ def admit(
     if not fits(entry, endpoint.path):
         home = endpoint_for(entry)
         raise ModelEndpointMismatch(
-            f"Model {entry.model_name!r} ({_describe(entry)}) is called through POST {home}, "
-            f"not {endpoint.path}.",
+            f"Model {entry.model_name!r} ({_describe(entry)}) is called through POST {home}, not {endpoint.path}.",
             param="model",
         )
     if not is_routable(entry, routable_health):
@@ -158,9 +155,5 @@ def admit(
 
 def _describe(entry: ModelEntry) -> str:
     if entry.category == "audio":
-        return (
-            "category audio, speech-to-text"
-            if STT_TAG in entry.supports
-            else "category audio, text-to-speech"
-        )
+        return "category audio, speech-to-text" if STT_TAG in entry.supports else "category audio, text-to-speech"
     return f"category {entry.category}"

@@ -23,6 +23,7 @@ DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 ENV_PREFIX = "GATEWAY_"
 
 AuthMode = Literal["passthrough", "open", "keys"]
+ValidationMode = Literal["enforce", "warn", "off"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -63,6 +64,18 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ValidationSettings:
+    """Per check: "enforce" (refuse with 400), "warn" (forward, flag in a header and the log), "off"."""
+
+    shape: ValidationMode = "enforce"
+    tools: ValidationMode = "enforce"
+    vision: ValidationMode = "enforce"
+    streaming: ValidationMode = "enforce"
+    max_output: ValidationMode = "enforce"
+    context_window: ValidationMode = "enforce"
+
+
+@dataclass(frozen=True, slots=True)
 class AuthSettings:
     # None means "choose": passthrough without an upstream key; an upstream key needs an explicit mode.
     mode: AuthMode | None = None
@@ -76,6 +89,7 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
 
     @property

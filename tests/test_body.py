@@ -12,9 +12,7 @@ from gateway.errors import BodyTooLarge, InvalidRequest, UnsupportedMediaType
 
 
 def receiver(*chunks: bytes) -> Any:
-    messages = [
-        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
-    ]
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
 
     async def receive() -> MutableMapping[str, Any]:
         return messages.pop(0)

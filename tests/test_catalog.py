@@ -202,9 +202,7 @@ async def test_malformed_entries_are_skipped_and_reported(caplog: pytest.LogCapt
     catalog = make_catalog(upstream, Clock())
     with caplog.at_level(logging.WARNING, logger="gateway.catalog"):
         snapshot = await catalog.current()
-    assert sorted(snapshot.entries) == sorted(
-        [good["model_name"], "null-supports", "extra-fields", "no-health"]
-    )
+    assert sorted(snapshot.entries) == sorted([good["model_name"], "null-supports", "extra-fields", "no-health"])
     assert snapshot.entries["null-supports"].supports == frozenset()
     assert snapshot.entries["no-health"].health_status is None
     assert len(snapshot.skipped) == 5
@@ -235,9 +233,7 @@ def test_end_to_end_100_concurrent_requests_at_expiry_make_one_upstream_fetch(
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
-            answers = await asyncio.gather(
-                *(client.post("/v1/chat/completions", json=body) for _ in range(100))
-            )
+            answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(100)))
         return [a.status_code for a in answers]
 
     statuses = asyncio.run(burst())

@@ -69,9 +69,7 @@ def stop(proc: subprocess.Popen[str], sig: signal.Signals) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def test_serve_runs_without_config_file_and_stops_cleanly_on_sigterm(
-    tmp_path: Path, upstream: LocalServer
-) -> None:
+def test_serve_runs_without_config_file_and_stops_cleanly_on_sigterm(tmp_path: Path, upstream: LocalServer) -> None:
     port = free_port()
     with running(["serve", "--port", str(port)], {"GATEWAY_UPSTREAM_URL": upstream.url}, tmp_path) as proc:
         url = f"http://127.0.0.1:{port}"
@@ -135,9 +133,7 @@ def test_demo_prints_examples_and_serves_the_simulated_upstream(tmp_path: Path) 
     assert f'base_url="{url}/v1"' in out
 
 
-def test_check_config(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     for key in [k for k in os.environ if k.startswith("GATEWAY_")]:
         monkeypatch.delenv(key)
     good = tmp_path / "good.toml"

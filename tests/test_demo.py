@@ -164,9 +164,7 @@ def test_chat_completion_is_deterministic_and_recorded(state: DemoState, client:
     assert choice.finish_reason == "stop"
     assert completion.usage is not None
     assert completion.usage.prompt_tokens >= 1
-    assert (
-        completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
-    )
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
     assert (completion.usage.model_extra or {})["cache_read_input_tokens"] == 0
     recorded = state.requests[-1]
     assert (recorded.method, recorded.path) == ("POST", "/v1/chat/completions")
@@ -283,9 +281,7 @@ def test_completions_plain_and_streamed(state: DemoState, client: openai.OpenAI)
         model="Llama-3.1-8B-Instruct", prompt="Once", stream=True, stream_options={"include_usage": True}
     ) as stream:
         chunks = list(stream)
-    assert (
-        "".join(c.choices[0].text for c in chunks if c.choices) == "This is a simulated completion of: Once"
-    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "This is a simulated completion of: Once"
     assert chunks[-1].usage is not None
 
 
@@ -301,10 +297,7 @@ def test_embeddings_base64_default_decodes_to_unit_vectors(state: DemoState, cli
     assert math.isclose(math.fsum(x * x for x in vectors[0]), 1.0, rel_tol=1e-5)
     as_floats = client.embeddings.create(model="bge-m3", input="alpha", encoding_format="float", dimensions=8)
     assert as_floats.data[0].embedding == vectors[0]
-    assert (
-        len(client.embeddings.create(model="bge-m3", input=[[1, 2, 3]], dimensions=32).data[0].embedding)
-        == 32
-    )
+    assert len(client.embeddings.create(model="bge-m3", input=[[1, 2, 3]], dimensions=32).data[0].embedding) == 32
     assert result.usage.prompt_tokens == result.usage.total_tokens >= 2
 
 
@@ -357,9 +350,7 @@ def test_transcription_proves_the_file_arrived_intact(state: DemoState, client: 
         model="whisper-large-v3", file=("clip.wav", upload), response_format="verbose_json"
     )
     assert verbose.duration > 0
-    plain = client.audio.transcriptions.create(
-        model="whisper-large-v3", file=("a.wav", b"abc"), response_format="text"
-    )
+    plain = client.audio.transcriptions.create(model="whisper-large-v3", file=("a.wav", b"abc"), response_format="text")
     assert hashlib.sha256(b"abc").hexdigest() in str(plain)
 
 
@@ -378,9 +369,7 @@ def test_video_job_lifecycle(state: DemoState, http: httpx.Client) -> None:
 
 def test_video_job_goes_through_processing(state: DemoState, http: httpx.Client) -> None:
     state.video_seconds = 60.0
-    job_id = http.post("/v1/videos/generations", json={"model": "Wan2.1-T2V-1.3B", "prompt": "x"}).json()[
-        "id"
-    ]
+    job_id = http.post("/v1/videos/generations", json={"model": "Wan2.1-T2V-1.3B", "prompt": "x"}).json()["id"]
     seen = [http.get(f"/v1/videos/generations/{job_id}").json()["status"]]
     for shift in (30.0, 31.0):
         state.video_jobs[job_id].started_at -= shift  # pretend that time passed

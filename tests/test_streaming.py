@@ -71,9 +71,7 @@ def held_stream_upstream(control: StreamControl) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    return Starlette(
-        routes=[Route("/api/models", catalog), Route("/v1/chat/completions", chat, methods=["POST"])]
-    )
+    return Starlette(routes=[Route("/api/models", catalog), Route("/v1/chat/completions", chat, methods=["POST"])])
 
 
 @pytest.fixture

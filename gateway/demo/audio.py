@@ -79,9 +79,7 @@ async def speech(state: DemoState, request: Request) -> Response:
     response_format = body.get("response_format") or "mp3"
     content_type = SPEECH_CONTENT_TYPES.get(response_format)
     if content_type is None:
-        raise bad_request(
-            f"'response_format' must be one of: {', '.join(SPEECH_CONTENT_TYPES)}", "invalid_value"
-        )
+        raise bad_request(f"'response_format' must be one of: {', '.join(SPEECH_CONTENT_TYPES)}", "invalid_value")
     seconds = min(SPEECH_MAX_SECONDS, 0.25 + SPEECH_SECONDS_PER_CHAR * len(text))
     return Response(_wav(seconds, 220.0 + 110.0 * voice), media_type=content_type)
 
@@ -105,9 +103,7 @@ def _timestamp(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d}{separator}{rest % 1000:03d}"
 
 
-def _transcription_response(
-    text: str, seconds: float, response_format: str, headers: dict[str, str]
-) -> Response:
+def _transcription_response(text: str, seconds: float, response_format: str, headers: dict[str, str]) -> Response:
     usage = {"type": "duration", "seconds": math.ceil(seconds)}
     if response_format == "text":
         return Response(text, media_type="text/plain", headers=headers)

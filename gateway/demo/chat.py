@@ -49,9 +49,7 @@ def _message_parts(messages: list[Any]) -> tuple[str, str, int]:
             raise bad_request("each message must be an object", "invalid_value")
         content = message.get("content")
         parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
-        text = " ".join(
-            str(p.get("text", "")) for p in parts if isinstance(p, dict) and p.get("type") == "text"
-        )
+        text = " ".join(str(p.get("text", "")) for p in parts if isinstance(p, dict) and p.get("type") == "text")
         images += sum(1 for p in parts if isinstance(p, dict) and p.get("type") == "image_url")
         texts.append(text)
         if message.get("role") == "user":
@@ -82,9 +80,7 @@ def _chat_reply(model: dict[str, Any], body: dict[str, Any]) -> Reply:
         raise bad_request("'messages' must be a non-empty array", "invalid_value")
     all_text, last_user, images = _message_parts(messages)
     if images and not supports(model, "vision"):
-        raise bad_request(
-            f"The model '{model['model_name']}' does not accept image input", "unsupported_value"
-        )
+        raise bad_request(f"The model '{model['model_name']}' does not accept image input", "unsupported_value")
     tool_call = _chosen_tool(body)
     if body.get("tools") and not supports(model, "tool_use"):
         raise bad_request(f"The model '{model['model_name']}' does not support tools", "unsupported_value")
@@ -140,9 +136,7 @@ def _chat_deltas(reply: Reply) -> list[dict[str, Any]]:
             "function": {"name": call["function"]["name"], "arguments": ""},
         }
         deltas.append({"tool_calls": [start]})
-        deltas.append(
-            {"tool_calls": [{"index": 0, "function": {"arguments": call["function"]["arguments"]}}]}
-        )
+        deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": call["function"]["arguments"]}}]})
     deltas[0] = {"role": "assistant", **deltas[0]}
     return deltas
 

@@ -66,9 +66,7 @@ def int_field(body: dict[str, Any], name: str, default: int, low: int, high: int
 def text_field(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value:
-        raise bad_request(
-            f"'{name}' is required and must be a non-empty string", "missing_required_parameter"
-        )
+        raise bad_request(f"'{name}' is required and must be a non-empty string", "missing_required_parameter")
     return value
 
 

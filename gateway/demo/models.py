@@ -42,9 +42,7 @@ async def v1_model(state: DemoState, request: Request) -> Response:
     name = request.path_params["model"]
     model = state.find_model(name)
     if model is None or not _is_live(model):
-        raise UpstreamError(
-            404, f"The model '{name}' does not exist or is not serving", code="model_not_found"
-        )
+        raise UpstreamError(404, f"The model '{name}' does not exist or is not serving", code="model_not_found")
     return json_response(_openai_model(model))
 
 

@@ -72,9 +72,7 @@ def check_single_choice(body: dict[str, Any]) -> None:
 def check_stream(body: dict[str, Any], model: dict[str, Any]) -> bool:
     stream = body.get("stream") is True
     if stream and not supports(model, "streaming"):
-        raise bad_request(
-            f"The model '{model['model_name']}' does not support streaming", "unsupported_value"
-        )
+        raise bad_request(f"The model '{model['model_name']}' does not support streaming", "unsupported_value")
     return stream
 
 

@@ -1,0 +1,48 @@
+"""ASGI middleware: every answer carries an X-Request-ID, the client's or a fresh one.
+
+The id is stored in the scope (``scope["state"]["request_id"]``) so the proxy sends the same id
+upstream, and added to the response headers of everything the app answers, errors included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from gateway.headers import REQUEST_ID, request_id
+
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
+]
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(scope["headers"])
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID, rid)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def scope_request_id(scope: MutableMapping[str, Any]) -> bytes:
+    """The id the middleware chose (or a fresh one when the app runs without it)."""
+    state = scope.get("state") or {}
+    rid = state.get("request_id")
+    return rid if isinstance(rid, bytes) else request_id(scope["headers"])
