@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
@@ -16,8 +19,11 @@ from starlette.routing import Route
 
 from gateway.catalog import Catalog
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, UnknownPath
+from gateway.key_auth import KeyAuthMiddleware
+from gateway.keys import KeyRing
 from gateway.local_routes import LocalRoutes
 from gateway.pipeline import DRY_RUN_PREFIX, Proxy, Runtime
+from gateway.reload import KeyReloader
 from gateway.request_id import RequestIdMiddleware
 from gateway.settings import Settings
 from gateway.upstream import HttpxUpstream
@@ -27,9 +33,19 @@ logger = logging.getLogger("gateway")
 CATALOG_PATH = "/api/models"
 
 
-def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
-    """The gateway as an ASGI app. ``transport`` replaces the network under the upstream client."""
-    runtime = Runtime()
+def create_app(
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport | None = None,
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Starlette:
+    """The gateway as an ASGI app.
+
+    ``transport`` replaces the network under the upstream client; ``config_path`` (with the ``env``
+    it was loaded with) is the file whose keys are reloaded on SIGHUP or change.
+    """
+    keys_mode = settings.auth_mode == "keys"
+    runtime = Runtime(KeyRing(settings.keys) if keys_mode else None)
     local = LocalRoutes(settings, runtime)
 
     @asynccontextmanager
@@ -39,10 +55,17 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
         runtime.catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
         runtime.upstream_open = True
         runtime.catalog.start()
+        watcher = None
+        if keys_mode and config_path is not None:
+            reloader = KeyReloader(config_path, os.environ if env is None else env, settings, runtime)
+            watcher = asyncio.create_task(reloader.watch(settings.auth.reload_interval))
         try:
             yield
         finally:
             runtime.upstream_open = False
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             await runtime.catalog.aclose()
             await upstream.aclose()
 
@@ -59,7 +82,7 @@ def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = 
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(RequestIdMiddleware), Middleware(KeyAuthMiddleware, runtime=runtime)],
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
 from gateway.entries import CATEGORIES, ModelEntry, parse_catalog
+from gateway.keys import new_key
 from gateway.settings import Settings, SettingsError, load_settings, resolve_config_path
 
 DEMO_CLIENT_KEY = "sk-demo"
@@ -52,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", help="TOML config file (default as for serve)")
     check.set_defaults(run=_check_config)
 
+    keys = commands.add_parser("keys", help="manage gateway keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = key_commands.add_parser("new", help="print a fresh random key (once) and its [[keys]] config snippet")
+    new.add_argument("name", help="who the key is for, e.g. alice or ci-bot")
+    new.add_argument("--team", help="the team it belongs to (optional)")
+    new.set_defaults(run=_keys_new)
+
     models = commands.add_parser("models", help="show the upstream's model catalog")
     models.add_argument("--config", help="TOML config file (for the upstream URL)")
     models.add_argument("--url", help="base URL serving /api/models (default: the configured upstream)")
@@ -67,12 +77,13 @@ def _settings(config: str | None, **overrides: Any) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = _settings(args.config, host=args.host, port=args.port)
-    _run(settings)
+    path = resolve_config_path(args.config, os.environ)
+    settings = load_settings(path, os.environ, {"host": args.host, "port": args.port})
+    _run(settings, path)
     return 0
 
 
-def _run(settings: Settings) -> None:
+def _run(settings: Settings, config_path: Path | None = None) -> None:
     import uvicorn
 
     from gateway.app import create_app
@@ -86,7 +97,7 @@ def _run(settings: Settings) -> None:
     # that handler exit 0, since a requested, completed shutdown is a success.
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, config_path=config_path),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -141,6 +152,31 @@ print(c.chat.completions.create(model="Qwen2.5-32B-Instruct-FP8",
 
 Press Ctrl-C to stop.
 """
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    key, digest = new_key()
+    team = f"\nteam = {_toml_string(args.team)}" if args.team else ""
+    print(
+        f"""# The key for {args.name} (shown once: the gateway stores only its SHA-256):
+#   {key}
+# Add this to the config file, with [auth] mode = "keys":
+
+[[keys]]
+name = {_toml_string(args.name)}
+key_sha256 = "{digest}"{team}
+# models = ["Qwen*"]          # optional globs on model_name
+# categories = ["text"]       # optional
+# rpm = 60                    # optional requests per minute
+# tpm = 100000                # optional tokens per minute
+# budget_usd_daily = 5.0      # optional
+# budget_usd_monthly = 50.0   # optional"""
+    )
+    return 0
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -101,6 +101,31 @@ class UnsupportedMediaType(InvalidRequest):
     code = "unsupported_media_type"
 
 
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(GatewayError):
+    # 402, as FlexAI answers for exhausted credit; the SDK does not retry it.
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
 # --- 5xx: the gateway or the upstream cannot serve this now ------------------------------------
 
 

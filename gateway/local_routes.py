@@ -10,7 +10,8 @@ from starlette.responses import Response
 
 from gateway.catalog import Snapshot
 from gateway.entries import CATEGORIES, ModelEntry
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.key_auth import scope_caller
 from gateway.pipeline import Runtime
 from gateway.routing import endpoint_for, is_routable
 from gateway.settings import Settings
@@ -61,10 +62,14 @@ class LocalRoutes:
                 param="category",
             )
         tags = _filter_values(request, "supports")
+        caller = scope_caller(request.scope)
         data = [
             model_object(e)
             for e in snapshot.entries.values()
-            if is_routable(e, self._routable) and (not categories or e.category in categories) and tags <= e.supports
+            if is_routable(e, self._routable)
+            and (caller is None or caller.may_use(e))
+            and (not categories or e.category in categories)
+            and tags <= e.supports
         ]
         return _json({"object": "list", "data": data})
 
@@ -74,6 +79,9 @@ class LocalRoutes:
         entry = snapshot.entries.get(name)
         if entry is None:
             entry = await self._runtime.catalog.lookup(name)  # refreshes early once, or raises 404
+        caller = scope_caller(request.scope)
+        if caller is not None and not caller.may_use(entry):
+            raise ModelNotFound(f"The model {name!r} does not exist.", param="model")  # hidden from this key
         return _json(model_object(entry))
 
     async def api_models(self, request: Request) -> Response:

@@ -25,11 +25,21 @@ from gateway.catalog import Catalog
 from gateway.entries import ModelEntry
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, send_error
 from gateway.headers import Header, is_event_stream, upstream_request_headers
+from gateway.key_auth import scope_caller
+from gateway.keys import Caller, KeyRing
+from gateway.limits import RateLimiter
 from gateway.relay import relay
 from gateway.request_id import scope_request_id
 from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamResponse
-from gateway.validation import CHECKS, Violation, alternatives, validate
+from gateway.validation import (
+    CHECKS,
+    Violation,
+    alternatives,
+    prompt_tokens_lower_bound,
+    requested_completion_tokens,
+    validate,
+)
 
 logger = logging.getLogger("gateway.pipeline")
 
@@ -50,6 +60,10 @@ class Runtime:
     upstream: Upstream
     upstream_open: bool = False
 
+    def __init__(self, keys: KeyRing | None = None) -> None:
+        self.keys = keys  # swapped whole on a reload
+        self.limiter = RateLimiter()
+
 
 @dataclass(slots=True)
 class Admission:
@@ -58,6 +72,7 @@ class Admission:
     endpoint: routing.Endpoint
     entry: ModelEntry | None = None
     warnings: list[Violation] = field(default_factory=list)
+    token_estimate: int = 0  # a lower bound of prompt + requested completion tokens
 
 
 class Proxy:
@@ -83,13 +98,21 @@ class Proxy:
             endpoint = routing.match("POST" if self._dry_run else scope["method"], path)
             if self._dry_run and scope["method"] != "POST":
                 raise MethodNotAllowed(f"Use POST {scope['path']}.", headers=[(b"allow", b"POST")])
+            caller = scope_caller(scope)
             body = await read_body(receive, _content_length(headers), self._max_body)
-            admission = await self._admit(endpoint, headers, body)
+            admission = await self._admit(endpoint, headers, body, caller)
             extra.extend(_admission_headers(admission))
             if self._dry_run:
                 await _send_json(send, _report(admission), extra)
                 return
-            response = await self._forward(scope, headers, body, rid)
+            ticket = self._runtime.limiter.admit(caller, admission.token_estimate) if caller else None
+            if ticket is not None:
+                extra.extend(ticket.headers)
+            try:
+                response = await self._forward(scope, headers, body, rid)
+            except BaseException:
+                self._runtime.limiter.settle(ticket, 0)
+                raise
         except GatewayError as error:
             await send_error(send, error, extra)
             return
@@ -101,9 +124,14 @@ class Proxy:
             return
         if is_event_stream(response.headers):
             extra.append(SSE_NO_BUFFERING)
-        await relay(response, receive, send, extra)
+        try:
+            await relay(response, receive, send, extra)
+        finally:
+            self._runtime.limiter.settle(ticket, 0)  # usage metering settles real token counts (issue #4)
 
-    async def _admit(self, endpoint: routing.Endpoint, headers: list[Header], body: bytes) -> Admission:
+    async def _admit(
+        self, endpoint: routing.Endpoint, headers: list[Header], body: bytes, caller: Caller | None
+    ) -> Admission:
         admission = Admission(endpoint)
         if not endpoint.needs_model:
             return admission
@@ -116,8 +144,13 @@ class Proxy:
             fields = parse_json_object(body)
         catalog = self._runtime.catalog
         entry = await catalog.lookup(model_of(fields))
+        if caller is not None:
+            caller.check_model(entry)
         routing.admit(entry, endpoint, self._routable, catalog.seconds_until_refresh())
         admission.entry = entry
+        admission.token_estimate = prompt_tokens_lower_bound(endpoint.path, fields) + requested_completion_tokens(
+            fields
+        )
         if self._modes:
             for violation in validate(endpoint.path, fields, files, entry):
                 mode = self._modes.get(violation.check)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from gateway.entries import CATEGORIES
 
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 ENV_PREFIX = "GATEWAY_"
@@ -31,7 +35,7 @@ class SettingsError(ValueError):
     """A setting is missing, unknown or invalid; the message names the key."""
 
 
-def _bounded(default: float, *, gt: float | None = None, ge: float | None = None) -> Any:
+def _bounded(default: float | None, *, gt: float | None = None, ge: float | None = None) -> Any:
     return field(default=default, metadata={"gt": gt, "ge": ge})
 
 
@@ -55,7 +59,7 @@ class CatalogSettings:
     max_staleness: float = _bounded(86400.0, ge=0)
     unknown_model_refresh_interval: float = _bounded(5.0, ge=0)
     refresh_backoff_max: float = _bounded(60.0, gt=0)
-    routable_health: tuple[str, ...] = ("healthy", "degraded")
+    routable_health: tuple[str, ...] = field(default=("healthy", "degraded"), metadata={"lower": True})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +80,29 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class KeySettings:
+    """One gateway key: who it is, the SHA-256 of its secret, and its policy ([[keys]] tables)."""
+
+    name: str = ""
+    key_sha256: str = field(default="", repr=False)
+    team: str | None = None
+    models: tuple[str, ...] | None = None  # globs on model_name; None = all
+    categories: tuple[str, ...] | None = None  # None = all
+    rpm: int | None = _bounded(None, ge=1)
+    tpm: int | None = _bounded(None, ge=1)
+    budget_usd_daily: float | None = _bounded(None, gt=0)
+    budget_usd_monthly: float | None = _bounded(None, gt=0)
+    disabled: bool = False
+    expires: datetime | None = None
+    admin: bool = False  # may read /admin/*
+
+
+@dataclass(frozen=True, slots=True)
 class AuthSettings:
     # None means "choose": passthrough without an upstream key; an upstream key needs an explicit mode.
     mode: AuthMode | None = None
+    # Seconds between checks of the config file for changed keys (0: only on SIGHUP).
+    reload_interval: float = _bounded(5.0, ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +115,7 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    keys: tuple[KeySettings, ...] = ()
 
     @property
     def auth_mode(self) -> AuthMode:
@@ -148,6 +173,16 @@ def _build(
                 raise SettingsError(f"[{name}] must be a table")
             values[name] = _build(hint, sub, env, section=name, overrides={})
             continue
+        table_cls = _table_list_item(hint)
+        if table_cls is not None:
+            # [[name]] tables are set in the file only (no environment overrides).
+            tables = data.get(name, [])
+            if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+                raise SettingsError(f"[[{name}]] must be a list of tables")
+            values[name] = tuple(
+                _build(table_cls, t, {}, section=f"{name}[{i}]", overrides={}) for i, t in enumerate(tables)
+            )
+            continue
         env_name = ENV_PREFIX + (f"{section}_{name}" if section else name).upper()
         label = _label(section, name)
         if section is None and name in overrides and overrides[name] is not None:
@@ -159,9 +194,21 @@ def _build(
         else:
             continue
         where = env_name if source == "env" else label
-        values[name] = _coerce(raw, hint, where, from_env=source == "env")
-        _check_bounds(values[name], f.metadata, where)
+        value = _coerce(raw, hint, where, from_env=source == "env")
+        if f.metadata.get("lower"):
+            value = tuple(v.lower() for v in value)
+        _check_bounds(value, f.metadata, where)
+        values[name] = value
     return cls(**values)
+
+
+def _table_list_item(hint: Any) -> type[Any] | None:
+    """The dataclass of a ``tuple[SomeTable, ...]`` field, else None."""
+    if typing.get_origin(hint) is tuple:
+        (item, *_rest) = typing.get_args(hint)
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            return item
+    return None
 
 
 def _label(section: str | None, key: str) -> str:
@@ -185,7 +232,9 @@ def _coerce(raw: Any, hint: Any, where: str, *, from_env: bool) -> Any:
             raw = [part.strip() for part in raw.split(",") if part.strip()]
         if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
             raise SettingsError(f"{where}: must be a list of strings, got {raw!r}")
-        return tuple(x.strip().lower() for x in raw)
+        return tuple(x.strip() for x in raw)
+    if hint is datetime:
+        return _datetime(raw, where)
     if hint is bool:
         if isinstance(raw, bool):
             return raw
@@ -203,6 +252,20 @@ def _coerce(raw: Any, hint: Any, where: str, *, from_env: bool) -> Any:
             raise SettingsError(f"{where}: must be a string, got {raw!r}")
         return raw.strip()
     raise SettingsError(f"{where}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _datetime(raw: Any, where: str) -> datetime:
+    """A TOML date or datetime (or an ISO 8601 string); naive values are UTC."""
+    if isinstance(raw, str):
+        try:
+            raw = datetime.fromisoformat(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{where}: must be a date or date-time (ISO 8601), got {raw!r}") from None
+    if isinstance(raw, date) and not isinstance(raw, datetime):
+        raw = datetime(raw.year, raw.month, raw.day)
+    if not isinstance(raw, datetime):
+        raise SettingsError(f"{where}: must be a date or date-time, got {raw!r}")
+    return raw if raw.tzinfo is not None else raw.replace(tzinfo=UTC)
 
 
 def _number(raw: Any, hint: type[int] | type[float], where: str, *, from_env: bool) -> int | float:
@@ -241,10 +304,17 @@ def _check_cross_field(s: Settings) -> None:
     if not s.catalog.routable_health:
         raise SettingsError("[catalog] routable_health: must name at least one health status")
 
+    _check_keys(s)
     has_key = bool(s.upstream.api_key)
     mode = s.auth.mode
-    if mode == "keys":
-        raise SettingsError('[auth] mode: "keys" (gateway keys) is not available in this version yet')
+    if s.keys and mode != "keys":
+        raise SettingsError(
+            f'[[keys]] are defined but [auth] mode is {mode or "not set"}: set mode = "keys" to use them'
+        )
+    if mode == "keys" and not s.keys:
+        raise SettingsError('[auth] mode: "keys" needs at least one [[keys]] table (`gateway keys new NAME` makes one)')
+    if mode == "keys" and not has_key:
+        raise SettingsError('[auth] mode: "keys" sends the gateway\'s upstream key, but none is set')
     if mode is None and has_key:
         raise SettingsError(
             "[auth] mode: an upstream key is set (GATEWAY_UPSTREAM_API_KEY or [upstream] api_key) but no "
@@ -260,6 +330,27 @@ def _check_cross_field(s: Settings) -> None:
         raise SettingsError('[auth] mode: "open" sends the gateway\'s upstream key, but none is set')
 
 
-def normalized_upstream_url(s: Settings) -> str:
-    """The upstream base URL without a trailing slash."""
-    return s.upstream.url.rstrip("/")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_keys(s: Settings) -> None:
+    names: set[str] = set()
+    digests: set[str] = set()
+    for i, key in enumerate(s.keys):
+        where = f"[[keys]] #{i + 1}" + (f" ({key.name})" if key.name else "")
+        if not key.name:
+            raise SettingsError(f"{where}: name is required")
+        if key.name in names:
+            raise SettingsError(f"{where}: the name {key.name!r} is used twice")
+        digest = key.key_sha256.lower()
+        if not _SHA256_HEX.fullmatch(digest):
+            raise SettingsError(f"{where}: key_sha256 must be 64 hex digits (the SHA-256 of the key)")
+        if digest in digests:
+            raise SettingsError(f"{where}: the same key_sha256 is used twice")
+        unknown = set(c.lower() for c in key.categories or ()) - CATEGORIES
+        if unknown:
+            raise SettingsError(f"{where}: unknown categories {sorted(unknown)}; known: {sorted(CATEGORIES)}")
+        if key.models is not None and not all(key.models):
+            raise SettingsError(f"{where}: models must be non-empty globs")
+        names.add(key.name)
+        digests.add(digest)

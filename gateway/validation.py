@@ -297,12 +297,7 @@ def _context(entry: ModelEntry, prompt_tokens: int, fields: Mapping[str, Any], p
     window = entry.context_window
     if window is None:
         return
-    requested = 0
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = fields.get(name)
-        if _is_int(value):
-            requested = value
-            break
+    requested = requested_completion_tokens(fields)
     if prompt_tokens + requested > window:
         detail = f" plus {requested} requested for the completion" if requested else ""
         yield Violation(
@@ -413,3 +408,24 @@ def alternatives(violation: Violation, path: str, candidates: Iterable[ModelEntr
         if len(found) == limit:
             break
     return found
+
+
+def prompt_tokens_lower_bound(path: str, fields: Mapping[str, Any]) -> int:
+    """The certain minimum of prompt tokens (for rate-limit reservations), 0 when not a text endpoint."""
+    if path == routing.CHAT:
+        messages = fields.get("messages")
+        if isinstance(messages, list):
+            return _words_in_messages([m for m in messages if isinstance(m, dict)])
+    elif path == routing.COMPLETIONS:
+        return _prompt_tokens(fields.get("prompt")) or 0
+    elif path == routing.EMBEDDINGS:
+        return sum(_embedding_inputs(fields.get("input")) or ())
+    return 0
+
+
+def requested_completion_tokens(fields: Mapping[str, Any]) -> int:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = fields.get(name)
+        if _is_int(value) and value > 0:
+            return value
+    return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 import openai
@@ -35,8 +36,12 @@ def upstream(demo_state: DemoState) -> Iterator[LocalServer]:
         yield server
 
 
-def gateway_settings(upstream_url: str, env: dict[str, str] | None = None) -> Settings:
-    return load_settings(None, {"GATEWAY_UPSTREAM_URL": upstream_url, **(env or {})})
+def gateway_env(upstream_url: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    return {"GATEWAY_UPSTREAM_URL": upstream_url, **(env or {})}
+
+
+def gateway_settings(upstream_url: str, env: dict[str, str] | None = None, config: Path | None = None) -> Settings:
+    return load_settings(config, gateway_env(upstream_url, env))
 
 
 @pytest.fixture
@@ -44,9 +49,12 @@ def start_gateway(upstream: LocalServer) -> Iterator[StartGateway]:
     """Start a gateway in front of the simulated upstream, with extra GATEWAY_* settings."""
     with ExitStack() as stack:
 
-        def start(env: dict[str, str] | None = None, upstream_url: str | None = None) -> LocalServer:
-            settings = gateway_settings(upstream_url or upstream.url, env)
-            return stack.enter_context(serve_in_thread(create_app(settings)))
+        def start(
+            env: dict[str, str] | None = None, upstream_url: str | None = None, config: Path | None = None
+        ) -> LocalServer:
+            full_env = gateway_env(upstream_url or upstream.url, env)
+            app = create_app(load_settings(config, full_env), config_path=config, env=full_env)
+            return stack.enter_context(serve_in_thread(app))
 
         yield start
 
