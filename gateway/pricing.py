@@ -110,7 +110,10 @@ def cost_usd(
     if price is None:
         has_tokens = usage is not None and (usage.prompt_tokens or usage.completion_tokens)
         return _token_cost(entry, usage) if has_tokens else None
-    quantity = _positive(response_units) if response_units is not None else rule.quantity(request, usage)
+    if response_units is not None:
+        quantity = _positive(response_units, allow_zero=True)
+    else:
+        quantity = rule.quantity(request, usage)
     return None if quantity is None else _finite(quantity * price)
 
 
@@ -182,7 +185,10 @@ def _token_cost(entry: ModelEntry, usage: Usage | None) -> float | None:
         return None
     if (usage.prompt_tokens and input_price is None) or (usage.completion_tokens and output_price is None):
         return None
-    cost = usage.prompt_tokens * (input_price or 0.0) + usage.completion_tokens * (output_price or 0.0)
+    try:
+        cost = usage.prompt_tokens * (input_price or 0.0) + usage.completion_tokens * (output_price or 0.0)
+    except OverflowError:  # a token count beyond float range
+        return None
     return _finite(cost / 1e6)
 
 
