@@ -94,7 +94,8 @@ def match(method: str, path: str) -> Endpoint:
 
 
 def _match_prefixed(path: str) -> Endpoint:
-    if path.startswith(VIDEO_JOB_PREFIX) and "/" not in path[len(VIDEO_JOB_PREFIX) :].strip("/"):
+    job_id = path.removeprefix(VIDEO_JOB_PREFIX) if path.startswith(VIDEO_JOB_PREFIX) else ""
+    if job_id and "/" not in job_id:
         return VIDEO_JOB
     if path.startswith(MODELS + "/") and len(path) > len(MODELS) + 1:
         return MODEL_RETRIEVE

@@ -64,11 +64,11 @@ class Upstream(Protocol):
 class _HttpxResponse:
     __slots__ = ("_idle_timeout", "_response", "headers", "status")
 
-    def __init__(self, response: httpx.Response, idle_timeout: float) -> None:
+    def __init__(self, response: httpx.Response, idle_timeout: float, origin: bytes) -> None:
         self._response = response
         self._idle_timeout = idle_timeout
         self.status = response.status_code
-        self.headers = response.headers.raw
+        self.headers = _relative_locations(response.headers.raw, origin)
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
         chunks = self._response.aiter_raw()
@@ -91,6 +91,8 @@ class _HttpxResponse:
 class HttpxUpstream:
     def __init__(self, settings: UpstreamSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._base = settings.url.rstrip("/")
+        url = httpx.URL(self._base)
+        self._origin = f"{url.scheme}://{url.netloc.decode('ascii')}".encode()
         self._first_byte_timeout = settings.first_byte_timeout
         self._idle_timeout = settings.idle_timeout
         limits = httpx.Limits(
@@ -126,7 +128,7 @@ class HttpxUpstream:
             raise UpstreamTimeout(f"The upstream timed out: {_describe(exc)}.") from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"The upstream could not be reached: {_describe(exc)}.") from None
-        return _HttpxResponse(response, self._idle_timeout)
+        return _HttpxResponse(response, self._idle_timeout, self._origin)
 
     async def get_bytes(self, target: str) -> bytes:
         try:
@@ -141,6 +143,21 @@ class HttpxUpstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _relative_locations(headers: list[tuple[bytes, bytes]], origin: bytes) -> list[tuple[bytes, bytes]]:
+    """A redirect to the upstream's own origin becomes a relative one, so the client stays on the
+    gateway and never learns the upstream's address (nginx's proxy_redirect default)."""
+    if not any(name.lower() == b"location" for name, _ in headers):
+        return headers
+    out = []
+    for name, value in headers:
+        if name.lower() == b"location" and value.lower().startswith(origin.lower()):
+            rest = value[len(origin) :]
+            if not rest or rest[:1] in (b"/", b"?"):
+                value = rest if rest.startswith(b"/") else b"/" + rest
+        out.append((name, value))
+    return out
 
 
 def _describe(exc: httpx.HTTPError) -> str:
