@@ -17,10 +17,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.accounting import Accounting
+from gateway.budgets import Budgets
 from gateway.catalog import Catalog
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, UnknownPath
 from gateway.key_auth import KeyAuthMiddleware
 from gateway.keys import KeyRing
+from gateway.ledger import Ledger
+from gateway.limits import RateLimiter
 from gateway.local_routes import LocalRoutes
 from gateway.pipeline import DRY_RUN_PREFIX, Proxy, Runtime
 from gateway.reload import KeyReloader
@@ -55,6 +59,17 @@ def create_app(
         runtime.catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
         runtime.upstream_open = True
         runtime.catalog.start()
+        usage = settings.usage
+        ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval) if usage.path else None
+        if ledger is not None:
+            await ledger.start()
+        runtime.accounting = Accounting(
+            RateLimiter(),
+            Budgets(ledger.spend_usd if ledger else None),
+            ledger,
+            include_usage=usage.include_usage,
+            access_log=settings.access_log,
+        )
         watcher = None
         if keys_mode and config_path is not None:
             reloader = KeyReloader(config_path, os.environ if env is None else env, settings, runtime)
@@ -68,6 +83,8 @@ def create_app(
                 await asyncio.gather(watcher, return_exceptions=True)
             await runtime.catalog.aclose()
             await upstream.aclose()
+            if ledger is not None:
+                await ledger.aclose()  # writes what is still queued
 
     routes = [
         Route("/healthz", local.healthz, methods=["GET"]),

@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
 
 from gateway import routing
+from gateway.accounting import Accounting, Exchange
 from gateway.auth import UpstreamAuth
 from gateway.body import ClientDisconnected, model_of, parse_json_object, parse_multipart, read_body
 from gateway.catalog import Catalog
@@ -26,8 +28,7 @@ from gateway.entries import ModelEntry
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, send_error
 from gateway.headers import Header, is_event_stream, upstream_request_headers
 from gateway.key_auth import scope_caller
-from gateway.keys import Caller, KeyRing
-from gateway.limits import RateLimiter
+from gateway.keys import KeyRing
 from gateway.relay import relay
 from gateway.request_id import scope_request_id
 from gateway.settings import Settings
@@ -60,9 +61,10 @@ class Runtime:
     upstream: Upstream
     upstream_open: bool = False
 
+    accounting: Accounting
+
     def __init__(self, keys: KeyRing | None = None) -> None:
         self.keys = keys  # swapped whole on a reload
-        self.limiter = RateLimiter()
 
 
 @dataclass(slots=True)
@@ -72,7 +74,8 @@ class Admission:
     endpoint: routing.Endpoint
     entry: ModelEntry | None = None
     warnings: list[Violation] = field(default_factory=list)
-    token_estimate: int = 0  # a lower bound of prompt + requested completion tokens
+    prompt_tokens: int = 0  # a lower bound of the prompt's tokens
+    token_estimate: int = 0  # that, plus the requested completion tokens
 
 
 class Proxy:
@@ -88,8 +91,14 @@ class Proxy:
         self._modes = {check: mode for check, mode in modes.items() if mode != "off"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = Exchange(scope_request_id(scope).decode(), scope["method"], scope["path"])
+        try:
+            await self._handle(scope, receive, send, exchange)
+        finally:
+            self._runtime.accounting.finish(exchange)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         headers: list[Header] = scope["headers"]
-        rid = scope_request_id(scope)
         extra: list[Header] = []
         try:
             path = scope["path"]
@@ -98,39 +107,45 @@ class Proxy:
             endpoint = routing.match("POST" if self._dry_run else scope["method"], path)
             if self._dry_run and scope["method"] != "POST":
                 raise MethodNotAllowed(f"Use POST {scope['path']}.", headers=[(b"allow", b"POST")])
-            caller = scope_caller(scope)
+            exchange.caller = scope_caller(scope)
             body = await read_body(receive, _content_length(headers), self._max_body)
-            admission = await self._admit(endpoint, headers, body, caller)
+            admission = await self._admit(endpoint, headers, body, exchange)
             extra.extend(_admission_headers(admission))
             if self._dry_run:
+                exchange.status, exchange.outcome = 200, "dry_run"
                 await _send_json(send, _report(admission), extra)
                 return
-            ticket = self._runtime.limiter.admit(caller, admission.token_estimate) if caller else None
-            if ticket is not None:
-                extra.extend(ticket.headers)
-            try:
-                response = await self._forward(scope, headers, body, rid)
-            except BaseException:
-                self._runtime.limiter.settle(ticket, 0)
-                raise
+            accounting = self._runtime.accounting
+            extra.extend(await accounting.admit(exchange, admission.token_estimate, admission.prompt_tokens))
+            body, strip_usage = accounting.request_body(exchange, body)
+            response = await self._forward(scope, headers, body, exchange.request_id.encode())
         except GatewayError as error:
+            exchange.status, exchange.outcome, exchange.error_code = error.status, "refused", error.code
             await send_error(send, error, extra)
             return
         except ClientDisconnected:
+            exchange.outcome = "client_disconnected"
             return
         except Exception:
-            logger.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], rid.decode())
-            await send_error(send, InternalError(f"Internal gateway error (request id {rid.decode()})."), extra)
+            logger.exception(
+                "unexpected error on %s %s (request %s)", scope["method"], scope["path"], exchange.request_id
+            )
+            internal = InternalError(f"Internal gateway error (request id {exchange.request_id}).")
+            exchange.status, exchange.outcome, exchange.error_code = internal.status, "error", internal.code
+            await send_error(send, internal, extra)
             return
-        if is_event_stream(response.headers):
+        accounting.start_response(exchange, response.status, list(response.headers), strip_usage)
+        event_stream = is_event_stream([(k.lower(), v) for k, v in response.headers])
+        if event_stream:
             extra.append(SSE_NO_BUFFERING)
-        try:
-            await relay(response, receive, send, extra)
-        finally:
-            self._runtime.limiter.settle(ticket, 0)  # usage metering settles real token counts (issue #4)
+        late = None if event_stream or exchange.meter is None else partial(accounting.cost_headers, exchange)
+        result = await relay(
+            response, receive, send, extra, meter=exchange.meter, late_headers=late, body_may_shrink=strip_usage
+        )
+        exchange.outcome, exchange.first_byte = result.outcome.value, result.first_byte
 
     async def _admit(
-        self, endpoint: routing.Endpoint, headers: list[Header], body: bytes, caller: Caller | None
+        self, endpoint: routing.Endpoint, headers: list[Header], body: bytes, exchange: Exchange
     ) -> Admission:
         admission = Admission(endpoint)
         if not endpoint.needs_model:
@@ -144,13 +159,13 @@ class Proxy:
             fields = parse_json_object(body)
         catalog = self._runtime.catalog
         entry = await catalog.lookup(model_of(fields))
-        if caller is not None:
-            caller.check_model(entry)
+        if exchange.caller is not None:
+            exchange.caller.check_model(entry)
         routing.admit(entry, endpoint, self._routable, catalog.seconds_until_refresh())
-        admission.entry = entry
-        admission.token_estimate = prompt_tokens_lower_bound(endpoint.path, fields) + requested_completion_tokens(
-            fields
-        )
+        admission.entry = exchange.entry = entry
+        exchange.fields = fields
+        admission.prompt_tokens = prompt_tokens_lower_bound(endpoint.path, fields)
+        admission.token_estimate = admission.prompt_tokens + requested_completion_tokens(fields)
         if self._modes:
             for violation in validate(endpoint.path, fields, files, entry):
                 mode = self._modes.get(violation.check)

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from gateway.headers import Header, client_response_headers
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
@@ -30,38 +32,101 @@ class Outcome(enum.Enum):
     UPSTREAM_BROKEN = "upstream_broken"
 
 
-async def relay(response: UpstreamResponse, receive: Receive, send: Send, extra_headers: list[Header]) -> Outcome:
-    """Relay and close ``response``; returns how the relay ended."""
+class Meter(Protocol):
+    """Watches (and may trim) the relayed bytes: see ``gateway.usage.UsageMeter``."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+# A body is read whole before its headers go out (for headers computed from it) only up to this size.
+MAX_LATE_HEADERS_BODY = 1 << 20
+
+
+@dataclass(slots=True)
+class RelayResult:
+    outcome: Outcome
+    first_byte: float | None  # perf_counter() when the first body byte went to the client
+
+
+async def relay(
+    response: UpstreamResponse,
+    receive: Receive,
+    send: Send,
+    extra_headers: list[Header],
+    *,
+    meter: Meter | None = None,
+    late_headers: Callable[[bytes], list[Header]] | None = None,
+    body_may_shrink: bool = False,
+) -> RelayResult:
+    """Relay and close ``response``.
+
+    ``meter`` sees every chunk and returns what to send on (``body_may_shrink`` when it may drop
+    bytes: Content-Length is then not relayed). ``late_headers``, for bodies that are
+    not streamed: the body is read whole first (up to MAX_LATE_HEADERS_BODY) and the headers it
+    returns are added; a larger body is relayed as it comes, without them (and fed to ``meter``).
+    """
     task = asyncio.current_task()
     assert task is not None
     watch = _DisconnectWatch(receive, task)
+    result = RelayResult(Outcome.COMPLETED, None)
+    headers = client_response_headers(response.headers, extra_headers)
+    if body_may_shrink:  # the meter may drop bytes: the upstream's length would be wrong
+        headers = [(name, value) for name, value in headers if name != b"content-length"]
+    chunks = response.iter_raw()
     try:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": client_response_headers(response.headers, extra_headers),
-            }
-        )
-        async for chunk in response.iter_raw():
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        pending = b""
+        if late_headers is not None:
+            whole, pending = await _read_whole(chunks, MAX_LATE_HEADERS_BODY)
+            if whole is not None:
+                headers += late_headers(whole)
+                pending = whole
+                meter = None  # late_headers has read the body
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if pending:
+            await _send_chunk(send, meter.feed(pending) if meter else pending, result)
+        async for chunk in chunks:
+            await _send_chunk(send, meter.feed(chunk) if meter else chunk, result)
+        if meter is not None:
+            await _send_chunk(send, meter.flush(), result)
         watch.stand_down()  # uvicorn reports a disconnect once the response is complete
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return Outcome.COMPLETED
+        return result
     except asyncio.CancelledError:
         if not watch.disconnected:
             raise  # cancelled from outside (shutdown): let it propagate
         task.uncancel()
-        return Outcome.CLIENT_DISCONNECTED
+        result.outcome = Outcome.CLIENT_DISCONNECTED
+        return result
     except UpstreamStreamError as exc:
         logger.warning("upstream stream broke mid-response: %s", exc)
         watch.stand_down()
         await _end_body(send)
-        return Outcome.UPSTREAM_BROKEN
+        result.outcome = Outcome.UPSTREAM_BROKEN
+        return result
     finally:
         watch.stand_down()
         await response.aclose()
+
+
+async def _read_whole(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, bytes]:
+    """(the whole body, b"") when it ends within ``limit`` bytes, else (None, what was read)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None, b"".join(parts)
+    return b"".join(parts), b""
+
+
+async def _send_chunk(send: Send, chunk: bytes, result: RelayResult) -> None:
+    if chunk:
+        if result.first_byte is None:
+            result.first_byte = time.perf_counter()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 
 class _DisconnectWatch:

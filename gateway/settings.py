@@ -80,6 +80,16 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageSettings:
+    # The SQLite usage ledger (relative paths are from the working directory); "" turns it off.
+    path: str = "usage.db"
+    # Seconds between batched writes: at most this much is lost on a crash.
+    flush_interval: float = _bounded(1.0, gt=0)
+    # Ask the upstream for usage on streamed chat/completions (the extra chunk is hidden again).
+    include_usage: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class KeySettings:
     """One gateway key: who it is, the SHA-256 of its secret, and its policy ([[keys]] tables)."""
 
@@ -110,10 +120,13 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = _bounded(8080, ge=0)
     log_level: LogLevel = "info"
+    # One JSON line per request on the `gateway.access` logger (never keys or bodies).
+    access_log: bool = True
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    usage: UsageSettings = field(default_factory=UsageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     keys: tuple[KeySettings, ...] = ()
 

@@ -37,7 +37,8 @@ def upstream(demo_state: DemoState) -> Iterator[LocalServer]:
 
 
 def gateway_env(upstream_url: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    return {"GATEWAY_UPSTREAM_URL": upstream_url, **(env or {})}
+    # No usage ledger file unless a test asks for one (GATEWAY_USAGE_PATH).
+    return {"GATEWAY_UPSTREAM_URL": upstream_url, "GATEWAY_USAGE_PATH": "", **(env or {})}
 
 
 def gateway_settings(upstream_url: str, env: dict[str, str] | None = None, config: Path | None = None) -> Settings:

@@ -1,0 +1,177 @@
+"""What one request used and cost, and where that goes: limits, budgets, the ledger, the access log.
+
+The pipeline opens an ``Exchange`` per request, lets ``Accounting.admit`` apply the key's rate
+limits and budgets before forwarding, gives the relay a ``UsageMeter`` that reads usage from the
+response bytes, and calls ``finish`` once, on every path (served, refused, cut short): that settles
+the reservations with the real numbers, records the request in the ledger, and writes one access
+log line. Nothing here blocks the request path: ledger writes are batched off it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway import routing
+from gateway.budgets import Budgets, Reservation
+from gateway.entries import ModelEntry
+from gateway.headers import Header, is_event_stream
+from gateway.keys import Caller
+from gateway.ledger import Ledger, UsageRecord
+from gateway.limits import RateLimiter, Ticket
+from gateway.pricing import cost_usd, min_cost_usd
+from gateway.usage import Usage, UsageMeter, client_wants_usage, with_include_usage
+
+access_logger = logging.getLogger("gateway.access")
+
+COST_HEADER = b"x-gateway-cost-usd"
+STREAMED_USAGE_PATHS = frozenset({routing.CHAT, routing.COMPLETIONS})
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's accounting state, from arrival to the last byte."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    arrived: float = field(default_factory=time.time)
+    caller: Caller | None = None
+    entry: ModelEntry | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    ticket: Ticket | None = None
+    reservation: Reservation | None = None
+    meter: UsageMeter | None = None
+    status: int = 0
+    outcome: str = "unknown"
+    error_code: str | None = None
+    first_byte: float | None = None
+    usage: Usage | None = None
+    cost: float | None = None
+    finished: bool = False
+
+
+class Accounting:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        budgets: Budgets,
+        ledger: Ledger | None,
+        *,
+        include_usage: bool,
+        access_log: bool,
+    ) -> None:
+        self._limiter = limiter
+        self._budgets = budgets
+        self._ledger = ledger
+        self._include_usage = include_usage
+        self._access_log = access_log
+
+    async def admit(self, exchange: Exchange, token_estimate: int, prompt_lower_bound: int) -> list[Header]:
+        """Apply the key's rate limits and budgets (raising 429/402); returns the rate-limit headers."""
+        caller, entry = exchange.caller, exchange.entry
+        if caller is None or entry is None:
+            return []
+        exchange.ticket = self._limiter.admit(caller, token_estimate)
+        try:
+            minimum = min_cost_usd(entry, exchange.path, exchange.fields, prompt_lower_bound)
+            exchange.reservation = await self._budgets.admit(caller, minimum)
+        except BaseException:
+            self._limiter.settle(exchange.ticket, 0)
+            exchange.ticket = None
+            raise
+        return exchange.ticket.headers if exchange.ticket else []
+
+    def request_body(self, exchange: Exchange, body: bytes) -> tuple[bytes, bool]:
+        """The body to forward, and whether the gateway asked for usage the client did not."""
+        if not self._include_usage or exchange.path not in STREAMED_USAGE_PATHS or client_wants_usage(exchange.fields):
+            return body, False
+        rewritten = with_include_usage(body, exchange.fields)
+        return (body, False) if rewritten is None else (rewritten, True)
+
+    def start_response(self, exchange: Exchange, status: int, headers: list[Header], strip: bool) -> None:
+        exchange.status = status
+        encoded = any(name.lower() == b"content-encoding" and value.strip().lower() != b"identity"
+                      for name, value in headers)  # fmt: skip
+        if exchange.entry is not None and not encoded:
+            exchange.meter = UsageMeter(event_stream=is_event_stream(_lower(headers)), strip_usage_chunk=strip)
+
+    def cost_headers(self, exchange: Exchange, body: bytes) -> list[Header]:
+        """For a whole (non-streamed) body: its usage and cost, to send as a response header."""
+        if exchange.meter is None or exchange.entry is None:
+            return []
+        exchange.meter.feed(body)
+        exchange.usage = exchange.meter.finish()
+        exchange.meter = None  # already read: finish() must not count it again
+        exchange.cost = cost_usd(exchange.entry, exchange.path, exchange.usage, exchange.fields)
+        return [] if exchange.cost is None else [(COST_HEADER, f"{exchange.cost:.8f}".encode())]
+
+    def finish(self, exchange: Exchange) -> None:
+        """Settle and record the request: exactly once, on every path."""
+        if exchange.finished:
+            return
+        exchange.finished = True
+        if exchange.meter is not None:
+            exchange.usage = exchange.meter.finish()
+            if exchange.entry is not None:
+                exchange.cost = cost_usd(exchange.entry, exchange.path, exchange.usage, exchange.fields)
+        usage = exchange.usage
+        self._limiter.settle(exchange.ticket, usage.total_tokens if usage else 0)
+        self._budgets.settle(exchange.reservation, exchange.cost)
+        latency_ms = (time.perf_counter() - exchange.started) * 1000
+        ttfb_ms = None if exchange.first_byte is None else (exchange.first_byte - exchange.started) * 1000
+        caller, entry = exchange.caller, exchange.entry
+        if self._ledger is not None and entry is not None:
+            self._ledger.record(
+                UsageRecord(
+                    ts=exchange.arrived,
+                    request_id=exchange.request_id,
+                    key_name=caller.name if caller else None,
+                    team=caller.team if caller else None,
+                    model=entry.model_name,
+                    endpoint=exchange.path,
+                    status=exchange.status,
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
+                    total_tokens=usage.total_tokens if usage else 0,
+                    cost_usd=exchange.cost,
+                    outcome=exchange.outcome,
+                    cut=exchange.outcome == "client_disconnected",
+                    latency_ms=latency_ms,
+                    ttfb_ms=ttfb_ms,
+                )
+            )
+        if self._access_log:
+            self._log(exchange, latency_ms, ttfb_ms)
+
+    @staticmethod
+    def _log(exchange: Exchange, latency_ms: float, ttfb_ms: float | None) -> None:
+        usage = exchange.usage
+        line = {
+            "time": round(exchange.arrived, 3),
+            "request_id": exchange.request_id,
+            "key": exchange.caller.name if exchange.caller else None,
+            "team": exchange.caller.team if exchange.caller else None,
+            "method": exchange.method,
+            "endpoint": exchange.path,
+            "model": exchange.entry.model_name if exchange.entry else None,
+            "status": exchange.status,
+            "outcome": exchange.outcome,
+            "error_code": exchange.error_code,
+            "latency_ms": round(latency_ms, 2),
+            "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "cost_usd": exchange.cost,
+        }
+        access_logger.info(orjson.dumps(line).decode())
+
+
+def _lower(headers: list[Header]) -> list[Header]:
+    return [(name.lower(), value) for name, value in headers]
