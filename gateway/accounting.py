@@ -73,12 +73,12 @@ class Accounting:
         self._include_usage = include_usage
         self._access_log = access_log
 
-    async def admit(self, exchange: Exchange, token_estimate: int, prompt_lower_bound: int) -> list[Header]:
+    async def admit(self, exchange: Exchange, prompt_lower_bound: int, requested_tokens: int) -> list[Header]:
         """Apply the key's rate limits and budgets (raising 429/402); returns the rate-limit headers."""
         caller, entry = exchange.caller, exchange.entry
         if caller is None or entry is None:
             return []
-        exchange.ticket = self._limiter.admit(caller, token_estimate)
+        exchange.ticket = self._limiter.admit(caller, prompt_lower_bound, requested_tokens)
         try:
             minimum = min_cost_usd(entry, exchange.path, exchange.fields, prompt_lower_bound)
             exchange.reservation = await self._budgets.admit(caller, minimum)

@@ -90,6 +90,7 @@ def create_app(
         Route("/healthz", local.healthz, methods=["GET"]),
         Route("/readyz", local.readyz, methods=["GET"]),
         Route(CATALOG_PATH, local.api_models, methods=["GET"]),
+        Route("/admin/usage", local.admin_usage, methods=["GET"]),
         Route("/v1/models", local.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", local.retrieve_model, methods=["GET"]),
         # Dry run: what would the gateway do with this request? (never forwarded)

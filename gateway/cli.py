@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import orjson
 
 from gateway.entries import CATEGORIES, ModelEntry, parse_catalog
 from gateway.keys import new_key
+from gateway.ledger import SUMMARY_GROUPS, summarize
 from gateway.settings import Settings, SettingsError, load_settings, resolve_config_path
 
 DEMO_CLIENT_KEY = "sk-demo"
@@ -61,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("name", help="who the key is for, e.g. alice or ci-bot")
     new.add_argument("--team", help="the team it belongs to (optional)")
     new.set_defaults(run=_keys_new)
+
+    usage = commands.add_parser("usage", help="usage and cost from the ledger, as a table")
+    usage.add_argument("--config", help="TOML config file (for [usage] path)")
+    usage.add_argument("--by", choices=SUMMARY_GROUPS, default="key", help="group by (default: key)")
+    usage.add_argument("--key", help="only this key's requests")
+    usage.add_argument("--since", type=date.fromisoformat, metavar="YYYY-MM-DD", help="only from this day (UTC)")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    usage.set_defaults(run=_usage)
 
     models = commands.add_parser("models", help="show the upstream's model catalog")
     models.add_argument("--config", help="TOML config file (for the upstream URL)")
@@ -212,6 +222,34 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    path = _settings(args.config).usage.path
+    if not path or not Path(path).is_file():
+        print(f"gateway: no usage ledger at {path!r} ([usage] path)", file=sys.stderr)
+        return 1
+    rows = summarize(path, by=args.by, key=args.key, since=args.since)
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    header = (args.by.upper(), "REQUESTS", "PROMPT TOK", "COMPLETION TOK", "COST USD")
+    print(
+        _format_table(
+            header,
+            [
+                (
+                    str(r[args.by] if r[args.by] is not None else "-"),
+                    str(r["requests"]),
+                    str(r["prompt_tokens"]),
+                    str(r["completion_tokens"]),
+                    "-" if r["cost_usd"] is None else f"{r['cost_usd']:.4f}",
+                )
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
 def _table(entries: list[ModelEntry]) -> str:
     header = ("MODEL", "CATEGORY", "HEALTH", "CONTEXT", "IN $/MTOK", "OUT $/MTOK", "SUPPORTS")
     rows = [
@@ -226,6 +264,10 @@ def _table(entries: list[ModelEntry]) -> str:
         )
         for e in entries
     ]
+    return _format_table(header, rows)
+
+
+def _format_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]

@@ -87,6 +87,7 @@ _INSERT: Final = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join(
 _GROUPS: Final[Mapping[str, str]] = MappingProxyType(
     {"key": "key_name", "team": "team", "model": "model", "day": "date(ts, 'unixepoch')"}
 )
+SUMMARY_GROUPS: Final = tuple(_GROUPS)
 _BUSY_TIMEOUT_S: Final = 5.0
 
 

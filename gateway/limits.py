@@ -23,6 +23,8 @@ from gateway.headers import Header
 from gateway.keys import Caller
 
 WINDOW = 60.0
+# Tokens reserved for the completion of a request without max_tokens, before the key has history.
+DEFAULT_COMPLETION_RESERVE = 256
 _EWMA_WEIGHT = 0.2
 
 
@@ -82,15 +84,25 @@ class RateLimiter:
         self._clock = clock
         self._state: dict[str, _KeyState] = {}
 
-    def admit(self, caller: Caller, token_estimate: int) -> Ticket | None:
-        """Count the request, or raise RateLimited (429). None when the key has no limits."""
+    def admit(self, caller: Caller, prompt_tokens: int, requested_tokens: int) -> Ticket | None:
+        """Count the request, or raise RateLimited (429). None when the key has no limits.
+
+        ``prompt_tokens`` is a lower bound of the prompt, ``requested_tokens`` its max_tokens (0 if
+        none). Without max_tokens the reservation is the key's average request, or before there is
+        one, the prompt plus DEFAULT_COMPLETION_RESERVE.
+        """
         if caller.rpm is None and caller.tpm is None:
             return None
         now = self._clock()
         state = self._state.setdefault(caller.name, _KeyState())
         state.requests.expire(now)
         state.tokens.expire(now)
-        estimate = max(token_estimate, math.ceil(state.average_tokens))
+        if requested_tokens > 0:
+            estimate = prompt_tokens + requested_tokens
+        elif state.average_tokens > 0:
+            estimate = max(prompt_tokens, math.ceil(state.average_tokens))
+        else:
+            estimate = prompt_tokens + DEFAULT_COMPLETION_RESERVE
         headers: list[Header] = []
         if caller.rpm is not None:
             used = state.requests.total
@@ -120,7 +132,10 @@ class RateLimiter:
         state.reserved -= ticket.reserved
         state.tokens.add(self._clock(), tokens)
         if tokens > 0:
-            state.average_tokens += _EWMA_WEIGHT * (tokens - state.average_tokens)
+            if state.average_tokens == 0:
+                state.average_tokens = float(tokens)
+            else:
+                state.average_tokens += _EWMA_WEIGHT * (tokens - state.average_tokens)
 
     @staticmethod
     def _refusal(caller: Caller, what: str, limit: int, reset: float, headers: list[Header]) -> RateLimited:

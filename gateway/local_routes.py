@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from datetime import date
+from pathlib import Path
+from typing import Any, cast
 
 import orjson
 from starlette.requests import Request
@@ -10,8 +13,9 @@ from starlette.responses import Response
 
 from gateway.catalog import Snapshot
 from gateway.entries import CATEGORIES, ModelEntry
-from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.errors import InvalidRequest, ModelNotFound, UnknownPath
 from gateway.key_auth import scope_caller
+from gateway.ledger import SUMMARY_GROUPS, SummaryBy, summarize
 from gateway.pipeline import Runtime
 from gateway.routing import endpoint_for, is_routable
 from gateway.settings import Settings
@@ -51,6 +55,7 @@ class LocalRoutes:
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self._runtime = runtime
         self._routable = frozenset(settings.catalog.routable_health)
+        self._usage_path = Path(settings.usage.path) if settings.usage.path else None
 
     async def list_models(self, request: Request) -> Response:
         snapshot = await self._runtime.catalog.current()
@@ -87,6 +92,24 @@ class LocalRoutes:
     async def api_models(self, request: Request) -> Response:
         snapshot = await self._runtime.catalog.current()
         return Response(snapshot.raw, media_type="application/json")
+
+    async def admin_usage(self, request: Request) -> Response:
+        """GET /admin/usage?by=key|team|model|day&key=K&since=YYYY-MM-DD (keys mode, admin key)."""
+        if self._runtime.keys is None or self._usage_path is None:
+            raise UnknownPath('/admin/usage needs keys mode ([auth] mode = "keys") and a usage ledger ([usage] path).')
+        params = request.query_params
+        by = params.get("by", "key")
+        if by not in SUMMARY_GROUPS:
+            raise InvalidRequest(f"`by` must be one of {', '.join(SUMMARY_GROUPS)}, not {by!r}.", param="by")
+        since = None
+        if "since" in params:
+            try:
+                since = date.fromisoformat(params["since"])
+            except ValueError:
+                raise InvalidRequest("`since` must be a date, YYYY-MM-DD.", param="since") from None
+        group = cast(SummaryBy, by)
+        rows = await asyncio.to_thread(summarize, self._usage_path, by=group, key=params.get("key"), since=since)
+        return _json({"object": "list", "by": by, "data": rows})
 
     async def healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})

@@ -75,7 +75,7 @@ class Admission:
     entry: ModelEntry | None = None
     warnings: list[Violation] = field(default_factory=list)
     prompt_tokens: int = 0  # a lower bound of the prompt's tokens
-    token_estimate: int = 0  # that, plus the requested completion tokens
+    requested_tokens: int = 0  # max_tokens / max_completion_tokens, 0 when not given
 
 
 class Proxy:
@@ -116,7 +116,7 @@ class Proxy:
                 await _send_json(send, _report(admission), extra)
                 return
             accounting = self._runtime.accounting
-            extra.extend(await accounting.admit(exchange, admission.token_estimate, admission.prompt_tokens))
+            extra.extend(await accounting.admit(exchange, admission.prompt_tokens, admission.requested_tokens))
             body, strip_usage = accounting.request_body(exchange, body)
             response = await self._forward(scope, headers, body, exchange.request_id.encode())
         except GatewayError as error:
@@ -165,7 +165,7 @@ class Proxy:
         admission.entry = exchange.entry = entry
         exchange.fields = fields
         admission.prompt_tokens = prompt_tokens_lower_bound(endpoint.path, fields)
-        admission.token_estimate = admission.prompt_tokens + requested_completion_tokens(fields)
+        admission.requested_tokens = requested_completion_tokens(fields)
         if self._modes:
             for violation in validate(endpoint.path, fields, files, entry):
                 mode = self._modes.get(violation.check)

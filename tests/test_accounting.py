@@ -1,0 +1,270 @@
+"""Usage and cost, end to end: streamed usage, cost headers, budgets, TPM, the ledger, the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from gateway.app import create_app
+from gateway.cli import main
+from gateway.demo import DemoState
+from gateway.ledger import summarize
+from gateway.localserver import LocalServer, serve_in_thread
+from gateway.settings import load_settings
+from tests.conftest import CHAT_MODEL, StartGateway, gateway_env
+
+WAIT = 10.0
+CHAT = "/v1/chat/completions"
+MESSAGES: Any = [{"role": "user", "content": "Tell me something"}]
+PRICE_PER_TOKEN = 0.80 / 1e6  # the demo catalog's price for CHAT_MODEL, in and out
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_table(name: str, extra: str = "") -> str:
+    return f'[[keys]]\nname = "{name}"\nkey_sha256 = "{digest(secret(name))}"\nteam = "team-{name[0]}"\n{extra}\n'
+
+
+def secret(name: str) -> str:
+    return f"sk-gw-{name}-000000"
+
+
+ADMIN = secret("admin")
+
+
+def write_config(path: Path, ledger: Path, tables: str) -> None:
+    path.write_text(
+        f'[auth]\nmode = "keys"\nreload_interval = 0\n[usage]\npath = "{ledger}"\nflush_interval = 0.05\n'
+        f"{key_table('admin', 'admin = true')}{tables}"
+    )
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    return tmp_path / "usage.db"
+
+
+@pytest.fixture
+def launch(start_gateway: StartGateway, tmp_path: Path, ledger: Path) -> Callable[[str], LocalServer]:
+    def start(tables: str) -> LocalServer:
+        config = tmp_path / "gateway.toml"
+        write_config(config, ledger, tables)
+        return start_gateway({"GATEWAY_UPSTREAM_API_KEY": "sk-org", "GATEWAY_USAGE_PATH": str(ledger)}, config=config)
+
+    return start
+
+
+@pytest.fixture
+def sdk(launch: Callable[[str], LocalServer]) -> Iterator[openai.OpenAI]:
+    gateway = launch(key_table("alice"))
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=secret("alice"), max_retries=0, timeout=WAIT) as client:
+        yield client
+
+
+def usage_rows(gateway: LocalServer, *, by: str = "key", expected_requests: int) -> list[dict[str, Any]]:
+    """Poll GET /admin/usage until the batched ledger writes have landed (bounded)."""
+    rows: list[dict[str, Any]] = []
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        answer = httpx.get(
+            gateway.url + "/admin/usage", params={"by": by}, headers={"authorization": f"Bearer {ADMIN}"}, timeout=WAIT
+        )
+        assert answer.status_code == 200, answer.text
+        rows = answer.json()["data"]
+        if sum(r["requests"] for r in rows) >= expected_requests:
+            return rows
+        time.sleep(0.05)
+    raise AssertionError(f"the ledger did not reach {expected_requests} requests: {rows}")
+
+
+def test_streamed_usage_is_recorded_and_the_extra_chunk_is_hidden(
+    sdk: openai.OpenAI, demo_state: DemoState, launch: Callable[[str], LocalServer]
+) -> None:
+    chunks = list(sdk.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, stream=True))
+    assert chunks
+    assert all(c.choices for c in chunks)  # the client did not ask for usage: no usage-only chunk
+    assert all(c.usage is None for c in chunks)
+    forwarded = orjson.loads([r for r in demo_state.requests if r.path == CHAT][-1].body)
+    assert forwarded["stream_options"] == {"include_usage": True}  # but the gateway asked upstream
+    with_usage = list(
+        sdk.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert with_usage[-1].usage is not None  # asked for: delivered
+    usage = with_usage[-1].usage
+    server_url = str(sdk.base_url).removesuffix("/v1/")
+    rows = usage_rows(LocalServer("127.0.0.1", 0, server_url), by="key", expected_requests=2)
+    alice = next(r for r in rows if r["key"] == "alice")
+    assert alice["requests"] == 2
+    assert alice["completion_tokens"] == 2 * usage.completion_tokens
+    assert alice["cost_usd"] == pytest.approx(2 * usage.total_tokens * PRICE_PER_TOKEN)
+
+
+def test_non_streamed_answers_carry_their_cost(sdk: openai.OpenAI) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(model=CHAT_MODEL, messages=MESSAGES)
+    completion = raw.parse()
+    assert completion.usage is not None
+    cost = float(raw.headers["x-gateway-cost-usd"])
+    assert cost == pytest.approx(completion.usage.total_tokens * PRICE_PER_TOKEN, abs=1e-8)
+    assert cost > 0
+
+
+def test_daily_budget_refuses_the_next_request_with_402(launch: Callable[[str], LocalServer], ledger: Path) -> None:
+    gateway = launch(key_table("thrifty", "budget_usd_daily = 0.000005"))  # about half a small request
+    headers = {"authorization": f"Bearer {secret('thrifty')}"}
+    body = {"model": CHAT_MODEL, "messages": MESSAGES}
+    first = httpx.post(gateway.url + CHAT, json=body, headers=headers, timeout=WAIT)
+    assert first.status_code == 200  # admitted: its certain minimum cost fits
+    second = httpx.post(gateway.url + CHAT, json=body, headers=headers, timeout=WAIT)
+    assert second.status_code == 402
+    error = second.json()["error"]
+    assert (error["code"], error["type"]) == ("budget_exceeded", "insufficient_quota")
+    assert "daily budget" in error["message"]
+    assert int(second.headers["retry-after"]) >= 1
+
+
+def test_budgets_and_the_ledger_survive_a_restart(
+    start_gateway: StartGateway, tmp_path: Path, ledger: Path, upstream: LocalServer
+) -> None:
+    config = tmp_path / "restart.toml"
+    write_config(config, ledger, key_table("thrifty", "budget_usd_daily = 0.000005"))
+    env = {"GATEWAY_UPSTREAM_API_KEY": "sk-org", "GATEWAY_USAGE_PATH": str(ledger)}
+    headers = {"authorization": f"Bearer {secret('thrifty')}"}
+    body = {"model": CHAT_MODEL, "messages": MESSAGES}
+    full_env = gateway_env(upstream.url, env)
+    with serve_in_thread(create_app(load_settings(config, full_env))) as first:
+        assert httpx.post(first.url + CHAT, json=body, headers=headers, timeout=WAIT).status_code == 200
+    # The first gateway is stopped (its ledger flushed on shutdown); a new one reads the same file.
+    rows = summarize(ledger, by="key")
+    assert [(r["key"], r["requests"]) for r in rows] == [("thrifty", 1)]
+    second = start_gateway(env, config=config)
+    again = httpx.post(second.url + CHAT, json=body, headers=headers, timeout=WAIT)
+    assert again.status_code == 402  # today's spend was seeded from the ledger
+
+
+def test_tpm_is_settled_with_real_usage(launch: Callable[[str], LocalServer]) -> None:
+    gateway = launch(key_table("tokens", "tpm = 40"))
+    headers = {"authorization": f"Bearer {secret('tokens')}"}
+    statuses = []
+    for _ in range(6):
+        answer = httpx.post(
+            gateway.url + CHAT, json={"model": CHAT_MODEL, "messages": MESSAGES}, headers=headers, timeout=WAIT
+        )
+        statuses.append(answer.status_code)
+    # Each demo answer uses about 12 tokens: a few fit in 40 per minute, then 429.
+    assert statuses[0] == 200
+    assert 429 in statuses
+    assert statuses.index(429) >= 2
+
+
+def test_access_log_has_one_line_per_request_without_secrets(
+    launch: Callable[[str], LocalServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = launch(key_table("alice"))
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        ok = httpx.post(
+            gateway.url + CHAT,
+            json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "SECRET-PROMPT"}]},
+            headers={"authorization": f"Bearer {secret('alice')}", "x-request-id": "req-42"},
+            timeout=WAIT,
+        )
+        refused = httpx.post(
+            gateway.url + CHAT,
+            json={"model": "bge-m3", "messages": MESSAGES},
+            headers={"authorization": f"Bearer {secret('alice')}"},
+            timeout=WAIT,
+        )
+        deadline = time.monotonic() + WAIT
+        while len([r for r in caplog.records if r.name == "gateway.access"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert (ok.status_code, refused.status_code) == (200, 400)
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 2
+    first = next(line for line in lines if line["request_id"] == "req-42")
+    assert (first["key"], first["team"], first["model"], first["status"]) == ("alice", "team-a", CHAT_MODEL, 200)
+    assert first["outcome"] == "completed"
+    assert first["completion_tokens"] > 0
+    assert first["cost_usd"] > 0
+    assert first["latency_ms"] >= first["ttfb_ms"] > 0
+    second = next(line for line in lines if line["request_id"] != "req-42")
+    assert (second["status"], second["outcome"], second["error_code"]) == (400, "refused", "model_endpoint_mismatch")
+    text = caplog.text
+    assert secret("alice") not in text
+    assert "SECRET-PROMPT" not in text
+
+
+def test_admin_usage_needs_an_admin_key_and_the_cli_prints_the_table(
+    launch: Callable[[str], LocalServer],
+    ledger: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway = launch(key_table("alice"))
+    alice = {"authorization": f"Bearer {secret('alice')}"}
+    httpx.post(gateway.url + CHAT, json={"model": CHAT_MODEL, "messages": MESSAGES}, headers=alice, timeout=WAIT)
+    assert httpx.get(gateway.url + "/admin/usage", headers=alice, timeout=WAIT).status_code == 401
+    rows = usage_rows(gateway, by="model", expected_requests=1)
+    assert rows[0]["model"] == CHAT_MODEL
+    bad = httpx.get(gateway.url + "/admin/usage", params={"by": "color"}, headers={"authorization": f"Bearer {ADMIN}"})
+    assert bad.status_code == 400
+    monkeypatch.setenv("GATEWAY_USAGE_PATH", str(ledger))
+    assert main(["usage", "--by", "model"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["MODEL", "REQUESTS"]
+    assert table[1].split()[:2] == [CHAT_MODEL, "1"]
+
+
+def test_200_concurrent_requests_from_10_keys_respect_limits_and_are_accounted_once(
+    launch: Callable[[str], LocalServer], ledger: Path
+) -> None:
+    names = [f"user{i}" for i in range(10)]
+    gateway = launch("".join(key_table(n, "rpm = 12\ntpm = 100") for n in names))
+
+    async def burst() -> list[tuple[str, int, dict[str, Any]]]:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=WAIT) as client:
+
+            async def one(name: str) -> tuple[str, int, dict[str, Any]]:
+                answer = await client.post(
+                    CHAT,
+                    json={"model": CHAT_MODEL, "messages": MESSAGES},
+                    headers={"authorization": f"Bearer {secret(name)}"},
+                )
+                return name, answer.status_code, answer.json()
+
+            return await asyncio.gather(*(one(n) for n in names for _ in range(20)))
+
+    results = asyncio.run(burst())
+    assert {status for _, status, _ in results} <= {200, 429}
+    served = Counter(name for name, status, _ in results if status == 200)
+    tokens: Counter[str] = Counter()
+    largest = 0
+    for name, status, body in results:
+        if status == 200:
+            tokens[name] += body["usage"]["total_tokens"]
+            largest = max(largest, body["usage"]["total_tokens"])
+    for name in names:
+        assert 1 <= served[name] <= 12  # never more than the RPM
+        assert tokens[name] <= 100 + largest  # TPM exceeded by at most one request's worth
+    usage_rows(gateway, expected_requests=200)
+    recorded = summarize(ledger, by="key")
+    assert sum(r["requests"] for r in recorded if r["key"] in names) == 200  # every request, exactly once
+    for row in recorded:
+        if row["key"] in names:
+            assert row["total_tokens"] == tokens[row["key"]]
