@@ -52,9 +52,20 @@ class Exchange:
     outcome: str = "unknown"
     error_code: str | None = None
     first_byte: float | None = None
+    upstream_started: float | None = None  # perf_counter() when the request went upstream
+    upstream_answered: float | None = None  # ... and when its response headers arrived
+    retries: int = 0  # upstream attempts beyond the first
     usage: Usage | None = None
     cost: float | None = None
     finished: bool = False
+
+    def overhead_ms(self) -> float:
+        """The gateway's own time so far: everything but waiting for the upstream."""
+        now = time.perf_counter()
+        upstream = 0.0
+        if self.upstream_started is not None:
+            upstream = (self.upstream_answered or now) - self.upstream_started
+        return (now - self.started - upstream) * 1000
 
 
 class Accounting:

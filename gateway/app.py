@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.accounting import Accounting
+from gateway.breaker import Breakers
 from gateway.budgets import Budgets
 from gateway.catalog import Catalog
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, UnknownPath
@@ -49,7 +50,8 @@ def create_app(
     it was loaded with) is the file whose keys are reloaded on SIGHUP or change.
     """
     keys_mode = settings.auth_mode == "keys"
-    runtime = Runtime(KeyRing(settings.keys) if keys_mode else None)
+    breakers = Breakers(settings.upstream.breaker_failures, settings.upstream.breaker_cooldown)
+    runtime = Runtime(breakers, KeyRing(settings.keys) if keys_mode else None)
     local = LocalRoutes(settings, runtime)
 
     @asynccontextmanager

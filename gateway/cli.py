@@ -115,6 +115,7 @@ def _run(settings: Settings, config_path: Path | None = None) -> None:
         server_header=False,
         proxy_headers=False,
         lifespan="on",
+        timeout_graceful_shutdown=settings.server.shutdown_grace,
     )
 
 

@@ -134,7 +134,15 @@ class InternalError(GatewayError):
     code = "internal_error"
 
 
-class UpstreamUnavailable(GatewayError):
+class UpstreamError(GatewayError):
+    """The upstream failed before answering. ``retryable``: the request was certainly not sent."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class UpstreamUnavailable(UpstreamError):
     status = 502
     code = "upstream_unavailable"
 
@@ -144,12 +152,17 @@ class CatalogUnavailable(GatewayError):
     code = "catalog_unavailable"
 
 
+class Overloaded(GatewayError):
+    status = 503
+    code = "overloaded"
+
+
 class ModelUnavailable(GatewayError):
     status = 503
     code = "model_unavailable"
 
 
-class UpstreamTimeout(GatewayError):
+class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
 

@@ -134,6 +134,8 @@ class LocalRoutes:
                 "last_error": catalog.last_error,
             },
             "upstream_client": "open" if self._runtime.upstream_open else "closed",
+            "open_circuits": self._runtime.breakers.open_circuits(),
+            "in_flight": self._runtime.in_flight,
         }
         return _json(body, 200 if ready else 503)
 

@@ -11,9 +11,13 @@ what the gateway would do (the exact refusal, or a 200 admission report).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any
 
@@ -23,13 +27,22 @@ from gateway import routing
 from gateway.accounting import Accounting, Exchange
 from gateway.auth import UpstreamAuth
 from gateway.body import ClientDisconnected, model_of, parse_json_object, parse_multipart, read_body
+from gateway.breaker import Breakers, Pass
 from gateway.catalog import Catalog
 from gateway.entries import ModelEntry
-from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, send_error
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    Overloaded,
+    UpstreamError,
+    send_error,
+)
 from gateway.headers import Header, is_event_stream, upstream_request_headers
 from gateway.key_auth import scope_caller
 from gateway.keys import KeyRing
-from gateway.relay import relay
+from gateway.relay import Outcome, relay
 from gateway.request_id import scope_request_id
 from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamResponse
@@ -51,6 +64,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 SSE_NO_BUFFERING = (b"x-accel-buffering", b"no")
 MODEL_HEALTH = b"x-gateway-model-health"
 VALIDATION_WARNING = b"x-gateway-validation-warning"
+OVERHEAD = b"x-gateway-overhead-ms"
 DRY_RUN_PREFIX = "/v1/validate"
 
 
@@ -63,8 +77,10 @@ class Runtime:
 
     accounting: Accounting
 
-    def __init__(self, keys: KeyRing | None = None) -> None:
+    def __init__(self, breakers: Breakers, keys: KeyRing | None = None) -> None:
         self.keys = keys  # swapped whole on a reload
+        self.breakers = breakers
+        self.in_flight = 0  # proxied requests being handled now
 
 
 @dataclass(slots=True)
@@ -86,55 +102,94 @@ class Proxy:
         self._dry_run = dry_run
         self._auth = UpstreamAuth(settings)
         self._max_body = settings.limits.max_body_bytes
+        self._max_in_flight = settings.limits.max_in_flight
+        self._retries = settings.upstream.retries
+        self._retry_max_wait = settings.upstream.retry_max_wait
         self._routable = frozenset(settings.catalog.routable_health)
         modes = {check: getattr(settings.validation, check) for check in CHECKS}
         self._modes = {check: mode for check, mode in modes.items() if mode != "off"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope_request_id(scope).decode(), scope["method"], scope["path"])
+        runtime = self._runtime
+        if self._max_in_flight and runtime.in_flight >= self._max_in_flight:
+            overloaded = Overloaded(
+                f"The gateway is at its limit of {self._max_in_flight} requests in flight; retry shortly.",
+                retry_after=1,
+            )
+            exchange.status, exchange.outcome, exchange.error_code = overloaded.status, "refused", overloaded.code
+            await send_error(send, overloaded, [])
+            runtime.accounting.finish(exchange)
+            return
+        runtime.in_flight += 1
         try:
             await self._handle(scope, receive, send, exchange)
         finally:
-            self._runtime.accounting.finish(exchange)
+            runtime.in_flight -= 1
+            runtime.accounting.finish(exchange)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
-        headers: list[Header] = scope["headers"]
         extra: list[Header] = []
+        breaker_pass: Pass | None = None
         try:
-            path = scope["path"]
-            if self._dry_run:
-                path = "/v1" + path.removeprefix(DRY_RUN_PREFIX)
-            endpoint = routing.match("POST" if self._dry_run else scope["method"], path)
-            if self._dry_run and scope["method"] != "POST":
-                raise MethodNotAllowed(f"Use POST {scope['path']}.", headers=[(b"allow", b"POST")])
-            exchange.caller = scope_caller(scope)
-            body = await read_body(receive, _content_length(headers), self._max_body)
-            admission = await self._admit(endpoint, headers, body, exchange)
-            extra.extend(_admission_headers(admission))
-            if self._dry_run:
-                exchange.status, exchange.outcome = 200, "dry_run"
-                await _send_json(send, _report(admission), extra)
+            try:
+                admission, body = await self._receive_and_admit(scope, receive, exchange, extra)
+                if self._dry_run:
+                    exchange.status, exchange.outcome = 200, "dry_run"
+                    await _send_json(send, _report(admission), extra)
+                    return
+                accounting = self._runtime.accounting
+                if admission.entry is not None:
+                    breaker_pass = self._runtime.breakers.allow(admission.entry.model_name)
+                extra.extend(await accounting.admit(exchange, admission.prompt_tokens, admission.requested_tokens))
+                body, strip_usage = accounting.request_body(exchange, body)
+                response = await self._forward(scope, body, exchange, breaker_pass)
+            except GatewayError as error:
+                exchange.status, exchange.outcome, exchange.error_code = error.status, "refused", error.code
+                await send_error(send, error, extra)
                 return
-            accounting = self._runtime.accounting
-            extra.extend(await accounting.admit(exchange, admission.prompt_tokens, admission.requested_tokens))
-            body, strip_usage = accounting.request_body(exchange, body)
-            response = await self._forward(scope, headers, body, exchange.request_id.encode())
-        except GatewayError as error:
-            exchange.status, exchange.outcome, exchange.error_code = error.status, "refused", error.code
-            await send_error(send, error, extra)
-            return
-        except ClientDisconnected:
-            exchange.outcome = "client_disconnected"
-            return
-        except Exception:
-            logger.exception(
-                "unexpected error on %s %s (request %s)", scope["method"], scope["path"], exchange.request_id
-            )
-            internal = InternalError(f"Internal gateway error (request id {exchange.request_id}).")
-            exchange.status, exchange.outcome, exchange.error_code = internal.status, "error", internal.code
-            await send_error(send, internal, extra)
-            return
+            except ClientDisconnected:
+                exchange.outcome = "client_disconnected"
+                return
+            except Exception:
+                logger.exception("unexpected error on %s %s (request %s)", exchange.method, exchange.path,
+                                 exchange.request_id)  # fmt: skip
+                internal = InternalError(f"Internal gateway error (request id {exchange.request_id}).")
+                exchange.status, exchange.outcome, exchange.error_code = internal.status, "error", internal.code
+                await send_error(send, internal, extra)
+                return
+            await self._respond(response, receive, send, exchange, extra, strip_usage)
+            self._runtime.breakers.record(breaker_pass, exchange.outcome != Outcome.UPSTREAM_BROKEN.value)
+        finally:
+            self._runtime.breakers.record(breaker_pass, None)  # no verdict on paths that gave none
+
+    async def _receive_and_admit(
+        self, scope: Scope, receive: Receive, exchange: Exchange, extra: list[Header]
+    ) -> tuple[Admission, bytes]:
+        path = scope["path"]
+        if self._dry_run:
+            path = "/v1" + path.removeprefix(DRY_RUN_PREFIX)
+        endpoint = routing.match("POST" if self._dry_run else scope["method"], path)
+        if self._dry_run and scope["method"] != "POST":
+            raise MethodNotAllowed(f"Use POST {scope['path']}.", headers=[(b"allow", b"POST")])
+        exchange.caller = scope_caller(scope)
+        body = await read_body(receive, _content_length(scope["headers"]), self._max_body)
+        admission = await self._admit(endpoint, scope["headers"], body, exchange)
+        extra.extend(_admission_headers(admission))
+        return admission, body
+
+    async def _respond(
+        self,
+        response: UpstreamResponse,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        extra: list[Header],
+        strip_usage: bool,
+    ) -> None:
+        accounting = self._runtime.accounting
         accounting.start_response(exchange, response.status, list(response.headers), strip_usage)
+        extra.append((OVERHEAD, f"{exchange.overhead_ms():.2f}".encode()))
         event_stream = is_event_stream([(k.lower(), v) for k, v in response.headers])
         if event_stream:
             extra.append(SSE_NO_BUFFERING)
@@ -188,16 +243,63 @@ class Proxy:
                 message += " Models that would accept this request: " + ", ".join(names) + "."
         return InvalidRequest(message, param=violation.param, code=violation.code)
 
-    async def _forward(self, scope: Scope, headers: list[Header], body: bytes, rid: bytes) -> UpstreamResponse:
+    async def _forward(
+        self, scope: Scope, body: bytes, exchange: Exchange, breaker_pass: Pass | None
+    ) -> UpstreamResponse:
+        """Send upstream, retrying only what is safe: connection failures before the request was
+        sent, and 429/503 answers whose Retry-After is short. Nothing has reached the client yet."""
+        headers: list[Header] = scope["headers"]
         target = scope.get("raw_path") or scope["path"].encode()
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
-        return await self._runtime.upstream.send(
-            scope["method"],
-            target.decode("latin-1"),
-            upstream_request_headers(headers, self._auth.upstream_authorization(headers), rid),
-            body,
+        upstream_headers = upstream_request_headers(
+            headers, self._auth.upstream_authorization(headers), exchange.request_id.encode()
         )
+        exchange.upstream_started = time.perf_counter()
+        for attempt in range(self._retries + 1):
+            last = attempt == self._retries
+            try:
+                response = await self._runtime.upstream.send(scope["method"], target.decode("latin-1"),
+                                                             upstream_headers, body)  # fmt: skip
+            except UpstreamError as error:
+                if error.retryable and not last:
+                    exchange.retries += 1
+                    await asyncio.sleep(_backoff(attempt))
+                    continue
+                self._runtime.breakers.record(breaker_pass, False)
+                raise
+            wait = _retry_after(response) if response.status in (429, 503) else None
+            if wait is not None and wait <= self._retry_max_wait and not last:
+                await response.aclose()
+                exchange.retries += 1
+                await asyncio.sleep(wait + _backoff(attempt))
+                continue
+            exchange.upstream_answered = time.perf_counter()
+            if response.status >= 500:
+                self._runtime.breakers.record(breaker_pass, False)
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+
+def _backoff(attempt: int) -> float:
+    """Jittered exponential backoff: about 0.1 s, 0.2 s, 0.4 s, ..."""
+    return 0.1 * (2.0**attempt) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not cryptography
+
+
+def _retry_after(response: UpstreamResponse) -> float | None:
+    """The Retry-After of an upstream answer in seconds (delta-seconds or an HTTP date)."""
+    for name, value in response.headers:
+        if name.lower() == b"retry-after":
+            text = value.decode("latin-1").strip()
+            try:
+                return max(0.0, float(text))
+            except ValueError:
+                pass
+            try:
+                return max(0.0, parsedate_to_datetime(text).timestamp() - time.time())
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def _admission_headers(admission: Admission) -> list[Header]:

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.headers import Header, client_response_headers
+import orjson
+
+from gateway.headers import Header, client_response_headers, is_event_stream
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 
 logger = logging.getLogger("gateway.relay")
@@ -102,12 +104,23 @@ async def relay(
     except UpstreamStreamError as exc:
         logger.warning("upstream stream broke mid-response: %s", exc)
         watch.stand_down()
+        if is_event_stream(headers):
+            # The status is gone already: end the stream with an error event the SDKs raise on.
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": _stream_error_event(str(exc)), "more_body": True})
         await _end_body(send)
         result.outcome = Outcome.UPSTREAM_BROKEN
         return result
     finally:
         watch.stand_down()
         await response.aclose()
+
+
+def _stream_error_event(reason: str) -> bytes:
+    """OpenAI's stream error shape; the leading blank line ends any event the upstream left half-sent."""
+    error = {"message": f"The upstream stream broke: {reason}.", "type": "server_error", "param": None,
+             "code": "upstream_stream_error"}  # fmt: skip
+    return b"\n\ndata: " + orjson.dumps({"error": error}) + b"\n\n"
 
 
 async def _read_whole(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, bytes]:

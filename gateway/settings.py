@@ -50,6 +50,14 @@ class UpstreamSettings:
     max_connections: int = _bounded(512, ge=1)
     max_keepalive_connections: int = _bounded(128, ge=0)
     keepalive_expiry: float = _bounded(30.0, ge=0)
+    # Extra attempts for a request that certainly did not reach the upstream (connection failures)
+    # or that it refused with 429/503 and a Retry-After of at most retry_max_wait seconds.
+    retries: int = _bounded(2, ge=0)
+    retry_max_wait: float = _bounded(2.0, ge=0)
+    # Circuit breaker per model: open after this many consecutive upstream failures (0: off) ...
+    breaker_failures: int = _bounded(5, ge=0)
+    # ... for this many seconds, then let one probe request through.
+    breaker_cooldown: float = _bounded(30.0, gt=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,14 @@ class CatalogSettings:
 @dataclass(frozen=True, slots=True)
 class LimitsSettings:
     max_body_bytes: int = _bounded(32 * 1024 * 1024, ge=1)
+    # Requests relayed at once; beyond it an immediate 503 "overloaded" (0: no cap).
+    max_in_flight: int = _bounded(1000, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    # Seconds in-flight requests and streams may take to finish after SIGTERM before they are closed.
+    shutdown_grace: int = _bounded(30, ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +138,7 @@ class Settings:
     log_level: LogLevel = "info"
     # One JSON line per request on the `gateway.access` logger (never keys or bodies).
     access_log: bool = True
+    server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)

@@ -124,6 +124,10 @@ class HttpxUpstream:
             raise UpstreamTimeout(
                 f"The upstream did not start answering within {self._first_byte_timeout:g}s."
             ) from None
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing was sent: safe to retry, even a POST.
+            error_class = UpstreamUnavailable if isinstance(exc, httpx.ConnectError) else UpstreamTimeout
+            raise error_class(f"The upstream could not be reached: {_describe(exc)}.", retryable=True) from None
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"The upstream timed out: {_describe(exc)}.") from None
         except httpx.HTTPError as exc:
