@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,17 +55,22 @@ class Exchange:
     upstream_started: float | None = None  # perf_counter() when the request went upstream
     upstream_answered: float | None = None  # ... and when its response headers arrived
     retries: int = 0  # upstream attempts beyond the first
+    overhead: float | None = None  # seconds of the gateway's own time before the response started
     usage: Usage | None = None
     cost: float | None = None
     finished: bool = False
 
-    def overhead_ms(self) -> float:
-        """The gateway's own time so far: everything but waiting for the upstream."""
+    def mark_response_start(self) -> float:
+        """Record the gateway's own time until now (upstream wait excluded); returns it in seconds."""
         now = time.perf_counter()
         upstream = 0.0
         if self.upstream_started is not None:
             upstream = (self.upstream_answered or now) - self.upstream_started
-        return (now - self.started - upstream) * 1000
+        self.overhead = now - self.started - upstream
+        return self.overhead
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 class Accounting:
@@ -77,12 +82,14 @@ class Accounting:
         *,
         include_usage: bool,
         access_log: bool,
+        on_finish: Callable[[Exchange], None] | None = None,
     ) -> None:
         self._limiter = limiter
         self._budgets = budgets
         self._ledger = ledger
         self._include_usage = include_usage
         self._access_log = access_log
+        self._on_finish = on_finish
 
     async def admit(self, exchange: Exchange, prompt_lower_bound: int, requested_tokens: int) -> list[Header]:
         """Apply the key's rate limits and budgets (raising 429/402); returns the rate-limit headers."""
@@ -160,6 +167,8 @@ class Accounting:
             )
         if self._access_log:
             self._log(exchange, latency_ms, ttfb_ms)
+        if self._on_finish is not None:
+            self._on_finish(exchange)
 
     @staticmethod
     def _log(exchange: Exchange, latency_ms: float, ttfb_ms: float | None) -> None:

@@ -27,9 +27,13 @@ from gateway.keys import KeyRing
 from gateway.ledger import Ledger
 from gateway.limits import RateLimiter
 from gateway.local_routes import LocalRoutes
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics
+from gateway.metrics import Snapshot as MetricsSnapshot
 from gateway.pipeline import DRY_RUN_PREFIX, Proxy, Runtime
 from gateway.reload import KeyReloader
 from gateway.request_id import RequestIdMiddleware
+from gateway.routing import is_routable
 from gateway.settings import Settings
 from gateway.upstream import HttpxUpstream
 
@@ -50,12 +54,38 @@ def create_app(
     it was loaded with) is the file whose keys are reloaded on SIGHUP or change.
     """
     keys_mode = settings.auth_mode == "keys"
+    started = False
     breakers = Breakers(settings.upstream.breaker_failures, settings.upstream.breaker_cooldown)
     runtime = Runtime(breakers, KeyRing(settings.keys) if keys_mode else None)
     local = LocalRoutes(settings, runtime)
+    routable = frozenset(settings.catalog.routable_health)
+
+    def metrics_state() -> MetricsSnapshot | None:
+        if not started:
+            return None
+        catalog, snapshot = runtime.catalog, runtime.catalog.snapshot
+        entries = snapshot.entries.values() if snapshot else ()
+        return MetricsSnapshot(
+            catalog_loaded=snapshot is not None,
+            catalog_age=catalog.age(),
+            catalog_models=len(entries),
+            catalog_routable=sum(1 for e in entries if is_routable(e, routable)),
+            catalog_refreshes=catalog.refreshes,
+            catalog_refresh_failures=catalog.refresh_failures,
+            in_flight=runtime.in_flight,
+            open_streams=runtime.open_streams,
+            upstream_connections=runtime.upstream.connections(),
+            open_circuits=runtime.breakers.open_circuits(),
+        )
+
+    metrics = Metrics(metrics_state)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal started
         upstream = HttpxUpstream(settings.upstream, transport)
         runtime.upstream = upstream
         runtime.catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
@@ -71,7 +101,9 @@ def create_app(
             ledger,
             include_usage=usage.include_usage,
             access_log=settings.access_log,
+            on_finish=metrics.observe,
         )
+        started = True
         watcher = None
         if keys_mode and config_path is not None:
             reloader = KeyReloader(config_path, os.environ if env is None else env, settings, runtime)
@@ -79,6 +111,7 @@ def create_app(
         try:
             yield
         finally:
+            started = False
             runtime.upstream_open = False
             if watcher is not None:
                 watcher.cancel()
@@ -91,6 +124,7 @@ def create_app(
     routes = [
         Route("/healthz", local.healthz, methods=["GET"]),
         Route("/readyz", local.readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route(CATALOG_PATH, local.api_models, methods=["GET"]),
         Route("/admin/usage", local.admin_usage, methods=["GET"]),
         Route("/v1/models", local.list_models, methods=["GET"]),

@@ -81,6 +81,7 @@ class Runtime:
         self.keys = keys  # swapped whole on a reload
         self.breakers = breakers
         self.in_flight = 0  # proxied requests being handled now
+        self.open_streams = 0  # event streams being relayed now
 
 
 @dataclass(slots=True)
@@ -189,14 +190,19 @@ class Proxy:
     ) -> None:
         accounting = self._runtime.accounting
         accounting.start_response(exchange, response.status, list(response.headers), strip_usage)
-        extra.append((OVERHEAD, f"{exchange.overhead_ms():.2f}".encode()))
+        extra.append((OVERHEAD, f"{exchange.mark_response_start() * 1000:.2f}".encode()))
         event_stream = is_event_stream([(k.lower(), v) for k, v in response.headers])
         if event_stream:
             extra.append(SSE_NO_BUFFERING)
+            self._runtime.open_streams += 1
         late = None if event_stream or exchange.meter is None else partial(accounting.cost_headers, exchange)
-        result = await relay(
-            response, receive, send, extra, meter=exchange.meter, late_headers=late, body_may_shrink=strip_usage
-        )
+        try:
+            result = await relay(
+                response, receive, send, extra, meter=exchange.meter, late_headers=late, body_may_shrink=strip_usage
+            )
+        finally:
+            if event_stream:
+                self._runtime.open_streams -= 1
         exchange.outcome, exchange.first_byte = result.outcome.value, result.first_byte
 
     async def _admit(

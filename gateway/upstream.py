@@ -18,6 +18,7 @@ healthy stream is never cut.
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -56,6 +57,10 @@ class Upstream(Protocol):
 
     async def get_bytes(self, target: str) -> bytes:
         """GET a small resource and return its body; non-2xx raises UpstreamUnavailable."""
+        ...
+
+    def connections(self) -> tuple[int, int] | None:
+        """(all, idle) connections in the pool, when the implementation can tell."""
         ...
 
     async def aclose(self) -> None: ...
@@ -100,6 +105,7 @@ class HttpxUpstream:
             max_keepalive_connections=settings.max_keepalive_connections,
             keepalive_expiry=settings.keepalive_expiry,
         )
+        self._transport = transport or httpx.AsyncHTTPTransport(limits=limits, retries=0)
         self._client = httpx.AsyncClient(
             # read=None: first-byte and idle deadlines are enforced per phase in send()/iter_raw().
             timeout=httpx.Timeout(
@@ -109,11 +115,13 @@ class HttpxUpstream:
                 pool=settings.connect_timeout,
             ),
             limits=limits,
-            transport=transport or httpx.AsyncHTTPTransport(limits=limits, retries=0),
+            transport=self._transport,
             follow_redirects=False,
             trust_env=False,
         )
         self._client.headers.clear()  # forward the client's headers, not httpx's defaults
+        # One client serves every caller: it must never keep cookies from one answer for the next request.
+        self._client.cookies.jar.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
     async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
         request = self._client.build_request(method, self._base + target, headers=list(headers), content=body)
@@ -144,6 +152,14 @@ class HttpxUpstream:
         if not response.is_success:
             raise UpstreamUnavailable(f"GET {target} answered HTTP {response.status_code}")
         return response.content
+
+    def connections(self) -> tuple[int, int] | None:
+        # httpx has no public pool statistics; httpcore's pool lists its connections.
+        pool = getattr(self._transport, "_pool", None)
+        conns = getattr(pool, "connections", None)
+        if not isinstance(conns, list):
+            return None
+        return len(conns), sum(1 for c in conns if c.is_idle())
 
     async def aclose(self) -> None:
         await self._client.aclose()

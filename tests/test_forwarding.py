@@ -522,3 +522,32 @@ def test_upstream_error_is_relayed_as_it_is(http: httpx.Client, demo_state: Demo
     assert response.content == expected.content
     assert orjson.loads(response.content)["error"]["code"] == "invalid_value"
     assert forwarded(demo_state) == [f"POST {SPEECH}", f"POST {SPEECH}"]
+
+
+def test_cookies_from_one_answer_never_reach_the_upstream_on_another_request(start_gateway: StartGateway) -> None:
+    """One upstream client serves every caller: a Set-Cookie meant for client A must not be sent
+    upstream with client B's request."""
+    catalog = orjson.dumps(default_catalog())
+    cookies_seen: list[bytes | None] = []
+
+    async def cookie_setting(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = dict(scope["headers"])
+        if scope["path"] == "/api/models":
+            body, extra = catalog, []
+        else:
+            cookies_seen.append(headers.get(b"cookie"))
+            body, extra = b'{"data": []}', [(b"set-cookie", b"session=client-a-secret; Path=/")]
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), *extra]}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    with serve_in_thread(cookie_setting) as inline:
+        gateway = start_gateway(upstream_url=inline.url)
+        first = httpx.get(gateway.url + "/v1/videos/generations/job-a", timeout=10)
+        second = httpx.get(gateway.url + "/v1/videos/generations/job-b", timeout=10)
+    assert first.headers["set-cookie"] == "session=client-a-secret; Path=/"  # relayed to its own client
+    assert second.status_code == 200
+    assert cookies_seen == [None, None]

@@ -1,0 +1,63 @@
+"""GET /metrics: Prometheus text with bounded labels; the overhead header."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.localserver import LocalServer
+from tests.conftest import CHAT_MODEL
+
+CHAT = "/v1/chat/completions"
+
+
+def samples(gateway: LocalServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_count_requests_refusals_usage_and_catalog(http: httpx.Client, gateway: LocalServer) -> None:
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    ok = http.post(CHAT, json=body)
+    assert ok.status_code == 200
+    assert float(ok.headers["x-gateway-overhead-ms"]) >= 0
+    assert http.post(CHAT, json={**body, "model": "no-such-model"}).status_code == 404
+    assert http.post(CHAT, json={**body, "model": "bge-m3"}).status_code == 400
+    found = samples(gateway)
+    assert (
+        value(found, "gateway_requests_total", endpoint=CHAT, model=CHAT_MODEL, status="200", outcome="completed") == 1
+    )
+    # An unknown name never becomes a label value: it is grouped as "unknown".
+    unknown = value(found, "gateway_requests_total", endpoint=CHAT, model="unknown", status="404", outcome="refused")
+    assert unknown == 1
+    assert not any("no-such-model" in str(key) for key in found)
+    assert value(found, "gateway_refusals_total", endpoint=CHAT, code="model_endpoint_mismatch") == 1
+    assert value(found, "gateway_usage_tokens_total", model=CHAT_MODEL, key="", kind="completion") > 0
+    assert value(found, "gateway_usage_cost_usd_total", model=CHAT_MODEL, key="") > 0
+    assert value(found, "gateway_request_duration_seconds_count", endpoint=CHAT) == 3
+    assert value(found, "gateway_overhead_seconds_count", endpoint=CHAT) == 1
+    assert value(found, "gateway_upstream_duration_seconds_count", endpoint=CHAT) == 1
+    assert value(found, "gateway_catalog_loaded") == 1
+    assert value(found, "gateway_catalog_models", state="total") == 13
+    assert value(found, "gateway_catalog_models", state="routable") == 11
+    assert value(found, "gateway_catalog_refreshes_total") >= 1
+    assert value(found, "gateway_in_flight_requests") == 0
+    assert value(found, "gateway_upstream_connections", state="idle") >= 1
+
+
+def test_stream_metrics(http: httpx.Client, gateway: LocalServer) -> None:
+    body = {"model": CHAT_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with http.stream("POST", CHAT, json=body) as response:
+        assert response.status_code == 200
+        assert len(list(response.iter_lines())) > 3
+    found = samples(gateway)
+    assert value(found, "gateway_time_to_first_byte_seconds_count", endpoint=CHAT) == 1
+    assert value(found, "gateway_open_streams") == 0
