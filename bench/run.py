@@ -1,0 +1,873 @@
+"""The gateway's benchmark: direct vs the gateway vs the LiteLLM proxy, in one run, on 127.0.0.1.
+
+    python bench/run.py                  # everything (make bench)
+    python bench/run.py --no-litellm     # without the LiteLLM row
+    python bench/run.py --transport-experiment   # gateway on httpx's transport vs httpx-aiohttp's
+    python bench/run.py --render bench/results/bench-....json   # re-print a saved run's tables
+
+Starts nginx (canned catalog, chat JSON, embeddings, SSE), a paced SSE stand-in, then each proxy in
+front of them, drives them with wrk and bench/streams.py, stops everything and prints markdown
+tables. Results go to bench/results/ as JSON, markdown and a PNG. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as b
+import payloads
+
+PROXIES = ("gateway", "litellm", "runner-httpx", "runner-aiohttp")
+LABELS = {
+    "direct": "direct (no proxy)",
+    "gateway": "gateway",
+    "litellm": "LiteLLM proxy",
+    "runner-httpx": "gateway, httpx transport",
+    "runner-aiohttp": "gateway, httpx-aiohttp transport",
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    phase: str  # which upstream: "json" (nginx), "sse" (nginx, canned SSE), "paced" (paced stand-in)
+    kind: str  # "wrk" or "streams"
+    path: str
+    body: bytes
+    connections: int
+    title: str
+
+
+SCENARIOS = (
+    Scenario(
+        "latency_1",
+        "json",
+        "wrk",
+        "/v1/chat/completions",
+        payloads.chat_request(False),
+        1,
+        "One client: chat completion (non-streamed)",
+    ),
+    Scenario(
+        "chat_64",
+        "json",
+        "wrk",
+        "/v1/chat/completions",
+        payloads.chat_request(False),
+        64,
+        "64 concurrent clients: chat completion (non-streamed)",
+    ),
+    Scenario(
+        "embed_64",
+        "json",
+        "wrk",
+        "/v1/embeddings",
+        payloads.embeddings_request(),
+        64,
+        "64 concurrent clients: embeddings (1024 floats, ~10 KB answer)",
+    ),
+    Scenario(
+        "sse_16",
+        "sse",
+        "wrk",
+        "/v1/chat/completions",
+        payloads.chat_request(True),
+        16,
+        "16 concurrent SSE streams, canned (nginx sends 20 events + [DONE] at once)",
+    ),
+    Scenario(
+        "sse_256",
+        "sse",
+        "wrk",
+        "/v1/chat/completions",
+        payloads.chat_request(True),
+        256,
+        "256 concurrent SSE streams, canned",
+    ),
+    Scenario(
+        "paced_16",
+        "paced",
+        "streams",
+        "/v1/chat/completions",
+        payloads.chat_request(True),
+        16,
+        "16 concurrent SSE streams, paced",
+    ),
+    Scenario(
+        "paced_256",
+        "paced",
+        "streams",
+        "/v1/chat/completions",
+        payloads.chat_request(True),
+        256,
+        "256 concurrent SSE streams, paced",
+    ),
+)
+BY_NAME = {s.name: s for s in SCENARIOS}
+PHASES = ("json", "sse", "paced")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.stack = stack
+        self.cpus = b.Cpus.plan(not args.no_pin)
+        self.scenarios = [BY_NAME[n] for n in args.scenarios]
+        self.scripts = {s.name: b.wrk_script(workdir, s.name, s.body) for s in self.scenarios if s.kind == "wrk"}
+        self.upstreams: dict[str, tuple[b.Proc, int]] = {}
+
+    def start_upstreams(self) -> None:
+        phases = {s.phase for s in self.scenarios}
+        if phases & {"json", "sse"}:
+            nginx, json_port, sse_port = b.start_nginx(self.workdir, self.cpus)
+            self.stack.callback(nginx.stop)
+            self.upstreams["json"] = (nginx, json_port)
+            self.upstreams["sse"] = (nginx, sse_port)
+        if "paced" in phases:
+            paced, port = b.start_paced(self.workdir, self.cpus, self.args.stream_events, self.args.stream_gap_ms)
+            self.stack.callback(paced.stop)
+            self.upstreams["paced"] = (paced, port)
+
+    def measure_row(self, row: str, rep: int) -> dict[str, Any]:
+        result: dict[str, Any] = {"row": row, "rep": rep, "starts": [], "scenarios": {}}
+        for phase in PHASES:
+            scenarios = [s for s in self.scenarios if s.phase == phase]
+            if not scenarios:
+                continue
+            upstream_proc, upstream_port = self.upstreams[phase]
+            base = f"http://{b.HOST}:{upstream_port}"
+            if row == "direct":
+                self._run_phase(row, None, base, scenarios, upstream_proc, result)
+                continue
+            timeout = 180.0 if row == "litellm" else 30.0
+            started = b.start_proxy(row, self.workdir, base, self.cpus, phase, timeout)
+            try:
+                result["starts"].append(
+                    {
+                        "phase": phase,
+                        "startup_s": started.startup_s,
+                        "rest_rss_kb": started.rest_rss_kb,
+                        "extensions": started.extensions,
+                    }
+                )
+                b.log(
+                    f"{row} ({phase}): first 200 after {started.startup_s * 1000:.0f} ms, "
+                    f"RSS {started.rest_rss_kb / 1024:.1f} MB, {started.extensions}"
+                )
+                self._run_phase(row, started, f"http://{b.HOST}:{started.port}", scenarios, upstream_proc, result)
+                pids = b.tree(started.proc.pid)
+                result["starts"][-1]["hwm_kb"] = sum(b.status_kb(p, "VmHWM") or 0 for p in pids)
+            finally:
+                started.proc.stop()
+        return result
+
+    def _run_phase(
+        self,
+        row: str,
+        started: b.Started | None,
+        base: str,
+        scenarios: list[Scenario],
+        upstream: b.Proc,
+        result: dict[str, Any],
+    ) -> None:
+        sampler = b.Sampler(started.proc.pid) if started else None
+        try:
+            for scenario in scenarios:
+                if started and not started.proc.alive():
+                    raise RuntimeError(f"{row} died:\n{started.proc.tail()}")
+                self._warm_up(scenario, base)
+                pids = sampler.pids() if sampler else []
+                settle = b.wait_idle(pids) if pids else 0.0
+                if sampler:
+                    sampler.take_peak()
+                rss_before = b.rss_kb(pids) if pids else 0
+                upstream_pids = b.tree(upstream.pid)  # nginx: the master and its worker
+                cpu0, up0, t0 = b.cpu_seconds(pids), b.cpu_seconds(upstream_pids), time.perf_counter()
+                data = self._drive(scenario, base)
+                wall = time.perf_counter() - t0
+                data["proxy_cpu_s"] = b.cpu_seconds(pids) - cpu0 if pids else None
+                data["upstream_cpu_pct"] = 100 * (b.cpu_seconds(upstream_pids) - up0) / wall
+                data["wall_s"] = wall
+                data["settle_s"] = round(settle, 2)
+                if sampler:
+                    data["rss_before_kb"] = rss_before
+                    data["rss_peak_kb"] = sampler.take_peak()
+                result["scenarios"][scenario.name] = data
+                b.log(f"{row:>15} {scenario.name:<10} {_brief(scenario, data)}")
+        finally:
+            if sampler:
+                sampler.stop()
+
+    def _warm_up(self, scenario: Scenario, base: str) -> None:
+        if self.args.warmup <= 0:
+            return
+        if scenario.kind == "wrk":
+            b.run_wrk(
+                base + scenario.path, self.scripts[scenario.name], scenario.connections, self.args.warmup, self.cpus
+            )
+        else:
+            b.run_streams(base + scenario.path, scenario.body, 4, 0.05, 0.0, self.cpus)
+
+    def _drive(self, scenario: Scenario, base: str) -> dict[str, Any]:
+        if scenario.kind == "wrk":
+            return b.run_wrk(
+                base + scenario.path, self.scripts[scenario.name], scenario.connections, self.args.duration, self.cpus
+            )
+        stream_s = self.args.stream_events * self.args.stream_gap_ms / 1000
+        return b.run_streams(
+            base + scenario.path, scenario.body, scenario.connections, self.args.stream_seconds, stream_s, self.cpus
+        )
+
+
+def _brief(scenario: Scenario, data: dict[str, Any]) -> str:
+    if scenario.kind == "wrk":
+        return (
+            f"{data['rps']:9.1f} req/s  p50 {data['p50_us'] / 1000:8.3f} ms  p99 {data['p99_us'] / 1000:8.3f} ms"
+            f"  errors {data['errors']}"
+        )
+    return (
+        f"{data['completed']:5d} streams  TTFB p50 {_f(data['ttfb_ms']['p50'])} ms p99 {_f(data['ttfb_ms']['p99'])} ms"
+        f"  stream p50 {_f(data['total_ms']['p50'])} ms  stalls {data['stalls']}"
+        f"  errors {data['errors'] + data['bad_status'] + data['bad_body']} unfinished {data['unfinished']}"
+    )
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def litellm_available(args: argparse.Namespace) -> str | None:
+    """The installed LiteLLM version, or None (with the reason logged) when the row is skipped."""
+    if args.no_litellm:
+        b.log("LiteLLM row skipped (--no-litellm)")
+        return None
+    python = b.ensure_venv(b.LITELLM_VENV, [args.litellm_spec], "the LiteLLM proxy")
+    if python is None:
+        b.log("LiteLLM row skipped: it could not be installed from the package registry")
+        return None
+    done = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0 or not (b.LITELLM_VENV / "bin" / "litellm").exists():
+        b.log("LiteLLM row skipped: installed but not runnable")
+        return None
+    return done.stdout.strip()
+
+
+def ensure_aiohttp_transport() -> bool:
+    python = b.PROJECT_BIN / "python"
+    probe = [str(python), "-c", "import httpx_aiohttp"]
+    if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+        return True
+    b.log("installing httpx-aiohttp into the project venv for the transport experiment (not a dependency)")
+    install = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "httpx-aiohttp"]
+    subprocess.run(install, capture_output=True, check=False)
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+
+    def version(argv: list[str]) -> str:
+        with contextlib.suppress(OSError):
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            return (done.stdout + done.stderr).strip().splitlines()[0]
+        return "?"
+
+    git = subprocess.run(["git", "-C", str(b.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(b.ROOT), "status", "--porcelain", "gateway"], capture_output=True, text=True
+    )
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": version([b._which("nginx") or "nginx", "-v"]),
+        "wrk": version([b._which("wrk") or "wrk", "--version"]),
+        "gateway_commit": git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""),
+        "loadavg_start": os.getloadavg(),
+        "cpu_pressure_start": b.cpu_pressure(),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    b.ensure_system_tools()
+    meta = machine()
+    rows = ["direct"]
+    if args.transport_experiment:
+        if not ensure_aiohttp_transport():
+            raise SystemExit("bench: httpx-aiohttp could not be installed; no transport experiment")
+        rows += ["runner-httpx", "runner-aiohttp"]
+    else:
+        rows.append("gateway")
+        version = litellm_available(args)
+        if version:
+            rows.append("litellm")
+            meta["litellm"] = version
+    meta.update(
+        {
+            "pinning": b.Cpus.plan(not args.no_pin).describe(),
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "stream_events": args.stream_events,
+            "stream_gap_ms": args.stream_gap_ms,
+            "stream_seconds": args.stream_seconds,
+            "repeat": args.repeat,
+            "scenarios": args.scenarios,
+            "kind": "transport-experiment" if args.transport_experiment else "benchmark",
+        }
+    )
+    b.log(f"{meta['nproc']} CPUs ({meta['cpu_model']}), {meta['pinning']}; rows: {', '.join(rows)}")
+    results: dict[str, Any] = {"meta": meta, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        bench = Bench(args, workdir, stack)
+        try:
+            bench.start_upstreams()
+            for rep in range(args.repeat):
+                for row in rows:
+                    if row == "direct" and rep > 0 and not args.transport_experiment:
+                        continue
+                    try:
+                        results["runs"].append(bench.measure_row(row, rep))
+                    except RuntimeError as exc:
+                        b.log(f"{row} failed: {exc}")
+                        results["runs"].append({"row": row, "rep": rep, "error": str(exc)[:2000]})
+        finally:
+            if args.keep_logs:
+                keep = b.RESULTS / "logs"
+                keep.mkdir(parents=True, exist_ok=True)
+                for log_file in workdir.glob("*.log"):
+                    (keep / log_file.name).write_bytes(log_file.read_bytes())
+    meta["loadavg_end"] = os.getloadavg()
+    meta["cpu_pressure_end"] = b.cpu_pressure()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+class View:
+    """Medians over repetitions of one row's numbers."""
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        self.meta = results["meta"]
+        self.runs: dict[str, list[dict[str, Any]]] = {}
+        for entry in results["runs"]:
+            self.runs.setdefault(entry["row"], []).append(entry)
+        self.rows = [r for r in LABELS if r in self.runs]
+
+    def ok_runs(self, row: str) -> list[dict[str, Any]]:
+        return [r for r in self.runs.get(row, []) if "error" not in r]
+
+    def metric(self, row: str, scenario: str, get: Callable[[dict[str, Any]], float | None]) -> float | None:
+        values = []
+        for run_ in self.ok_runs(row):
+            data = run_["scenarios"].get(scenario)
+            if data is not None and (value := get(data)) is not None:
+                values.append(value)
+        return statistics.median(values) if values else None
+
+    def starts(self, row: str, key: str) -> list[float]:
+        return [s[key] for r in self.ok_runs(row) for s in r["starts"] if s.get(key) is not None]
+
+    def has(self, scenario: str) -> bool:
+        return any(scenario in r["scenarios"] for row in self.rows for r in self.ok_runs(row))
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None or reference == 0:
+        return "-"
+    ratio = value / reference
+    return f"{ratio:.3g}x" if ratio < 100 else f"{ratio:.0f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _ms(us: float | None) -> float | None:
+    return None if us is None else us / 1000
+
+
+def _cpu_per(data: dict[str, Any], count_key: str, scale: float) -> float | None:
+    cpu, count = data.get("proxy_cpu_s"), data.get(count_key)
+    if cpu is None or not count:
+        return None
+    return float(cpu) / float(count) * scale
+
+
+def render(results: dict[str, Any]) -> str:
+    v = View(results)
+    m = v.meta
+    out = [
+        f"## Benchmark run {m['date']}",
+        "",
+        f"{m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, Python {m['python']}; {m['nginx']}; "
+        f"{m['wrk']}; gateway {m['gateway_commit']}"
+        + (f"; LiteLLM {m['litellm']}" if m.get("litellm") else "; LiteLLM: not measured")
+        + f". {m['pinning']}. Load average {m['loadavg_start'][0]:.2f} at the start, "
+        f"{m.get('loadavg_end', [0])[0]:.2f} at the end; CPU pressure (PSI) at the end: "
+        f"`{m.get('cpu_pressure_end', 'n/a')}`. wrk runs {m['duration_s']:g} s after a "
+        f"{m['warmup_s']:g} s warm-up; paced streams: {m['stream_events']} events {m['stream_gap_ms']:g} ms apart, "
+        f"{m['stream_seconds']:g} s of stream starts; medians of {m['repeat']} repetition(s).",
+        "",
+    ]
+    failed = [r for rows in v.runs.values() for r in rows if "error" in r]
+    for r in failed:
+        out += [f"**{LABELS[r['row']]} failed:** `{r['error'].splitlines()[0][:300]}`", ""]
+    ref_lite = "litellm" if v.ok_runs("litellm") else None
+
+    def lite(scenario: str, get: Callable[[dict[str, Any]], float | None]) -> float | None:
+        return v.metric(ref_lite, scenario, get) if ref_lite else None
+
+    if m.get("kind") != "transport-experiment":
+        out += _targets(v, lite)
+    # Start-up and memory
+    rows = []
+    for row in v.rows:
+        if row == "direct":
+            continue
+        startups = v.starts(row, "startup_s")
+        rest = v.starts(row, "rest_rss_kb")
+        hwm = v.starts(row, "hwm_kb")
+        per_stream = _per_stream_kb(v, row)
+        ext: dict[str, bool] = next((s["extensions"] for r in v.ok_runs(row) for s in r["starts"]), {})
+        rows.append(
+            [
+                LABELS[row],
+                f"{statistics.median(startups) * 1000:.0f} ms (max {max(startups) * 1000:.0f}, n={len(startups)})"
+                if startups
+                else "-",
+                f"{rest[0] / 1024:.1f} MB" if rest else "-",
+                f"{max(hwm) / 1024:.1f} MB" if hwm else "-",
+                _f(per_stream, 1) + " KB" if per_stream is not None else "-",
+                f"uvloop {'yes' if ext.get('uvloop') else 'no'}, httptools {'yes' if ext.get('httptools') else 'no'}",
+            ]
+        )
+    if rows:
+        out += [
+            "### Start-up and memory",
+            "",
+            _table(
+                [
+                    "row",
+                    "start-up to first 200",
+                    "RSS at rest",
+                    "peak RSS (VmHWM)",
+                    "RSS per open stream (256 paced)",
+                    "uvicorn auto picked",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    # One client
+    if v.has("latency_1"):
+        d50 = v.metric("direct", "latency_1", lambda d: _ms(d["p50_us"]))
+        d99 = v.metric("direct", "latency_1", lambda d: _ms(d["p99_us"]))
+        l50 = lite("latency_1", lambda d: _ms(d["p50_us"]))
+        rows = []
+        for row in v.rows:
+            p50 = v.metric(row, "latency_1", lambda d: _ms(d["p50_us"]))
+            p99 = v.metric(row, "latency_1", lambda d: _ms(d["p99_us"]))
+            rps = v.metric(row, "latency_1", lambda d: d["rps"])
+            added50 = None if p50 is None or d50 is None else p50 - d50
+            added99 = None if p99 is None or d99 is None else p99 - d99
+            lite_added = None if l50 is None or d50 is None else l50 - d50
+            rows.append(
+                [
+                    LABELS[row],
+                    _f(p50, 3),
+                    _f(p99, 3),
+                    _f(added50, 3) if row != "direct" else "-",
+                    _f(added99, 3) if row != "direct" else "-",
+                    _f(rps, 0),
+                    _ratio(added50, lite_added) if row not in ("direct", "litellm") else "-",
+                ]
+            )
+        out += [
+            f"### {BY_NAME['latency_1'].title}",
+            "",
+            _table(["row", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "req/s", "added p50 x LiteLLM's"], rows),
+            "",
+        ]
+    # Throughput scenarios
+    for name in ("chat_64", "embed_64", "sse_16", "sse_256"):
+        if not v.has(name):
+            continue
+        unit = "streams/s" if name.startswith("sse") else "req/s"
+        direct = v.metric("direct", name, lambda d: d["rps"])
+        lite_rps = lite(name, lambda d: d["rps"])
+        rows = []
+        for row in v.rows:
+            rps = v.metric(row, name, lambda d: d["rps"])
+            none_done = f"> {m['duration_s']:g} s (none done)"
+            rows.append(
+                [
+                    LABELS[row],
+                    _f(rps, 1),
+                    _f(v.metric(row, name, _completed(_percentile_ms("p50"))), 2) if rps else none_done,
+                    _f(v.metric(row, name, _completed(_percentile_ms("p99"))), 2) if rps else none_done,
+                    _f(v.metric(row, name, lambda d: d["errors"]), 0),
+                    _f(v.metric(row, name, lambda d: _cpu_per(d, "requests", 1000)), 3),
+                    _f(v.metric(row, name, lambda d: d["upstream_cpu_pct"]), 0) + " %",
+                    _ratio(rps, direct) if row != "direct" else "1x",
+                    _ratio(rps, lite_rps) if row != "litellm" else "1x",
+                ]
+            )
+        out += [
+            f"### {BY_NAME[name].title}",
+            "",
+            _table(
+                [
+                    "row",
+                    unit,
+                    "p50 ms",
+                    "p99 ms",
+                    "errors",
+                    "proxy CPU ms/req",
+                    "upstream CPU",
+                    f"{unit} x direct",
+                    f"{unit} x LiteLLM",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    # Paced streams
+    for name in ("paced_16", "paced_256"):
+        if not v.has(name):
+            continue
+        d_ttfb = v.metric("direct", name, lambda d: d["ttfb_ms"]["p50"])
+        d_total = v.metric("direct", name, lambda d: d["total_ms"]["p50"])
+        lite_cpu = lite(name, lambda d: _cpu_per(d, "events", 1e6))
+        rows = []
+        for row in v.rows:
+            ttfb = v.metric(row, name, lambda d: d["ttfb_ms"]["p50"])
+            total = v.metric(row, name, lambda d: d["total_ms"]["p50"])
+            events = v.metric(row, name, lambda d: d["events_per_stream"])
+            cpu_chunk = v.metric(row, name, lambda d: _cpu_per(d, "events", 1e6))
+            added_chunk = (
+                (total - d_total) / events * 1000 if total is not None and d_total is not None and events else None
+            )
+            bad = v.metric(row, name, lambda d: d["errors"] + d["bad_status"] + d["bad_body"] + d["unfinished"])
+            rows.append(
+                [
+                    LABELS[row],
+                    _f(v.metric(row, name, lambda d: d["completed"]), 0),
+                    _f(v.metric(row, name, lambda d: d["streams_per_s"]), 1),
+                    _f(ttfb, 2),
+                    _f(v.metric(row, name, lambda d: d["ttfb_ms"]["p99"]), 2),
+                    _f(None if ttfb is None or d_ttfb is None else ttfb - d_ttfb, 2) if row != "direct" else "-",
+                    _f(total, 1),
+                    _f(added_chunk, 1) if row != "direct" else "-",
+                    _f(v.metric(row, name, lambda d: d["max_gap_ms"]["max"]), 1),
+                    _f(v.metric(row, name, lambda d: d["stalls"]), 0),
+                    _f(bad, 0),
+                    _f(cpu_chunk, 1),
+                    _ratio(cpu_chunk, lite_cpu) if row not in ("direct", "litellm") else "-",
+                ]
+            )
+        out += [
+            f"### {BY_NAME[name].title}",
+            "",
+            _table(
+                [
+                    "row",
+                    "streams done",
+                    "streams/s",
+                    "TTFB p50 ms",
+                    "TTFB p99 ms",
+                    "added TTFB p50 ms",
+                    "stream p50 ms",
+                    "added us/chunk",
+                    "worst gap ms",
+                    "stalls",
+                    "errors+unfinished",
+                    "proxy CPU us/chunk",
+                    "CPU/chunk x LiteLLM",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    return "\n".join(out)
+
+
+def summary(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Flat per-row numbers (medians over repetitions) for the plot and for quick comparisons."""
+    v = View(results)
+    out: dict[str, dict[str, float | None]] = {}
+    d50 = v.metric("direct", "latency_1", _percentile_ms("p50"))
+    d99 = v.metric("direct", "latency_1", _percentile_ms("p99"))
+    for row in v.rows:
+        numbers: dict[str, float | None] = {}
+        for name in ("chat_64", "embed_64", "sse_16", "sse_256"):
+            numbers[f"{name}_rps"] = v.metric(row, name, lambda d: d["rps"])
+            numbers[f"{name}_cpu_ms_per_req"] = v.metric(row, name, lambda d: _cpu_per(d, "requests", 1000))
+        p50 = v.metric(row, "latency_1", _percentile_ms("p50"))
+        p99 = v.metric(row, "latency_1", _percentile_ms("p99"))
+        numbers["latency_1_p50_ms"], numbers["latency_1_p99_ms"] = p50, p99
+        numbers["added_p50_ms"] = None if p50 is None or d50 is None else p50 - d50
+        numbers["added_p99_ms"] = None if p99 is None or d99 is None else p99 - d99
+        for name in ("paced_16", "paced_256"):
+            numbers[f"{name}_ttfb_p50_ms"] = v.metric(row, name, lambda d: d["ttfb_ms"]["p50"])
+            numbers[f"{name}_ttfb_p99_ms"] = v.metric(row, name, lambda d: d["ttfb_ms"]["p99"])
+            numbers[f"{name}_streams_per_s"] = v.metric(row, name, lambda d: d["streams_per_s"])
+            numbers[f"{name}_cpu_us_per_chunk"] = v.metric(row, name, lambda d: _cpu_per(d, "events", 1e6))
+        startups = v.starts(row, "startup_s")
+        rest = v.starts(row, "rest_rss_kb")
+        hwm = v.starts(row, "hwm_kb")
+        numbers["startup_ms"] = statistics.median(startups) * 1000 if startups else None
+        numbers["rest_rss_mb"] = rest[0] / 1024 if rest else None
+        numbers["peak_rss_mb"] = max(hwm) / 1024 if hwm else None
+        numbers["rss_per_stream_kb"] = _per_stream_kb(v, row)
+        out[row] = numbers
+    return out
+
+
+def _percentile_ms(q: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda d: _ms(d[f"{q}_us"])
+
+
+def _completed(get: Callable[[dict[str, Any]], float | None]) -> Callable[[dict[str, Any]], float | None]:
+    """wrk reports latency 0 when no request completed: that is no measurement."""
+    return lambda d: get(d) if d.get("requests") else None
+
+
+def _at_most(goal: float) -> Callable[[float], bool]:
+    return lambda x: x <= goal
+
+
+def _per_stream_kb(v: View, row: str) -> float | None:
+    def get(d: dict[str, Any]) -> float | None:
+        if "rss_peak_kb" not in d:
+            return None
+        return float(d["rss_peak_kb"] - d["rss_before_kb"]) / BY_NAME["paced_256"].connections
+
+    return v.metric(row, "paced_256", get)
+
+
+def _targets(v: View, lite: Callable[[str, Callable[[dict[str, Any]], float | None]], float | None]) -> list[str]:
+    """The issue's targets for one gateway worker, checked against this run."""
+    row = "gateway"
+    if not v.ok_runs(row):
+        return []
+    checks: list[tuple[str, str, str, bool | None]] = []
+
+    def check(name: str, value: float | None, goal: str, ok: Callable[[float], bool], fmt: str) -> None:
+        checks.append((name, "-" if value is None else fmt.format(value), goal, None if value is None else ok(value)))
+
+    rps = v.metric(row, "chat_64", lambda d: d["rps"])
+    lite_rps = lite("chat_64", lambda d: d["rps"])
+    direct_rps = v.metric("direct", "chat_64", lambda d: d["rps"])
+    check(
+        "req/s at 64 clients vs LiteLLM",
+        None if rps is None or not lite_rps else rps / lite_rps,
+        ">= 40x",
+        lambda x: x >= 40,
+        "{:.1f}x",
+    )
+    check(
+        "req/s at 64 clients vs direct",
+        None if rps is None or not direct_rps else rps / direct_rps,
+        ">= 0.15x",
+        lambda x: x >= 0.15,
+        "{:.3f}x",
+    )
+    for q, goal in (("p50", 0.5), ("p99", 2.0)):
+        g = v.metric(row, "latency_1", _percentile_ms(q))
+        dq = v.metric("direct", "latency_1", _percentile_ms(q))
+        check(
+            f"added latency, one client, {q}",
+            None if g is None or dq is None else g - dq,
+            f"<= {goal} ms",
+            _at_most(goal),
+            "{:.3f} ms",
+        )
+    for name in ("paced_16", "paced_256"):
+        g = v.metric(row, name, lambda d: d["ttfb_ms"]["p50"])
+        dq = v.metric("direct", name, lambda d: d["ttfb_ms"]["p50"])
+        check(
+            f"added TTFB p50, {BY_NAME[name].connections} streams",
+            None if g is None or dq is None else g - dq,
+            "<= 1 ms",
+            lambda x: x <= 1.0,
+            "{:.2f} ms",
+        )
+    bad = v.metric(
+        row, "paced_256", lambda d: d["stalls"] + d["errors"] + d["bad_status"] + d["bad_body"] + d["unfinished"]
+    )
+    check("256 paced streams: stalls + errors + unfinished", bad, "0", lambda x: x == 0, "{:.0f}")
+    g_total = v.metric(row, "paced_256", lambda d: d["total_ms"]["p50"])
+    d_total = v.metric("direct", "paced_256", lambda d: d["total_ms"]["p50"])
+    check(
+        "256 paced streams: stream time p50 vs direct",
+        None if g_total is None or not d_total else g_total / d_total,
+        "keeps pace (<= 1.05x)",
+        lambda x: x <= 1.05,
+        "{:.2f}x",
+    )
+    cpu_chunk = v.metric(row, "paced_256", lambda d: _cpu_per(d, "events", 1e6))
+    check("per-chunk relay cost (CPU, 256 streams)", cpu_chunk, "reported", lambda x: True, "{:.1f} us")
+    rest = v.starts(row, "rest_rss_kb")
+    check("RSS at rest", rest[0] / 1024 if rest else None, "<= 80 MB", lambda x: x <= 80, "{:.1f} MB")
+    check("RSS per open stream", _per_stream_kb(v, row), "<= 64 KB", lambda x: x <= 64, "{:.1f} KB")
+    startups = v.starts(row, "startup_s")
+    check(
+        "start-up to first 200 (median)",
+        statistics.median(startups) if startups else None,
+        "<= 1 s",
+        lambda x: x <= 1.0,
+        "{:.3f} s",
+    )
+    rows = [[name, value, goal, "-" if ok is None else ("yes" if ok else "**no**")] for name, value, goal, ok in checks]
+    return [
+        "### The gateway against the targets (one worker)",
+        "",
+        _table(["target", "measured", "goal", "met"], rows),
+        "",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def plot(json_path: Path, png_path: Path) -> bool:
+    python = b.ensure_venv(b.TOOLS_VENV, list(b.TOOLS_SPEC), "matplotlib and py-spy")
+    if python is None:
+        b.log("no plot: matplotlib could not be installed")
+        return False
+    done = subprocess.run(
+        [str(python), str(b.BENCH / "plot.py"), str(json_path), str(png_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        b.log(f"plot failed: {done.stderr[-800:]}")
+        return False
+    return True
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through the finally blocks that stop every process
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark: direct vs the gateway vs the LiteLLM proxy.")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of wrk warm-up before each run")
+    parser.add_argument("--stream-events", type=int, default=40, help="events per paced stream (default 40)")
+    parser.add_argument("--stream-gap-ms", type=float, default=25.0, help="gap between paced events (default 25)")
+    parser.add_argument("--stream-seconds", type=float, default=4.0, help="seconds of paced stream starts")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="repetitions of each row, medians reported (default 1; 3 for the experiment)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(s.name for s in SCENARIOS),
+        help="comma-separated subset of: " + ", ".join(s.name for s in SCENARIOS),
+    )
+    parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM row")
+    parser.add_argument("--litellm-spec", default=b.LITELLM_SPEC, help=f"pip spec (default {b.LITELLM_SPEC})")
+    parser.add_argument(
+        "--transport-experiment",
+        action="store_true",
+        help="rows: the gateway with httpx's transport vs httpx-aiohttp's (bench/transport_runner.py)",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the load to separate CPUs")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--keep-logs", action="store_true", help="copy the processes' logs to bench/results/logs")
+    parser.add_argument("--render", metavar="JSON", help="only print the tables of a saved run")
+    args = parser.parse_args(argv)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(args.scenarios) - set(BY_NAME)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if args.transport_experiment and args.scenarios == [s.name for s in SCENARIOS]:
+        args.scenarios = ["latency_1", "chat_64", "sse_16", "paced_256"]
+    if args.repeat is None:
+        args.repeat = 3 if args.transport_experiment else 1
+    for name in ("duration", "stream_seconds"):
+        if not 0 < getattr(args, name) <= 600:
+            parser.error(f"--{name.replace('_', '-')} must be in (0, 600]")
+    if not 1 <= args.repeat <= 20 or not 1 <= args.stream_events <= 10_000:
+        parser.error("--repeat must be 1..20 and --stream-events 1..10000")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.perf_counter()
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        b.log("interrupted: every process the benchmark started has been stopped; no results written")
+        return 130
+    results["meta"]["total_s"] = round(time.perf_counter() - started, 1)
+    b.RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = ("transport-" if args.transport_experiment else "bench-") + time.strftime("%Y%m%d-%H%M%S")
+    json_path = b.RESULTS / f"{stem}.json"
+    results["summary"] = summary(results)
+    results["labels"] = {row: LABELS[row] for row in results["summary"]}
+    json_path.write_text(json.dumps(results, indent=1))
+    text = render(results)
+    (b.RESULTS / f"{stem}.md").write_text(text + "\n")
+    print(text)
+    b.log(f"results: {json_path.relative_to(b.ROOT)} and .md ({results['meta']['total_s']} s in all)")
+    if not args.no_plot:
+        png = json_path.with_suffix(".png")
+        if plot(json_path, png):
+            b.log(f"plot: {png.relative_to(b.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Run the gateway under uvicorn with a chosen httpx transport (the transport experiment).
+
+    python bench/transport_runner.py --config F --port P --transport httpx|aiohttp
+
+``httpx``: ``create_app(settings)``, the gateway's default (``httpx.AsyncHTTPTransport``); the same
+as ``gateway serve``, through the same code path as the other choice.
+``aiohttp``: ``create_app(settings, transport=AiohttpTransport(...))`` from ``httpx-aiohttp``,
+with the pool sized from ``[upstream]`` like the default transport. The gateway's files are not
+changed: the transport goes through the seam ``create_app`` already has. uvicorn runs with the
+arguments ``gateway serve`` uses (loop and http "auto": uvloop and httptools when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import load_settings
+
+
+def build_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
+    if kind == "httpx":
+        return None
+    from httpx_aiohttp import AiohttpTransport
+
+    return AiohttpTransport(limits=limits, trust_env=False, retries=0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--transport", choices=["httpx", "aiohttp"], default="httpx")
+    args = parser.parse_args()
+    settings = load_settings(Path(args.config), os.environ, {"port": args.port})
+    up = settings.upstream
+    limits = httpx.Limits(
+        max_connections=up.max_connections,
+        max_keepalive_connections=up.max_keepalive_connections,
+        keepalive_expiry=up.keepalive_expiry,
+    )
+    app = create_app(settings, transport=build_transport(args.transport, limits))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
+    )
+    factory = config.get_loop_factory()
+    loop = "asyncio" if factory is None else getattr(factory, "__module__", "?")
+    print(f"transport={args.transport} loop={loop} (uvicorn loop={config.loop} http={config.http})", flush=True)
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
