@@ -35,7 +35,8 @@ from gateway.reload import KeyReloader
 from gateway.request_id import RequestIdMiddleware
 from gateway.routing import is_routable
 from gateway.settings import Settings
-from gateway.upstream import HttpxUpstream
+from gateway.upstream import HttpxUpstream, Upstream
+from gateway.upstream_aiohttp import AiohttpUpstream
 
 logger = logging.getLogger("gateway")
 
@@ -50,8 +51,9 @@ def create_app(
 ) -> Starlette:
     """The gateway as an ASGI app.
 
-    ``transport`` replaces the network under the upstream client; ``config_path`` (with the ``env``
-    it was loaded with) is the file whose keys are reloaded on SIGHUP or change.
+    ``transport`` replaces the network under the upstream client (and selects the httpx client);
+    ``config_path`` (with the ``env`` it was loaded with) is the file whose keys are reloaded on
+    SIGHUP or change.
     """
     keys_mode = settings.auth_mode == "keys"
     started = False
@@ -86,7 +88,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal started
-        upstream = HttpxUpstream(settings.upstream, transport)
+        upstream: Upstream = (
+            HttpxUpstream(settings.upstream, transport)
+            if transport is not None or settings.upstream.client == "httpx"
+            else AiohttpUpstream(settings.upstream)
+        )
         runtime.upstream = upstream
         runtime.catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
         runtime.upstream_open = True

@@ -28,6 +28,7 @@ ENV_PREFIX = "GATEWAY_"
 
 AuthMode = Literal["passthrough", "open", "keys"]
 ValidationMode = Literal["enforce", "warn", "off"]
+UpstreamClient = Literal["aiohttp", "httpx"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -42,6 +43,8 @@ def _bounded(default: float | None, *, gt: float | None = None, ge: float | None
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     url: str = "https://tokens.flex.ai"
+    # The HTTP client behind the upstream seam: "aiohttp" (fastest, the default) or "httpx".
+    client: UpstreamClient = "aiohttp"
     api_key: str = field(default="", repr=False)
     connect_timeout: float = _bounded(10.0, gt=0)
     first_byte_timeout: float = _bounded(600.0, gt=0)

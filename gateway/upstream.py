@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import http.cookiejar
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -26,6 +27,8 @@ import httpx
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.settings import UpstreamSettings
+
+logger = logging.getLogger("gateway.upstream")
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -73,21 +76,10 @@ class _HttpxResponse:
         self._response = response
         self._idle_timeout = idle_timeout
         self.status = response.status_code
-        self.headers = _relative_locations(response.headers.raw, origin)
+        self.headers = relative_locations(response.headers.raw, origin)
 
-    async def iter_raw(self) -> AsyncIterator[bytes]:
-        chunks = self._response.aiter_raw()
-        while True:
-            try:
-                async with asyncio.timeout(self._idle_timeout):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise UpstreamStreamError(f"the upstream sent nothing for {self._idle_timeout:g}s") from None
-            except httpx.HTTPError as exc:
-                raise UpstreamStreamError(_describe(exc)) from exc
-            yield chunk
+    def iter_raw(self) -> AsyncIterator[bytes]:
+        return watched_chunks(self._response.aiter_raw(), self._idle_timeout, (httpx.HTTPError,))
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -135,20 +127,20 @@ class HttpxUpstream:
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing was sent: safe to retry, even a POST.
             error_class = UpstreamUnavailable if isinstance(exc, httpx.ConnectError) else UpstreamTimeout
-            raise error_class(f"The upstream could not be reached: {_describe(exc)}.", retryable=True) from None
+            raise error_class(f"The upstream could not be reached: {describe_error(exc)}.", retryable=True) from None
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"The upstream timed out: {_describe(exc)}.") from None
+            raise UpstreamTimeout(f"The upstream timed out: {describe_error(exc)}.") from None
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"The upstream could not be reached: {_describe(exc)}.") from None
+            raise UpstreamUnavailable(f"The upstream could not be reached: {describe_error(exc)}.") from None
         return _HttpxResponse(response, self._idle_timeout, self._origin)
 
     async def get_bytes(self, target: str) -> bytes:
         try:
             response = await self._client.get(self._base + target, headers={"accept": "application/json"})
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"GET {target} timed out: {_describe(exc)}") from None
+            raise UpstreamTimeout(f"GET {target} timed out: {describe_error(exc)}") from None
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"GET {target} failed: {_describe(exc)}") from None
+            raise UpstreamUnavailable(f"GET {target} failed: {describe_error(exc)}") from None
         if not response.is_success:
             raise UpstreamUnavailable(f"GET {target} answered HTTP {response.status_code}")
         return response.content
@@ -165,7 +157,74 @@ class HttpxUpstream:
         await self._client.aclose()
 
 
-def _relative_locations(headers: list[tuple[bytes, bytes]], origin: bytes) -> list[tuple[bytes, bytes]]:
+class _IdleWatchdog:
+    """Cancels the reading task when the upstream stays silent for ``idle`` seconds.
+
+    One timer per stream, moved lazily: chunks arriving only update a timestamp. Time spent sending
+    to a slow client does not count: only the waits for the upstream's next chunk do.
+    """
+
+    __slots__ = ("_handle", "_idle", "_loop", "_task", "fired", "waiting_since")
+
+    def __init__(self, idle: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._idle = idle
+        self.fired = False
+        self.waiting_since: float | None = None
+        self._handle = self._loop.call_later(idle, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.waiting_since
+        if since is not None and now - since >= self._idle:
+            self.fired = True
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_at((since if since is not None else now) + self._idle, self._check)
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
+async def watched_chunks(
+    chunks: AsyncIterator[bytes], idle_timeout: float, errors: tuple[type[BaseException], ...]
+) -> AsyncIterator[bytes]:
+    """``chunks`` with the idle timeout enforced and ``errors`` mapped to UpstreamStreamError."""
+    watchdog = _IdleWatchdog(idle_timeout)
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            watchdog.waiting_since = loop.time()
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if not watchdog.fired:
+                    raise
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                raise UpstreamStreamError(f"the upstream sent nothing for {idle_timeout:g}s") from None
+            except errors as exc:
+                raise UpstreamStreamError(describe_error(exc)) from exc
+            watchdog.waiting_since = None
+            yield chunk
+    finally:
+        watchdog.close()
+
+
+def describe_error(exc: BaseException) -> str:
+    """What a client may be told about a library error: its class only. Library messages name the
+    upstream's host and port, so the detail goes to the server log instead."""
+    logger.warning("upstream failure: %s: %s", type(exc).__name__, str(exc).split("\n", 1)[0])
+    return type(exc).__name__
+
+
+def relative_locations(headers: list[tuple[bytes, bytes]], origin: bytes) -> list[tuple[bytes, bytes]]:
     """A redirect to the upstream's own origin becomes a relative one, so the client stays on the
     gateway and never learns the upstream's address (nginx's proxy_redirect default)."""
     if not any(name.lower() == b"location" for name, _ in headers):
@@ -178,9 +237,3 @@ def _relative_locations(headers: list[tuple[bytes, bytes]], origin: bytes) -> li
                 value = rest if rest.startswith(b"/") else b"/" + rest
         out.append((name, value))
     return out
-
-
-def _describe(exc: httpx.HTTPError) -> str:
-    # The exception text can carry the URL; keep the class and the reason only.
-    reason = str(exc).split("\n", 1)[0]
-    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__

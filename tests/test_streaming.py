@@ -79,10 +79,12 @@ def control() -> StreamControl:
     return StreamControl()
 
 
-@pytest.fixture
-def held_gateway(control: StreamControl, start_gateway: StartGateway) -> Iterator[LocalServer]:
+@pytest.fixture(params=["aiohttp", "httpx"])
+def held_gateway(
+    control: StreamControl, start_gateway: StartGateway, request: pytest.FixtureRequest
+) -> Iterator[LocalServer]:
     with serve_in_thread(held_stream_upstream(control)) as upstream:
-        yield start_gateway(upstream_url=upstream.url)
+        yield start_gateway({"GATEWAY_UPSTREAM_CLIENT": request.param}, upstream_url=upstream.url)
 
 
 def _stream_request(client: httpx.Client) -> httpx.Request:
