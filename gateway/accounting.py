@@ -165,7 +165,7 @@ class Accounting:
                     ttfb_ms=ttfb_ms,
                 )
             )
-        if self._access_log:
+        if self._access_log and access_logger.isEnabledFor(logging.INFO):
             self._log(exchange, latency_ms, ttfb_ms)
         if self._on_finish is not None:
             self._on_finish(exchange)

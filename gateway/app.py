@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.accounting import Accounting
 from gateway.breaker import Breakers
@@ -48,7 +49,7 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     config_path: Path | None = None,
     env: Mapping[str, str] | None = None,
-) -> Starlette:
+) -> Front:
     """The gateway as an ASGI app.
 
     ``transport`` replaces the network under the upstream client (and selects the httpx client);
@@ -135,12 +136,8 @@ def create_app(
         Route("/admin/usage", local.admin_usage, methods=["GET"]),
         Route("/v1/models", local.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", local.retrieve_model, methods=["GET"]),
-        # Dry run: what would the gateway do with this request? (never forwarded)
-        Route(DRY_RUN_PREFIX + "/{path:path}", Proxy(settings, runtime, dry_run=True)),
-        # Every other /v1 path and method: the proxy answers (404/405 for what does not exist).
-        Route("/v1/{path:path}", Proxy(settings, runtime)),
     ]
-    return Starlette(
+    local_app = Starlette(
         routes=routes,
         middleware=[Middleware(RequestIdMiddleware), Middleware(KeyAuthMiddleware, runtime=runtime)],
         lifespan=lifespan,
@@ -150,6 +147,34 @@ def create_app(
             Exception: _unexpected_error,
         },
     )
+    return Front(
+        local_app,
+        proxy=RequestIdMiddleware(KeyAuthMiddleware(Proxy(settings, runtime), runtime)),
+        # Dry run: what would the gateway do with this request? (never forwarded)
+        dry_run=RequestIdMiddleware(KeyAuthMiddleware(Proxy(settings, runtime, dry_run=True), runtime)),
+    )
+
+
+class Front:
+    """The top of the ASGI stack: proxied /v1 traffic goes straight to the proxy (which answers every
+    error itself), everything else (and the lifespan) to the Starlette app of the local routes.
+    Keeping Starlette's router and error middlewares off the relay path roughly halves its overhead."""
+
+    def __init__(self, local: ASGIApp, *, proxy: ASGIApp, dry_run: ASGIApp) -> None:
+        self._local = local
+        self._proxy = proxy
+        self._dry_run = dry_run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/v1/"):
+            if path.startswith(DRY_RUN_PREFIX + "/"):
+                await self._dry_run(scope, receive, send)
+                return
+            if path != "/v1/models" and not path.startswith("/v1/models/"):
+                await self._proxy(scope, receive, send)
+                return
+        await self._local(scope, receive, send)
 
 
 def _error_response(error: GatewayError) -> Response:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 Header = tuple[bytes, bytes]
 
@@ -37,14 +37,14 @@ REQUEST_ID = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
-def request_id(client_headers: Iterable[Header]) -> bytes:
+def request_id(client_headers: Iterable[Header], fresh: Callable[[], bytes] | None = None) -> bytes:
     """The client's X-Request-ID when it is a sane token, else a fresh one."""
     for name, value in client_headers:
         if name == REQUEST_ID:
             if _VALID_REQUEST_ID.fullmatch(value):
                 return value
             break
-    return uuid.uuid4().hex.encode()
+    return fresh() if fresh is not None else uuid.uuid4().hex.encode()
 
 
 def _connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -122,31 +123,42 @@ class Metrics:
         self.tokens = Counter("gateway_usage_tokens", "Tokens used.", ["model", "key", "kind"], registry=r)
         self.cost = Counter("gateway_usage_cost_usd", "Cost in USD.", ["model", "key"], registry=r)
         self.registry.register(_StateCollector(read_state))
+        # Bounded like the label values themselves (endpoints x catalog models x statuses x outcomes).
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def observe(self, exchange: Exchange) -> None:
+        child = self._child
         endpoint = endpoint_label(exchange.path)
         model = exchange.entry.model_name if exchange.entry else "unknown"
         key = exchange.caller.name if exchange.caller else ""
-        self.requests.labels(endpoint, model, str(exchange.status), exchange.outcome).inc()
+        child(self.requests, endpoint, model, str(exchange.status), exchange.outcome).inc()
         if exchange.outcome == "refused" and exchange.error_code:
-            self.refusals.labels(endpoint, exchange.error_code).inc()
+            child(self.refusals, endpoint, exchange.error_code).inc()
         kind = _upstream_error_kind(exchange)
         if kind is not None:
-            self.upstream_errors.labels(endpoint, kind).inc()
+            child(self.upstream_errors, endpoint, kind).inc()
         if exchange.retries:
-            self.retries.labels(endpoint).inc(exchange.retries)
-        self.duration.labels(endpoint).observe(exchange.elapsed())
+            child(self.retries, endpoint).inc(exchange.retries)
+        child(self.duration, endpoint).observe(exchange.elapsed())
         if exchange.upstream_started is not None and exchange.upstream_answered is not None:
-            self.upstream_duration.labels(endpoint).observe(exchange.upstream_answered - exchange.upstream_started)
+            child(self.upstream_duration, endpoint).observe(exchange.upstream_answered - exchange.upstream_started)
         if exchange.overhead is not None:
-            self.overhead.labels(endpoint).observe(exchange.overhead)
+            child(self.overhead, endpoint).observe(exchange.overhead)
         if exchange.first_byte is not None:
-            self.ttfb.labels(endpoint).observe(exchange.first_byte - exchange.started)
+            child(self.ttfb, endpoint).observe(exchange.first_byte - exchange.started)
         if exchange.usage is not None:
-            self.tokens.labels(model, key, "prompt").inc(exchange.usage.prompt_tokens)
-            self.tokens.labels(model, key, "completion").inc(exchange.usage.completion_tokens)
+            child(self.tokens, model, key, "prompt").inc(exchange.usage.prompt_tokens)
+            child(self.tokens, model, key, "completion").inc(exchange.usage.completion_tokens)
         if exchange.cost:
-            self.cost.labels(model, key).inc(exchange.cost)
+            child(self.cost, model, key).inc(exchange.cost)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per combination (labels() validates and locks)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

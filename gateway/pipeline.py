@@ -204,6 +204,8 @@ class Proxy:
             if event_stream:
                 self._runtime.open_streams -= 1
         exchange.outcome, exchange.first_byte = result.outcome.value, result.first_byte
+        if result.status is not None:
+            exchange.status = result.status
 
     async def _admit(
         self, endpoint: routing.Endpoint, headers: list[Header], body: bytes, exchange: Exchange

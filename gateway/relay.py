@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable, send_error
 from gateway.headers import Header, client_response_headers, is_event_stream
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 
@@ -50,6 +51,7 @@ MAX_LATE_HEADERS_BODY = 1 << 20
 class RelayResult:
     outcome: Outcome
     first_byte: float | None  # perf_counter() when the first body byte went to the client
+    status: int | None = None  # when the relay answered another status than the upstream's
 
 
 async def relay(
@@ -80,7 +82,18 @@ async def relay(
     try:
         pending = b""
         if late_headers is not None:
-            whole, pending = await _read_whole(chunks, MAX_LATE_HEADERS_BODY)
+            try:
+                whole, pending = await _read_whole(chunks, MAX_LATE_HEADERS_BODY)
+            except UpstreamStreamError as exc:
+                # Nothing has been sent yet: the client can still get a proper error answer.
+                logger.warning("upstream body broke before its end: %s", exc)
+                watch.stand_down()
+                error = (UpstreamTimeout if exc.timed_out else UpstreamUnavailable)(
+                    f"The upstream's answer broke off: {exc}."
+                )
+                await send_error(send, error, extra_headers)
+                result.outcome, result.status = Outcome.UPSTREAM_BROKEN, error.status
+                return result
             if whole is not None:
                 headers += late_headers(whole)
                 pending = whole

@@ -6,6 +6,8 @@ upstream, and added to the response headers of everything the app answers, error
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -20,6 +22,12 @@ ASGIApp = Callable[
 class RequestIdMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Fresh ids: a random prefix per instance and a counter (unique without a syscall per request).
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def _fresh(self) -> bytes:
+        return f"{self._prefix}{next(self._counter):08x}".encode()
 
     async def __call__(
         self,
@@ -30,7 +38,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_id(scope["headers"])
+        rid = request_id(scope["headers"], self._fresh)
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:

@@ -36,6 +36,10 @@ Headers = Sequence[tuple[bytes, bytes]]
 class UpstreamStreamError(Exception):
     """The upstream failed after its response started (reset, timeout, protocol error)."""
 
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
 
 class UpstreamResponse(Protocol):
     @property
@@ -208,7 +212,7 @@ async def watched_chunks(
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
-                raise UpstreamStreamError(f"the upstream sent nothing for {idle_timeout:g}s") from None
+                raise UpstreamStreamError(f"the upstream sent nothing for {idle_timeout:g}s", timed_out=True) from None
             except errors as exc:
                 raise UpstreamStreamError(describe_error(exc)) from exc
             watchdog.waiting_since = None

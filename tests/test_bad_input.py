@@ -178,7 +178,9 @@ CASES: dict[str, Case] = {
     # -- method and path
     "get-chat": Case(request("GET", CHAT), 405, "method_not_allowed", "use POST", None, ALLOW_POST),
     "put-embeddings": Case(request("PUT", "/v1/embeddings"), 405, "method_not_allowed", "use POST", None, ALLOW_POST),
-    "delete-models": Case(request("DELETE", "/v1/models"), 405, "method_not_allowed", "use GET", None, ALLOW_GET),
+    "delete-models": Case(
+        request("DELETE", "/v1/models"), 405, "method_not_allowed", "use HEAD, GET", None, ALLOW_GET_HEAD
+    ),
     "post-video-job": Case(
         request("POST", "/v1/videos/generations/video_1"),
         405,
