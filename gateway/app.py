@@ -196,7 +196,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return _error_response(UnknownPath(f"Unknown endpoint {path}."))
     if exc.status_code == 405:
-        allow = (exc.headers or {}).get("Allow", "")
+        # Starlette builds Allow from a set: sort it so the header does not change from run to run.
+        allow = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
         return _error_response(
             MethodNotAllowed(
                 f"{request.method} is not allowed on {path}; use {allow}.", headers=[(b"allow", allow.encode())]

@@ -179,7 +179,7 @@ CASES: dict[str, Case] = {
     "get-chat": Case(request("GET", CHAT), 405, "method_not_allowed", "use POST", None, ALLOW_POST),
     "put-embeddings": Case(request("PUT", "/v1/embeddings"), 405, "method_not_allowed", "use POST", None, ALLOW_POST),
     "delete-models": Case(
-        request("DELETE", "/v1/models"), 405, "method_not_allowed", "use HEAD, GET", None, ALLOW_GET_HEAD
+        request("DELETE", "/v1/models"), 405, "method_not_allowed", "use GET, HEAD", None, ALLOW_GET_HEAD
     ),
     "post-video-job": Case(
         request("POST", "/v1/videos/generations/video_1"),
