@@ -35,7 +35,7 @@ from gateway.pipeline import DRY_RUN_PREFIX, Proxy, Runtime
 from gateway.reload import KeyReloader
 from gateway.request_id import RequestIdMiddleware
 from gateway.routing import is_routable
-from gateway.settings import Settings
+from gateway.settings import Settings, load_settings, resolve_config_path
 from gateway.upstream import HttpxUpstream, Upstream
 from gateway.upstream_aiohttp import AiohttpUpstream
 
@@ -79,6 +79,7 @@ def create_app(
             open_streams=runtime.open_streams,
             upstream_connections=runtime.upstream.connections(),
             open_circuits=runtime.breakers.open_circuits(),
+            tasks=len(asyncio.all_tasks()),
         )
 
     metrics = Metrics(metrics_state)
@@ -209,3 +210,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error_response(InternalError("Internal gateway error."))
+
+
+def create_app_from_env() -> Front:
+    """The app for each worker of ``gateway serve --workers N`` (uvicorn imports it by name): the
+    settings come from the environment the CLI prepared (GATEWAY_CONFIG and GATEWAY_* variables)."""
+    path = resolve_config_path(None, os.environ)
+    return create_app(load_settings(path, os.environ), config_path=path)

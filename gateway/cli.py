@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG, else config/gateway.toml)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8080)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1; see README)")
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="run the gateway in front of a built-in simulated upstream")
@@ -89,11 +90,16 @@ def _settings(config: str | None, **overrides: Any) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     path = resolve_config_path(args.config, os.environ)
     settings = load_settings(path, os.environ, {"host": args.host, "port": args.port})
-    _run(settings, path)
+    if args.workers < 1:
+        raise SettingsError(f"--workers: must be at least 1, got {args.workers}")
+    if args.workers > 1 and path is not None:
+        # Each worker process builds its own app from the environment: pass the file on by name.
+        os.environ["GATEWAY_CONFIG"] = str(path.resolve())
+    _run(settings, path, workers=args.workers)
     return 0
 
 
-def _run(settings: Settings, config_path: Path | None = None) -> None:
+def _run(settings: Settings, config_path: Path | None = None, workers: int = 1) -> None:
     import uvicorn
 
     from gateway.app import create_app
@@ -106,8 +112,11 @@ def _run(settings: Settings, config_path: Path | None = None) -> None:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler it found: make
     # that handler exit 0, since a requested, completed shutdown is a success.
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
+    app: Any = "gateway.app:create_app_from_env" if workers > 1 else create_app(settings, config_path=config_path)
     uvicorn.run(
-        create_app(settings, config_path=config_path),
+        app,
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

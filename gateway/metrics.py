@@ -39,6 +39,7 @@ class Snapshot:
     open_streams: int
     upstream_connections: tuple[int, int] | None  # (all, idle)
     open_circuits: dict[str, float]
+    tasks: int
 
 
 class _StateCollector(Collector):
@@ -64,6 +65,7 @@ class _StateCollector(Collector):
         )
         yield _gauge("gateway_in_flight_requests", "Proxied requests being handled.", state.in_flight)
         yield _gauge("gateway_open_streams", "Event streams being relayed.", state.open_streams)
+        yield _gauge("gateway_asyncio_tasks", "Tasks on the event loop (a leak shows as growth).", state.tasks)
         if state.upstream_connections is not None:
             pool = GaugeMetricFamily("gateway_upstream_connections", "Upstream pool connections.", labels=["state"])
             total, idle = state.upstream_connections

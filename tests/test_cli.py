@@ -162,3 +162,25 @@ def test_models_table_and_json(upstream: LocalServer, capsys: pytest.CaptureFixt
 def test_models_reports_an_unreachable_upstream(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--url", f"http://127.0.0.1:{free_port()}"]) == 1
     assert "cannot load the catalog" in capsys.readouterr().err
+
+
+def test_serve_with_two_workers(tmp_path: Path, upstream: LocalServer) -> None:
+    config = tmp_path / "workers.toml"
+    config.write_text(f'[upstream]\nurl = "{upstream.url}"\n[usage]\npath = ""\n')
+    port = free_port()
+    with running(["serve", "--config", str(config), "--port", str(port), "--workers", "2"], {}, tmp_path) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        answers = [
+            httpx.post(
+                url + "/v1/chat/completions",
+                json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            ).status_code
+            for _ in range(6)
+        ]
+        assert answers == [200] * 6
+        code, out = stop(proc, signal.SIGTERM)
+    assert out.count("Started server process") == 2  # two workers, each with its own app
+    assert code == 0
+    assert "Traceback" not in out
