@@ -36,6 +36,7 @@ constraints: $(STAMP)
 ## Extra flags: make bench BENCH_ARGS="--no-litellm" (or --transport-experiment, --duration 10, ...).
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/validation_cost.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache dist

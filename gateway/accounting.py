@@ -26,6 +26,7 @@ from gateway.ledger import Ledger, UsageRecord
 from gateway.limits import RateLimiter, Ticket
 from gateway.pricing import cost_usd, min_cost_usd
 from gateway.usage import Usage, UsageMeter, client_wants_usage, with_include_usage
+from gateway.validation import prompt_tokens_lower_bound
 
 access_logger = logging.getLogger("gateway.access")
 
@@ -91,11 +92,17 @@ class Accounting:
         self._access_log = access_log
         self._on_finish = on_finish
 
-    async def admit(self, exchange: Exchange, prompt_lower_bound: int, requested_tokens: int) -> list[Header]:
+    async def admit(self, exchange: Exchange, requested_tokens: int) -> list[Header]:
         """Apply the key's rate limits and budgets (raising 429/402); returns the rate-limit headers."""
         caller, entry = exchange.caller, exchange.entry
         if caller is None or entry is None:
             return []
+        has_budget = caller.budget_usd_daily is not None or caller.budget_usd_monthly is not None
+        if caller.tpm is None and not has_budget:
+            exchange.ticket = self._limiter.admit(caller, 0, requested_tokens)
+            return exchange.ticket.headers if exchange.ticket else []
+        # Counting the prompt's words costs a pass over it: only for keys with token limits or budgets.
+        prompt_lower_bound = prompt_tokens_lower_bound(exchange.path, exchange.fields)
         exchange.ticket = self._limiter.admit(caller, prompt_lower_bound, requested_tokens)
         try:
             minimum = min_cost_usd(entry, exchange.path, exchange.fields, prompt_lower_bound)

@@ -46,14 +46,7 @@ from gateway.relay import Outcome, relay
 from gateway.request_id import scope_request_id
 from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamResponse
-from gateway.validation import (
-    CHECKS,
-    Violation,
-    alternatives,
-    prompt_tokens_lower_bound,
-    requested_completion_tokens,
-    validate,
-)
+from gateway.validation import CHECKS, Violation, alternatives, requested_completion_tokens, validate
 
 logger = logging.getLogger("gateway.pipeline")
 
@@ -91,7 +84,6 @@ class Admission:
     endpoint: routing.Endpoint
     entry: ModelEntry | None = None
     warnings: list[Violation] = field(default_factory=list)
-    prompt_tokens: int = 0  # a lower bound of the prompt's tokens
     requested_tokens: int = 0  # max_tokens / max_completion_tokens, 0 when not given
 
 
@@ -142,7 +134,7 @@ class Proxy:
                 accounting = self._runtime.accounting
                 if admission.entry is not None:
                     breaker_pass = self._runtime.breakers.allow(admission.entry.model_name)
-                extra.extend(await accounting.admit(exchange, admission.prompt_tokens, admission.requested_tokens))
+                extra.extend(await accounting.admit(exchange, admission.requested_tokens))
                 body, strip_usage = accounting.request_body(exchange, body)
                 response = await self._forward(scope, body, exchange, breaker_pass)
             except GatewayError as error:
@@ -227,7 +219,6 @@ class Proxy:
         routing.admit(entry, endpoint, self._routable, catalog.seconds_until_refresh())
         admission.entry = exchange.entry = entry
         exchange.fields = fields
-        admission.prompt_tokens = prompt_tokens_lower_bound(endpoint.path, fields)
         admission.requested_tokens = requested_completion_tokens(fields)
         if self._modes:
             for violation in validate(endpoint.path, fields, files, entry):

@@ -23,7 +23,7 @@ refused: one that might fit is always forwarded.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -88,7 +88,7 @@ def _chat(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Violation]:
     yield from _vision(messages, entry)
     yield from _streaming(fields, entry)
     yield from _max_output(fields, entry, ("max_completion_tokens", "max_tokens"))
-    yield from _context(entry, _words_in_messages(messages), fields, "messages")
+    yield from _context(entry, lambda: _words_in_messages(messages), fields, "messages", _chars_in_messages(messages))
 
 
 def _completions(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Violation]:
@@ -104,7 +104,7 @@ def _completions(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Viola
     yield from _common_shape(fields)
     yield from _streaming(fields, entry)
     yield from _max_output(fields, entry, ("max_tokens",))
-    yield from _context(entry, tokens, fields, "prompt")
+    yield from _context(entry, lambda: tokens, fields, "prompt", None)
 
 
 def _embeddings(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Violation]:
@@ -293,11 +293,16 @@ def _max_output(fields: Mapping[str, Any], entry: ModelEntry, names: tuple[str, 
             return
 
 
-def _context(entry: ModelEntry, prompt_tokens: int, fields: Mapping[str, Any], param: str) -> Iterator[Violation]:
+def _context(
+    entry: ModelEntry, count: Callable[[], int], fields: Mapping[str, Any], param: str, chars: int | None
+) -> Iterator[Violation]:
     window = entry.context_window
     if window is None:
         return
     requested = requested_completion_tokens(fields)
+    if chars is not None and (chars + 1) // 2 + requested <= window:
+        return  # n characters hold at most (n + 1) / 2 words: no need to count them
+    prompt_tokens = count()
     if prompt_tokens + requested > window:
         detail = f" plus {requested} requested for the completion" if requested else ""
         yield Violation(
@@ -315,6 +320,19 @@ def _context(entry: ModelEntry, prompt_tokens: int, fields: Mapping[str, Any], p
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+def _chars_in_messages(messages: list[Any]) -> int:
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content) + 1
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += len(part["text"]) + 1
+    return total
 
 
 def _words_in_messages(messages: list[Any]) -> int:

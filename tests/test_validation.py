@@ -270,3 +270,15 @@ def test_dry_run_answers_without_forwarding(http: httpx.Client, demo_state: Demo
     assert http.post("/v1/validate/nope", json={}).json()["error"]["code"] == "unknown_url"
     assert http.get("/v1/validate/chat/completions").status_code == 405
     assert not [r for r in demo_state.requests if r.method == "POST"]
+
+
+def test_sdk_shape_refusals(sdk: openai.OpenAI, demo_state: DemoState) -> None:
+    n_two = _refused(lambda: sdk.chat.completions.create(model=CHAT_MODEL, messages=USER, n=2))  # type: ignore[arg-type]
+    assert (_error(n_two)["code"], _error(n_two)["param"]) == ("multiple_choices_not_supported", "n")
+    hot = _refused(lambda: sdk.chat.completions.create(model=CHAT_MODEL, messages=USER, temperature=3))  # type: ignore[arg-type]
+    assert (_error(hot)["code"], _error(hot)["param"]) == ("invalid_value", "temperature")
+    voice = _refused(lambda: sdk.audio.speech.create(model="Kokoro-82M", voice="alloy", input="hi"))
+    assert "af_bella" in voice.message  # the message lists the voices that would work
+    empty = _refused(lambda: sdk.embeddings.create(model="bge-m3", input=[]))
+    assert _error(empty)["param"] == "input"
+    assert not [r for r in demo_state.requests if r.method == "POST"]
