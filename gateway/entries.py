@@ -91,8 +91,8 @@ def parse_entry(item: Any) -> tuple[ModelEntry | None, str]:
             health_status=health.lower() if isinstance(health, str) else None,
             context_window=_positive_int(item.get("context_window")),
             max_output=_positive_int(item.get("max_output")),
-            input_per_mtok=_price(item.get("input_per_mtok")),
-            output_per_mtok=_price(item.get("output_per_mtok")),
+            input_per_mtok=non_negative(item.get("input_per_mtok")),
+            output_per_mtok=non_negative(item.get("output_per_mtok")),
             pricing=tuple(p for p in pricing if isinstance(p, dict)) if isinstance(pricing, list) else (),
             provider=_str(item.get("provider")),
             slug=_str(item.get("slug")),
@@ -111,10 +111,17 @@ def _positive_int(value: Any) -> int | None:
     return int(value)
 
 
-def _price(value: Any) -> float | None:
+def non_negative(value: Any, *, allow_zero: bool = True) -> float | None:
+    """A JSON number that is finite and >= 0 (> 0 without ``allow_zero``) as a float, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        return None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        return None
+    return number
 
 
 def _str(value: Any) -> str | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-from gateway.entries import ModelEntry
+from gateway.entries import ModelEntry, non_negative
 from gateway.routing import CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, SPEECH, TRANSCRIPTIONS, VIDEOS
 from gateway.usage import Usage
 
@@ -65,7 +65,7 @@ def _video_seconds(request: Mapping[str, Any], usage: Usage | None) -> float | N
             value = float(value)
         except ValueError:
             return None
-    return _positive(value)
+    return non_negative(value, allow_zero=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +110,7 @@ def cost_usd(
     if price is None:
         has_tokens = usage is not None and (usage.prompt_tokens or usage.completion_tokens)
         return _token_cost(entry, usage) if has_tokens else None
-    if response_units is not None:
-        quantity = _positive(response_units, allow_zero=True)
-    else:
-        quantity = rule.quantity(request, usage)
+    quantity = non_negative(response_units) if response_units is not None else rule.quantity(request, usage)
     return None if quantity is None else _finite(quantity * price)
 
 
@@ -163,7 +160,7 @@ def unit_price(entry: ModelEntry, unit: str) -> float | None:
             continue
         name = name.strip().lower()
         if UNIT_ALIASES.get(name, name) == unit:
-            price = _positive(item.get("price_usd"), allow_zero=True)
+            price = non_negative(item.get("price_usd"))
             if price is not None:
                 return price
     return None
@@ -202,18 +199,6 @@ def _max_output(request: Mapping[str, Any]) -> int | None:
             return value
         return None
     return 0
-
-
-def _positive(value: Any, *, allow_zero: bool = False) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        return None
-    return number
 
 
 def _finite(value: float) -> float | None:

@@ -13,12 +13,13 @@ usage. FlexAI sends SSE uncompressed; the gateway asks for ``identity`` when the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+
+from gateway.entries import non_negative
 
 # A JSON body longer than this is not kept: its usage is then unknown (None).
 MAX_JSON_BYTES: Final = 1 << 20
@@ -62,9 +63,9 @@ def usage_from_response(obj: Any) -> Usage | None:
     if not isinstance(obj, dict):
         return None
     block = obj.get("usage")
-    seconds = _number(obj.get("duration"))
+    seconds = non_negative(obj.get("duration"))
     if seconds is None and isinstance(block, dict) and block.get("type") == "duration":
-        seconds = _number(block.get("seconds"))
+        seconds = non_negative(block.get("seconds"))
     if not isinstance(block, dict):
         return None if seconds is None else Usage(units=seconds, unit="second")
     usage = _token_usage(block)
@@ -407,17 +408,7 @@ def _token_usage(block: Mapping[str, Any]) -> Usage:
 def _count(block: Mapping[str, Any], *names: str) -> int:
     """The first of ``names`` holding a non-negative whole number, else 0."""
     for name in names:
-        value = _number(block.get(name))
+        value = non_negative(block.get(name))
         if value is not None and value == int(value):
             return int(value)
     return 0
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
