@@ -143,6 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
             port=args.port,
             upstream=dataclasses.replace(Settings().upstream, url=upstream.url, api_key="demo-upstream-key"),
             auth=dataclasses.replace(Settings().auth, mode="open"),
+            usage=dataclasses.replace(Settings().usage, path=""),  # a demo leaves no ledger file behind
         )
         print(_demo_banner(settings), flush=True)
         _run(settings)
