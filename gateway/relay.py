@@ -117,12 +117,15 @@ async def relay(
     except UpstreamStreamError as exc:
         logger.warning("upstream stream broke mid-response: %s", exc)
         watch.stand_down()
-        if is_event_stream(headers):
-            # The status is gone already: end the stream with an error event the SDKs raise on.
-            with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": _stream_error_event(str(exc)), "more_body": True})
-        await _end_body(send)
         result.outcome = Outcome.UPSTREAM_BROKEN
+        if not is_event_stream(headers):
+            # Leave the body unfinished: the server then closes the connection without the final
+            # chunk (or short of Content-Length), so the client sees a truncated body, never a whole one.
+            return result
+        # The status is gone already: end the stream with an error event the SDKs raise on.
+        with contextlib.suppress(Exception):
+            await send({"type": "http.response.body", "body": _stream_error_event(str(exc)), "more_body": True})
+        await _end_body(send)
         return result
     finally:
         watch.stand_down()
