@@ -236,8 +236,8 @@ class Proxy:
         message = violation.message
         snapshot = self._runtime.catalog.snapshot
         if snapshot is not None:
-            routable = (e for e in snapshot.entries.values() if routing.is_routable(e, self._routable))
-            names = alternatives(violation, endpoint.path, routable)
+            healthy = (e for e in snapshot.entries.values() if e.health_status in (None, "healthy"))
+            names = alternatives(violation, endpoint.path, healthy)
             if names:
                 message += " Models that would accept this request: " + ", ".join(names) + "."
         return InvalidRequest(message, param=violation.param, code=violation.code)
