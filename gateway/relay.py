@@ -43,6 +43,8 @@ class Meter(Protocol):
     def flush(self) -> bytes: ...
 
 
+SSE_DONE = b"data: [DONE]"
+
 # A body is read whole before its headers go out (for headers computed from it) only up to this size.
 MAX_LATE_HEADERS_BODY = 1 << 20
 
@@ -52,6 +54,7 @@ class RelayResult:
     outcome: Outcome
     first_byte: float | None  # perf_counter() when the first body byte went to the client
     status: int | None = None  # when the relay answered another status than the upstream's
+    done_sent: bool = False  # an event stream's `data: [DONE]` went to the client
 
 
 async def relay(
@@ -101,7 +104,10 @@ async def relay(
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if pending:
             await _send_chunk(send, meter.feed(pending) if meter else pending, result)
+        event_stream = is_event_stream(headers)
         async for chunk in chunks:
+            if event_stream and not result.done_sent and SSE_DONE in chunk:
+                result.done_sent = True
             await _send_chunk(send, meter.feed(chunk) if meter else chunk, result)
         if meter is not None:
             await _send_chunk(send, meter.flush(), result)
@@ -112,7 +118,8 @@ async def relay(
         if not watch.disconnected:
             raise  # cancelled from outside (shutdown): let it propagate
         task.uncancel()
-        result.outcome = Outcome.CLIENT_DISCONNECTED
+        # A client that hangs up after the stream's [DONE] (as the SDKs do) received all of it.
+        result.outcome = Outcome.COMPLETED if result.done_sent else Outcome.CLIENT_DISCONNECTED
         return result
     except UpstreamStreamError as exc:
         logger.warning("upstream stream broke mid-response: %s", exc)
