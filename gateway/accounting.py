@@ -15,8 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from gateway import routing
 from gateway.budgets import Budgets, Reservation
 from gateway.entries import ModelEntry
@@ -197,7 +195,8 @@ class Accounting:
             "completion_tokens": usage.completion_tokens if usage else None,
             "cost_usd": exchange.cost,
         }
-        access_logger.info(orjson.dumps(line).decode())
+        summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
+        access_logger.info(summary, extra={"access": line})
 
 
 def _lower(headers: list[Header]) -> list[Header]:

@@ -28,6 +28,7 @@ from gateway.keys import KeyRing
 from gateway.ledger import Ledger
 from gateway.limits import RateLimiter
 from gateway.local_routes import LocalRoutes
+from gateway.logs import configure as configure_logging
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.metrics import Snapshot as MetricsSnapshot
@@ -216,4 +217,6 @@ def create_app_from_env() -> Front:
     """The app for each worker of ``gateway serve --workers N`` (uvicorn imports it by name): the
     settings come from the environment the CLI prepared (GATEWAY_CONFIG and GATEWAY_* variables)."""
     path = resolve_config_path(None, os.environ)
-    return create_app(load_settings(path, os.environ), config_path=path)
+    settings = load_settings(path, os.environ)
+    configure_logging(settings.log_level, settings.log_format)  # a fresh process: set its logging up too
+    return create_app(settings, config_path=path)

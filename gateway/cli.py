@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
@@ -20,6 +19,7 @@ import orjson
 from gateway.entries import CATEGORIES, ModelEntry, parse_catalog
 from gateway.keys import new_key
 from gateway.ledger import SUMMARY_GROUPS, summarize
+from gateway.logs import configure as configure_logging
 from gateway.settings import Settings, SettingsError, load_settings, resolve_config_path
 
 DEMO_CLIENT_KEY = "sk-demo"
@@ -104,11 +104,7 @@ def _run(settings: Settings, config_path: Path | None = None, workers: int = 1) 
 
     from gateway.app import create_app
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    # httpx logs every request (with its URL) at INFO: not an access log, and noisy.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(settings.log_level, settings.log_format)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler it found: make
     # that handler exit 0, since a requested, completed shutdown is a success.
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
@@ -125,6 +121,7 @@ def _run(settings: Settings, config_path: Path | None = None, workers: int = 1) 
         proxy_headers=False,
         lifespan="on",
         timeout_graceful_shutdown=settings.server.shutdown_grace,
+        log_config=None,  # keep the handlers configure_logging installed
     )
 
 

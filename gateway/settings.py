@@ -29,6 +29,7 @@ ENV_PREFIX = "GATEWAY_"
 AuthMode = Literal["passthrough", "open", "keys"]
 ValidationMode = Literal["enforce", "warn", "off"]
 UpstreamClient = Literal["aiohttp", "httpx"]
+LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -139,7 +140,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = _bounded(8080, ge=0)
     log_level: LogLevel = "info"
-    # One JSON line per request on the `gateway.access` logger (never keys or bodies).
+    # "json" lines, "console" (readable), or "auto": console on a terminal, else json.
+    log_format: LogFormat = "auto"
+    # One line per request on the `gateway.access` logger (never keys or bodies).
     access_log: bool = True
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)

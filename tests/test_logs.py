@@ -1,0 +1,51 @@
+"""Logs: JSON lines by default off a terminal, the access line as fields, nothing secret."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import orjson
+
+from gateway.localserver import LocalServer
+from gateway.logs import JsonFormatter
+from tests.conftest import CHAT_MODEL
+from tests.test_cli import free_port, running, stop, wait_ready
+
+
+def test_json_formatter_writes_access_fields_as_the_line() -> None:
+    record = logging.LogRecord("gateway.access", logging.INFO, __file__, 1, "POST /v1/x 200", None, None)
+    record.access = {"request_id": "r1", "status": 200}
+    line = orjson.loads(JsonFormatter().format(record))
+    assert line["logger"] == "gateway.access"
+    assert (line["request_id"], line["status"], line["level"]) == ("r1", 200, "info")
+    assert "message" not in line
+    plain = logging.LogRecord("gateway.catalog", logging.WARNING, __file__, 1, "refresh %s", ("failed",), None)
+    assert orjson.loads(JsonFormatter().format(plain))["message"] == "refresh failed"
+
+
+def test_serve_logs_json_lines_with_one_access_line_per_request(tmp_path: Path, upstream: LocalServer) -> None:
+    port = free_port()
+    env = {"GATEWAY_UPSTREAM_URL": upstream.url, "GATEWAY_USAGE_PATH": ""}
+    with running(["serve", "--port", str(port)], env, tmp_path) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        answer = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "PRIVATE TEXT"}]},
+            headers={"authorization": "Bearer sk-client-secret", "x-request-id": "log-test-1"},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+        code, out = stop(proc, signal.SIGTERM)
+    assert code == 0
+    lines = [orjson.loads(line) for line in out.splitlines() if line.strip()]  # every line is JSON
+    access = [line for line in lines if line["logger"] == "gateway.access"]
+    assert [(a["request_id"], a["status"], a["model"]) for a in access] == [("log-test-1", 200, CHAT_MODEL)]
+    assert any(line["logger"].startswith("uvicorn") for line in lines)  # uvicorn's own lines too
+    assert "sk-client-secret" not in out
+    assert "PRIVATE TEXT" not in out
+    assert os.environ.get("GATEWAY_LOG_FORMAT") is None
