@@ -37,6 +37,7 @@ from gateway.reload import KeyReloader
 from gateway.request_id import RequestIdMiddleware
 from gateway.routing import is_routable
 from gateway.settings import Settings, load_settings, resolve_config_path
+from gateway.shaping import UpstreamShaper
 from gateway.upstream import HttpxUpstream, Upstream
 from gateway.upstream_aiohttp import AiohttpUpstream
 
@@ -60,7 +61,9 @@ def create_app(
     keys_mode = settings.auth_mode == "keys"
     started = False
     breakers = Breakers(settings.upstream.breaker_failures, settings.upstream.breaker_cooldown)
-    runtime = Runtime(breakers, KeyRing(settings.keys) if keys_mode else None)
+    up = settings.upstream
+    shaper = UpstreamShaper(up.concurrency, up.rpm, up.queue_timeout)
+    runtime = Runtime(breakers, shaper, KeyRing(settings.keys) if keys_mode else None)
     local = LocalRoutes(settings, runtime)
     routable = frozenset(settings.catalog.routable_health)
 

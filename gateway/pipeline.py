@@ -45,6 +45,7 @@ from gateway.keys import KeyRing
 from gateway.relay import Outcome, relay
 from gateway.request_id import scope_request_id
 from gateway.settings import Settings
+from gateway.shaping import Slot, UpstreamShaper
 from gateway.upstream import Upstream, UpstreamResponse
 from gateway.validation import CHECKS, Violation, alternatives, requested_completion_tokens, validate
 
@@ -70,9 +71,10 @@ class Runtime:
 
     accounting: Accounting
 
-    def __init__(self, breakers: Breakers, keys: KeyRing | None = None) -> None:
+    def __init__(self, breakers: Breakers, shaper: UpstreamShaper, keys: KeyRing | None = None) -> None:
         self.keys = keys  # swapped whole on a reload
         self.breakers = breakers
+        self.shaper = shaper
         self.in_flight = 0  # proxied requests being handled now
         self.open_streams = 0  # event streams being relayed now
 
@@ -124,6 +126,7 @@ class Proxy:
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         extra: list[Header] = []
         breaker_pass: Pass | None = None
+        slot: Slot | None = None
         try:
             try:
                 admission, body = await self._receive_and_admit(scope, receive, exchange, extra)
@@ -136,6 +139,7 @@ class Proxy:
                     breaker_pass = self._runtime.breakers.allow(admission.entry.model_name)
                 extra.extend(await accounting.admit(exchange, admission.requested_tokens))
                 body, strip_usage = accounting.request_body(exchange, body)
+                slot = await self._runtime.shaper.acquire()
                 response = await self._forward(scope, body, exchange, breaker_pass)
             except GatewayError as error:
                 exchange.status, exchange.outcome, exchange.error_code = error.status, "refused", error.code
@@ -155,6 +159,8 @@ class Proxy:
             self._runtime.breakers.record(breaker_pass, exchange.outcome != Outcome.UPSTREAM_BROKEN.value)
         finally:
             self._runtime.breakers.record(breaker_pass, None)  # no verdict on paths that gave none
+            if slot is not None:
+                slot.release()
 
     async def _receive_and_admit(
         self, scope: Scope, receive: Receive, exchange: Exchange, extra: list[Header]

@@ -58,6 +58,11 @@ class UpstreamSettings:
     # or that it refused with 429/503 and a Retry-After of at most retry_max_wait seconds.
     retries: int = _bounded(2, ge=0)
     retry_max_wait: float = _bounded(2.0, ge=0)
+    # The gateway's own cap on requests to the upstream (0: none): at once, and per minute. A request
+    # waits up to queue_timeout seconds for room, then gets 429 upstream_capacity.
+    concurrency: int = _bounded(0, ge=0)
+    rpm: int = _bounded(0, ge=0)
+    queue_timeout: float = _bounded(5.0, ge=0)
     # Circuit breaker per model: open after this many consecutive upstream failures (0: off) ...
     breaker_failures: int = _bounded(5, ge=0)
     # ... for this many seconds, then let one probe request through.
