@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import orjson
+import pytest
 
 from gateway.app import create_app
 from gateway.demo import DemoState, RecordedRequest, create_demo_upstream
@@ -167,3 +168,32 @@ def shared_servers(env: dict[str, str] | None = None) -> Iterator[tuple[DemoStat
             with httpx.Client(base_url=gateway.url, timeout=10) as http:
                 assert wait_until(lambda: is_ready(http)), "the gateway never loaded the catalog"
             yield state, upstream, gateway
+
+
+Servers = tuple[DemoState, LocalServer, LocalServer]
+
+
+def module_server_fixtures(env: dict[str, str] | None = None) -> tuple[Any, Any, Any, Any]:
+    """Fixtures that override conftest's ``demo_state``, ``upstream`` and ``gateway`` with one
+    simulated upstream and one gateway (extra ``env`` settings) shared by a whole module, the
+    upstream's state reset before each test. Assign them at module level:
+    ``_servers, demo_state, upstream, gateway = module_server_fixtures({...})``."""
+
+    @pytest.fixture(scope="module")
+    def _servers() -> Iterator[Servers]:
+        with shared_servers(env) as servers:
+            yield servers
+
+    @pytest.fixture
+    def demo_state(_servers: Servers) -> DemoState:
+        return reset_demo_state(_servers[0])
+
+    @pytest.fixture
+    def upstream(_servers: Servers, demo_state: DemoState) -> LocalServer:
+        return _servers[1]
+
+    @pytest.fixture
+    def gateway(_servers: Servers, demo_state: DemoState) -> LocalServer:
+        return _servers[2]
+
+    return _servers, demo_state, upstream, gateway

@@ -24,9 +24,8 @@ from tests.helpers_gateway import (
     assert_upstream_untouched,
     forwarded,
     free_port,
+    module_server_fixtures,
     normal_chat,
-    reset_demo_state,
-    shared_servers,
 )
 
 MAX_BODY = 1000
@@ -36,30 +35,10 @@ JSON = {"content-type": "application/json", "authorization": "Bearer sk-client"}
 BOUNDARY = "bAdInPuTbOuNdArY"
 
 Send = Callable[[httpx.Client], httpx.Response]
-Servers = tuple[DemoState, LocalServer, LocalServer]
 
 
-@pytest.fixture(scope="module")
-def _servers() -> Iterator[Servers]:
-    with shared_servers({"GATEWAY_LIMITS_MAX_BODY_BYTES": str(MAX_BODY)}) as servers:
-        yield servers
-
-
-# These override conftest's fixtures: one upstream and one gateway (body limit MAX_BODY) for the
-# module, the upstream's recorded requests reset before each test.
-@pytest.fixture
-def demo_state(_servers: Servers) -> DemoState:
-    return reset_demo_state(_servers[0])
-
-
-@pytest.fixture
-def upstream(_servers: Servers, demo_state: DemoState) -> LocalServer:
-    return _servers[1]
-
-
-@pytest.fixture
-def gateway(_servers: Servers, demo_state: DemoState) -> LocalServer:
-    return _servers[2]
+# One upstream and one gateway shared by the module (conftest's fixtures overridden).
+_servers, demo_state, upstream, gateway = module_server_fixtures({"GATEWAY_LIMITS_MAX_BODY_BYTES": str(MAX_BODY)})
 
 
 # --------------------------------------------------------------------------- request builders

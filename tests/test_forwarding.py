@@ -31,10 +31,9 @@ from tests.helpers_gateway import (
     forwarded,
     fresh_demo_state,
     is_ready,
+    module_server_fixtures,
     normal_chat,
     requests_on,
-    reset_demo_state,
-    shared_servers,
     wait_until,
 )
 from tests.helpers_upstreams import (
@@ -53,30 +52,9 @@ SPEECH = "/v1/audio/speech"
 AUTH = {"authorization": "Bearer sk-client"}
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
-Servers = tuple[DemoState, LocalServer, LocalServer]
 
-
-@pytest.fixture(scope="module")
-def _servers() -> Iterator[Servers]:
-    with shared_servers() as servers:
-        yield servers
-
-
-# These override conftest's fixtures: one upstream and one default gateway for the module, the
-# upstream's state reset before each test. start_gateway still starts extra gateways (same upstream).
-@pytest.fixture
-def demo_state(_servers: Servers) -> DemoState:
-    return reset_demo_state(_servers[0])
-
-
-@pytest.fixture
-def upstream(_servers: Servers, demo_state: DemoState) -> LocalServer:
-    return _servers[1]
-
-
-@pytest.fixture
-def gateway(_servers: Servers, demo_state: DemoState) -> LocalServer:
-    return _servers[2]
+# One upstream and one gateway shared by the module (conftest's fixtures overridden).
+_servers, demo_state, upstream, gateway = module_server_fixtures()
 
 
 def only_request(state: DemoState, path: str = CHAT) -> dict[str, str]:
