@@ -13,7 +13,6 @@ arguments ``gateway serve`` uses (loop and http "auto": uvloop and httptools whe
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -23,6 +22,8 @@ import httpx
 import uvicorn
 
 from gateway.app import create_app
+from gateway.cli import uvicorn_options
+from gateway.logs import configure as configure_logging
 from gateway.settings import load_settings
 
 
@@ -48,19 +49,9 @@ def main() -> int:
         keepalive_expiry=up.keepalive_expiry,
     )
     app = create_app(settings, transport=build_transport(args.transport, limits))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        lifespan="on",
-    )
+    config = uvicorn.Config(app, **uvicorn_options(settings))  # exactly as `gateway serve` runs it
     factory = config.get_loop_factory()
     loop = "asyncio" if factory is None else getattr(factory, "__module__", "?")
     print(f"transport={args.transport} loop={loop} (uvicorn loop={config.loop} http={config.http})", flush=True)

@@ -18,7 +18,7 @@ from typing import Any
 from gateway import routing
 from gateway.budgets import Budgets, Reservation
 from gateway.entries import ModelEntry
-from gateway.headers import Header, is_event_stream
+from gateway.headers import Header
 from gateway.keys import Caller
 from gateway.ledger import Ledger, UsageRecord
 from gateway.limits import RateLimiter, Ticket
@@ -118,12 +118,14 @@ class Accounting:
         rewritten = with_include_usage(body, exchange.fields)
         return (body, False) if rewritten is None else (rewritten, True)
 
-    def start_response(self, exchange: Exchange, status: int, headers: list[Header], strip: bool) -> None:
+    def start_response(
+        self, exchange: Exchange, status: int, headers: list[Header], event_stream: bool, strip: bool
+    ) -> None:
         exchange.status = status
         encoded = any(name.lower() == b"content-encoding" and value.strip().lower() != b"identity"
                       for name, value in headers)  # fmt: skip
         if exchange.entry is not None and not encoded:
-            exchange.meter = UsageMeter(event_stream=is_event_stream(_lower(headers)), strip_usage_chunk=strip)
+            exchange.meter = UsageMeter(event_stream=event_stream, strip_usage_chunk=strip)
 
     def cost_headers(self, exchange: Exchange, body: bytes) -> list[Header]:
         """For a whole (non-streamed) body: its usage and cost, to send as a response header."""
@@ -197,7 +199,3 @@ class Accounting:
         }
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})
-
-
-def _lower(headers: list[Header]) -> list[Header]:
-    return [(name.lower(), value) for name, value in headers]

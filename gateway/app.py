@@ -59,7 +59,6 @@ def create_app(
     SIGHUP or change.
     """
     keys_mode = settings.auth_mode == "keys"
-    started = False
     breakers = Breakers(settings.upstream.breaker_failures, settings.upstream.breaker_cooldown)
     up = settings.upstream
     shaper = UpstreamShaper(up.concurrency, up.rpm, up.queue_timeout)
@@ -68,7 +67,7 @@ def create_app(
     routable = frozenset(settings.catalog.routable_health)
 
     def metrics_state() -> MetricsSnapshot | None:
-        if not started:
+        if not runtime.upstream_open:  # before start-up or after shutdown
             return None
         catalog, snapshot = runtime.catalog, runtime.catalog.snapshot
         entries = snapshot.entries.values() if snapshot else ()
@@ -93,7 +92,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        nonlocal started
         upstream: Upstream = (
             HttpxUpstream(settings.upstream, transport)
             if transport is not None or settings.upstream.client == "httpx"
@@ -101,7 +99,6 @@ def create_app(
         )
         runtime.upstream = upstream
         runtime.catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
-        runtime.upstream_open = True
         runtime.catalog.start()
         usage = settings.usage
         ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval) if usage.path else None
@@ -115,7 +112,7 @@ def create_app(
             access_log=settings.access_log,
             on_finish=metrics.observe,
         )
-        started = True
+        runtime.upstream_open = True  # started: readiness and metrics may read the runtime
         watcher = None
         if keys_mode and config_path is not None:
             reloader = KeyReloader(config_path, os.environ if env is None else env, settings, runtime)
@@ -123,7 +120,6 @@ def create_app(
         try:
             yield
         finally:
-            started = False
             runtime.upstream_open = False
             if watcher is not None:
                 watcher.cancel()

@@ -109,20 +109,22 @@ def _run(settings: Settings, config_path: Path | None = None, workers: int = 1) 
     # that handler exit 0, since a requested, completed shutdown is a success.
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
     app: Any = "gateway.app:create_app_from_env" if workers > 1 else create_app(settings, config_path=config_path)
-    uvicorn.run(
-        app,
-        factory=workers > 1,
-        workers=workers if workers > 1 else None,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        lifespan="on",
-        timeout_graceful_shutdown=settings.server.shutdown_grace,
-        log_config=None,  # keep the handlers configure_logging installed
-    )
+    uvicorn.run(app, factory=workers > 1, workers=workers if workers > 1 else None, **uvicorn_options(settings))
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How `gateway serve` runs uvicorn (also used by bench/ to measure exactly that)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "server_header": False,
+        "proxy_headers": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": settings.server.shutdown_grace,
+        "log_config": None,  # keep the handlers configure_logging installed
+    }
 
 
 def _exit_after_graceful_shutdown(signum: int, frame: object) -> None:

@@ -187,16 +187,23 @@ class Proxy:
         strip_usage: bool,
     ) -> None:
         accounting = self._runtime.accounting
-        accounting.start_response(exchange, response.status, list(response.headers), strip_usage)
-        extra.append((OVERHEAD, f"{exchange.mark_response_start() * 1000:.2f}".encode()))
         event_stream = is_event_stream([(k.lower(), v) for k, v in response.headers])
+        accounting.start_response(exchange, response.status, list(response.headers), event_stream, strip_usage)
+        extra.append((OVERHEAD, f"{exchange.mark_response_start() * 1000:.2f}".encode()))
         if event_stream:
             extra.append(SSE_NO_BUFFERING)
             self._runtime.open_streams += 1
         late = None if event_stream or exchange.meter is None else partial(accounting.cost_headers, exchange)
         try:
             result = await relay(
-                response, receive, send, extra, meter=exchange.meter, late_headers=late, body_may_shrink=strip_usage
+                response,
+                receive,
+                send,
+                extra,
+                event_stream=event_stream,
+                meter=exchange.meter,
+                late_headers=late,
+                body_may_shrink=strip_usage,
             )
         finally:
             if event_stream:

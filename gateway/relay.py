@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable, send_error
-from gateway.headers import Header, client_response_headers, is_event_stream
+from gateway.headers import Header, client_response_headers
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 
 logger = logging.getLogger("gateway.relay")
@@ -63,12 +63,14 @@ async def relay(
     send: Send,
     extra_headers: list[Header],
     *,
+    event_stream: bool = False,
     meter: Meter | None = None,
     late_headers: Callable[[bytes], list[Header]] | None = None,
     body_may_shrink: bool = False,
 ) -> RelayResult:
     """Relay and close ``response``.
 
+    ``event_stream``: the response is SSE (a break then ends it with an error event).
     ``meter`` sees every chunk and returns what to send on (``body_may_shrink`` when it may drop
     bytes: Content-Length is then not relayed). ``late_headers``, for bodies that are
     not streamed: the body is read whole first (up to MAX_LATE_HEADERS_BODY) and the headers it
@@ -104,7 +106,6 @@ async def relay(
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if pending:
             await _send_chunk(send, meter.feed(pending) if meter else pending, result)
-        event_stream = is_event_stream(headers)
         async for chunk in chunks:
             if event_stream and not result.done_sent and SSE_DONE in chunk:
                 result.done_sent = True
@@ -125,7 +126,7 @@ async def relay(
         logger.warning("upstream stream broke mid-response: %s", exc)
         watch.stand_down()
         result.outcome = Outcome.UPSTREAM_BROKEN
-        if not is_event_stream(headers):
+        if not event_stream:
             # Leave the body unfinished: the server then closes the connection without the final
             # chunk (or short of Content-Length), so the client sees a truncated body, never a whole one.
             return result

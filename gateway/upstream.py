@@ -110,7 +110,6 @@ class HttpxUpstream:
                 write=settings.write_timeout,
                 pool=settings.connect_timeout,
             ),
-            limits=limits,
             transport=self._transport,
             follow_redirects=False,
             trust_env=False,

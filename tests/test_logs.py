@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
+import sys
 from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
 from gateway.localserver import LocalServer
-from gateway.logs import JsonFormatter
+from gateway.logs import JsonFormatter, configure
 from tests.conftest import CHAT_MODEL
 from tests.test_cli import free_port, running, stop, wait_ready
 
@@ -48,4 +49,23 @@ def test_serve_logs_json_lines_with_one_access_line_per_request(tmp_path: Path, 
     assert any(line["logger"].startswith("uvicorn") for line in lines)  # uvicorn's own lines too
     assert "sk-client-secret" not in out
     assert "PRIVATE TEXT" not in out
-    assert os.environ.get("GATEWAY_LOG_FORMAT") is None
+
+
+def test_auto_format_is_json_off_a_terminal_and_console_is_readable(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+        configure("info", "auto")
+        assert isinstance(root.handlers[0].formatter, JsonFormatter)
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+        configure("info", "auto")
+        assert not isinstance(root.handlers[0].formatter, JsonFormatter)
+        configure("warning", "console")
+        record = logging.LogRecord("gateway.catalog", logging.WARNING, __file__, 1, "refresh failed", None, None)
+        line = root.handlers[0].format(record)
+        assert " WARNING gateway.catalog: refresh failed" in line
+        assert root.level == logging.WARNING
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
