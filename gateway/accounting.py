@@ -23,12 +23,14 @@ from gateway.keys import Caller
 from gateway.ledger import Ledger, UsageRecord
 from gateway.limits import RateLimiter, Ticket
 from gateway.pricing import cost_usd, min_cost_usd
-from gateway.usage import Usage, UsageMeter, client_wants_usage, with_include_usage
+from gateway.usage import DECODABLE_ENCODINGS, Usage, UsageMeter, client_wants_usage, with_include_usage
 from gateway.validation import prompt_tokens_lower_bound
 
 access_logger = logging.getLogger("gateway.access")
 
 COST_HEADER = b"x-gateway-cost-usd"
+# The member added to the usage object of a stream's usage chunk when its client asked for usage.
+STREAM_COST_MEMBER = "cost_usd"
 STREAMED_USAGE_PATHS = frozenset({routing.CHAT, routing.COMPLETIONS})
 
 
@@ -80,6 +82,7 @@ class Accounting:
         ledger: Ledger | None,
         *,
         include_usage: bool,
+        stream_cost: bool,
         access_log: bool,
         on_finish: Callable[[Exchange], None] | None = None,
     ) -> None:
@@ -87,6 +90,7 @@ class Accounting:
         self._budgets = budgets
         self._ledger = ledger
         self._include_usage = include_usage
+        self._stream_cost = stream_cost
         self._access_log = access_log
         self._on_finish = on_finish
 
@@ -121,11 +125,23 @@ class Accounting:
     def start_response(
         self, exchange: Exchange, status: int, headers: list[Header], event_stream: bool, strip: bool
     ) -> None:
+        """Open the response's meter: ``strip`` when the gateway asked for usage the client did not."""
         exchange.status = status
-        encoded = any(name.lower() == b"content-encoding" and value.strip().lower() != b"identity"
-                      for name, value in headers)  # fmt: skip
-        if exchange.entry is not None and not encoded:
-            exchange.meter = UsageMeter(event_stream=event_stream, strip_usage_chunk=strip)
+        entry = exchange.entry
+        if entry is None:
+            return
+        encoding = _content_encoding(headers)
+        if encoding is not None and (event_stream or encoding not in DECODABLE_ENCODINGS):
+            return  # bytes the meter cannot read
+        annotate = None
+        if event_stream and not strip and self._stream_cost and exchange.path in STREAMED_USAGE_PATHS:
+            path, fields = exchange.path, exchange.fields
+
+            def annotate(usage: Usage) -> dict[str, float] | None:
+                cost = cost_usd(entry, path, usage, fields)
+                return None if cost is None else {STREAM_COST_MEMBER: round(cost, 10)}
+
+        exchange.meter = UsageMeter(event_stream, strip, annotate=annotate, content_encoding=encoding)
 
     def cost_headers(self, exchange: Exchange, body: bytes) -> list[Header]:
         """For a whole (non-streamed) body: its usage and cost, to send as a response header."""
@@ -199,3 +215,12 @@ class Accounting:
         }
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})
+
+
+def _content_encoding(headers: list[Header]) -> bytes | None:
+    """The response's Content-Encoding, lower-cased; None when absent or ``identity``."""
+    for name, value in headers:
+        if name.lower() == b"content-encoding":
+            encoding = value.strip().lower()
+            return None if encoding in (b"", b"identity") else encoding
+    return None

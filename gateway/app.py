@@ -109,6 +109,7 @@ def create_app(
             Budgets(ledger.spend_usd if ledger else None),
             ledger,
             include_usage=usage.include_usage,
+            stream_cost=usage.stream_cost,
             access_log=settings.access_log,
             on_finish=metrics.observe,
         )

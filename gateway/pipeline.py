@@ -203,7 +203,7 @@ class Proxy:
                 event_stream=event_stream,
                 meter=exchange.meter,
                 late_headers=late,
-                body_may_shrink=strip_usage,
+                length_may_change=exchange.meter is not None and exchange.meter.rewrites,
             )
         finally:
             if event_stream:

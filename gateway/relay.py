@@ -66,13 +66,13 @@ async def relay(
     event_stream: bool = False,
     meter: Meter | None = None,
     late_headers: Callable[[bytes], list[Header]] | None = None,
-    body_may_shrink: bool = False,
+    length_may_change: bool = False,
 ) -> RelayResult:
     """Relay and close ``response``.
 
     ``event_stream``: the response is SSE (a break then ends it with an error event).
-    ``meter`` sees every chunk and returns what to send on (``body_may_shrink`` when it may drop
-    bytes: Content-Length is then not relayed). ``late_headers``, for bodies that are
+    ``meter`` sees every chunk and returns what to send on (``length_may_change`` when it may drop or
+    rewrite bytes: Content-Length is then not relayed). ``late_headers``, for bodies that are
     not streamed: the body is read whole first (up to MAX_LATE_HEADERS_BODY) and the headers it
     returns are added; a larger body is relayed as it comes, without them (and fed to ``meter``).
     """
@@ -81,7 +81,7 @@ async def relay(
     watch = _DisconnectWatch(receive, task)
     result = RelayResult(Outcome.COMPLETED, None)
     headers = client_response_headers(response.headers, extra_headers)
-    if body_may_shrink:  # the meter may drop bytes: the upstream's length would be wrong
+    if length_may_change:  # the meter may drop or rewrite bytes: the upstream's length would be wrong
         headers = [(name, value) for name, value in headers if name != b"content-length"]
     chunks = response.iter_raw()
     try:

@@ -112,6 +112,8 @@ class UsageSettings:
     flush_interval: float = _bounded(1.0, gt=0)
     # Ask the upstream for usage on streamed chat/completions (the extra chunk is hidden again).
     include_usage: bool = True
+    # Add the request's cost (usage.cost_usd) to the usage chunk of streams whose client asked for usage.
+    stream_cost: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,14 +6,20 @@ exception: when the gateway itself asked the upstream for streamed usage on the 
 (``with_include_usage``), the meter removes that one extra usage-only event from the stream, so
 the client receives exactly what it would have received without the gateway's request.
 
-The meter sees the bytes as relayed: a compressed body (``Content-Encoding: gzip``, ...) yields no
-usage. FlexAI sends SSE uncompressed; the gateway asks for ``identity`` when the client sent no
-``Accept-Encoding``.
+One more rewrite is asked for by the caller, never made on its own: with ``annotate``, the usage
+events of a stream whose client asked for usage get extra members in their ``usage`` object (the
+gateway's cost), re-encoded with orjson.
+
+A compressed JSON body (``Content-Encoding: gzip`` or ``deflate``) is metered from a decompressed
+copy, bounded like any JSON body; the client still gets the upstream's compressed bytes. Other
+encodings, and compressed event streams, yield no usage (FlexAI sends SSE uncompressed, and the
+gateway asks for ``identity`` when the client sent no ``Accept-Encoding``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,6 +43,9 @@ _CR_DROPPED: Final = 2  # the blank line of the stripped usage event: drop the L
 
 _INCLUDE_USAGE_MEMBER: Final = b'"stream_options":{"include_usage":true},'
 
+# Content-Encodings a JSON body is metered through, and zlib's window bits for each.
+DECODABLE_ENCODINGS: Final = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -55,6 +64,10 @@ class Usage:
     cached_tokens: int = 0
     units: float | None = None
     unit: str | None = None
+
+
+# Given the usage an event reported: members to add to its usage object (None: leave the event alone).
+Annotate = Callable[[Usage], Mapping[str, Any] | None]
 
 
 def usage_from_response(obj: Any) -> Usage | None:
@@ -132,8 +145,10 @@ class UsageMeter:
     was seen.
 
     JSON bodies (``event_stream=False``): every chunk is returned unchanged; up to
-    ``max_json_bytes`` are kept and parsed at ``finish()`` (a longer body: usage None).
-    ``strip_usage_chunk`` is ignored.
+    ``max_json_bytes`` are kept and parsed at ``finish()`` (a longer body: usage None). With
+    ``content_encoding`` (a key of ``DECODABLE_ENCODINGS``) the body is decompressed for metering,
+    at most ``max_json_bytes`` of output (a bomb costs nothing). ``strip_usage_chunk`` and
+    ``annotate`` are ignored.
 
     Event streams: ``data:`` lines are scanned as they pass (events may be split across chunks at any
     byte; LF, CRLF and CR line ends), only events mentioning a ``"usage"`` object are parsed, and the
@@ -143,14 +158,21 @@ class UsageMeter:
     line included, and every other byte is kept; complete events go out at once, and only an
     unfinished event at the end of a chunk is held back, until it completes (or exceeds
     ``max_event_bytes``: then it is sent on and no longer a candidate).
+
+    With ``annotate`` (the client asked for usage itself), events made of ``data:`` lines only whose
+    data is an object with a ``usage`` object are replaced by ``data: <json>`` whose ``usage`` has
+    the members ``annotate`` returns added (the rest of the object as parsed, re-encoded); holding
+    back works as for stripping. ``rewrites`` tells whether the meter may change the body's length.
     """
 
     __slots__ = (
         "_after_cr",
+        "_annotate",
         "_body",
         "_cr_context",
         "_data",
         "_data_size",
+        "_decoder",
         "_event_oversize",
         "_event_passthrough",
         "_event_stream",
@@ -160,7 +182,9 @@ class UsageMeter:
         "_line_oversize",
         "_max_event",
         "_max_json",
+        "_not_data_only",
         "_overflow",
+        "_rewrite",
         "_strip",
         "_usage",
     )
@@ -170,29 +194,41 @@ class UsageMeter:
         event_stream: bool,
         strip_usage_chunk: bool,
         *,
+        annotate: Annotate | None = None,
+        content_encoding: bytes | None = None,
         max_json_bytes: int = MAX_JSON_BYTES,
         max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         self._event_stream = event_stream
         self._strip = event_stream and strip_usage_chunk
+        self._annotate = annotate if event_stream else None
+        self._rewrite = self._strip or self._annotate is not None
         self._max_json = max_json_bytes
         self._max_event = max_event_bytes
         self._usage: Usage | None = None
         self._finished = False
         # JSON bodies
         self._body = bytearray()
-        self._overflow = False
+        self._overflow = False  # the body is not usable: too long, or not decodable
+        wbits = DECODABLE_ENCODINGS.get(content_encoding or b"")
+        self._decoder = None if wbits is None or event_stream else zlib.decompressobj(wbits)
         # Event streams: the parser
         self._line = bytearray()  # the unfinished line (without its line end)
         self._line_oversize = False
         self._data: list[bytes] = []  # the current event's data lines
         self._data_size = 0
         self._event_oversize = False
+        self._not_data_only = False  # the current event has lines other than data lines
         self._after_cr = False  # the previous chunk ended with CR
         self._cr_context = _CR_IN_EVENT
         # Event streams, stripping: the raw bytes of the unfinished event, held back
         self._held = bytearray()
         self._event_passthrough = False  # the current event was too long to hold: sent on as it comes
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether the bytes sent on may differ from those fed (the body's length is then unknown)."""
+        return self._rewrite
 
     def feed(self, chunk: bytes) -> bytes:
         """Watch one chunk; returns the bytes to send on to the client."""
@@ -236,6 +272,13 @@ class UsageMeter:
     def _keep_json(self, chunk: bytes) -> None:
         if self._overflow:
             return
+        if self._decoder is not None:
+            try:  # at most one byte past the bound: enough to know the body is too long
+                chunk = self._decoder.decompress(chunk, self._max_json - len(self._body) + 1)
+            except zlib.error:
+                self._overflow = True
+                self._body = bytearray()
+                return
         if len(self._body) + len(chunk) > self._max_json:
             self._overflow = True
             self._body = bytearray()
@@ -245,7 +288,7 @@ class UsageMeter:
     # Event streams
 
     def _scan(self, chunk: bytes) -> bytes:
-        strip = self._strip
+        rewrite = self._rewrite
         out: list[bytes] = []
         n = len(chunk)
         pos = 0
@@ -278,22 +321,25 @@ class UsageMeter:
                 else:
                     self._after_cr = True
             self._add_partial_line(chunk, pos, j)
-            event_ended, drop = self._end_line()
+            event_ended, replacement = self._end_line()
             pos = end
             if event_ended:
-                if strip:
-                    drop = drop and not self._event_passthrough
-                    if not drop:
+                if rewrite:
+                    if self._event_passthrough:  # its first bytes went out already: too late
+                        replacement = None
+                    if replacement is None:
                         if self._held:
                             out.append(bytes(self._held))
                         out.append(chunk[seg:end])
+                    elif replacement:
+                        out.append(replacement)
                     self._held.clear()
                     self._event_passthrough = False
                     seg = end
-                self._cr_context = _CR_DROPPED if drop else _CR_EMITTED
+                self._cr_context = _CR_EMITTED if replacement is None else _CR_DROPPED
             else:
                 self._cr_context = _CR_IN_EVENT
-        if not strip:
+        if not rewrite:
             return chunk
         if seg < n:
             if self._event_passthrough:
@@ -317,35 +363,38 @@ class UsageMeter:
             return
         self._line += chunk[start:stop]
 
-    def _end_line(self) -> tuple[bool, bool]:
-        """A line ended: (whether it ended the event, whether that event is the one to strip)."""
+    def _end_line(self) -> tuple[bool, bytes | None]:
+        """A line ended: whether it ended the event, and what replaces that event (None: itself)."""
         if self._line_oversize:
             self._line_oversize = False
             self._event_oversize = True
             self._data.clear()
-            return False, False
+            return False, None
         if not self._line:
-            drop = False
+            replacement = None
             if self._data and not self._event_oversize:
-                drop = self._inspect(self._data[0] if len(self._data) == 1 else b"\n".join(self._data))
+                replacement = self._inspect(self._data[0] if len(self._data) == 1 else b"\n".join(self._data))
             self._data.clear()
             self._data_size = 0
             self._event_oversize = False
-            return True, drop
+            self._not_data_only = False
+            return True, replacement
         line = bytes(self._line)
         self._line.clear()
         if not self._event_oversize:
             self._take_line(line)
-        return False, False
+        return False, None
 
     def _take_line(self, line: bytes) -> None:
         if not line.startswith(b"data"):
+            self._not_data_only = True
             return
         if len(line) == 4:
             value = b""
         elif line[4] == 0x3A:  # "data:"
             value = line[6:] if line[5:6] == b" " else line[5:]
         else:
+            self._not_data_only = True
             return  # another field whose name starts with "data"
         self._data_size += len(value)
         if self._data_size > self._max_event:
@@ -354,22 +403,33 @@ class UsageMeter:
             return
         self._data.append(value)
 
-    def _inspect(self, data: bytes) -> bool:
-        """Record the usage an event's data carries; True when it is a usage-only chunk."""
+    def _inspect(self, data: bytes) -> bytes | None:
+        """Record the usage an event's data carries; returns what replaces the event when rewriting
+        (``b""``: the usage-only chunk to strip), None to send it on as it is."""
         if not _mentions_usage_object(data):
-            return False
+            return None
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return False
+            return None
         if not isinstance(obj, dict):
-            return False
+            return None
         block = obj.get("usage")
         if not isinstance(block, dict):
-            return False
-        self._usage = _token_usage(block)
-        choices = obj.get("choices")
-        return isinstance(choices, list) and not choices
+            return None
+        self._usage = usage = _token_usage(block)
+        if self._strip:
+            choices = obj.get("choices")
+            return b"" if isinstance(choices, list) and not choices else None
+        if self._annotate is None or self._not_data_only:
+            return None
+        members = self._annotate(usage)
+        if not members:
+            return None
+        try:
+            return b"data: " + orjson.dumps({**obj, "usage": {**block, **members}}) + b"\n\n"
+        except orjson.JSONEncodeError:
+            return None
 
 
 def _mentions_usage_object(data: bytes) -> bool:

@@ -109,12 +109,27 @@ def test_streamed_usage_is_recorded_and_the_extra_chunk_is_hidden(
     )
     assert with_usage[-1].usage is not None  # asked for: delivered
     usage = with_usage[-1].usage
+    # ... with the request's cost added to the usage object (OpenAI's SDK keeps unknown members)
+    assert usage.model_extra is not None
+    assert usage.model_extra["cost_usd"] == pytest.approx(usage.total_tokens * PRICE_PER_TOKEN, abs=1e-10)
     server_url = str(sdk.base_url).removesuffix("/v1/")
     rows = usage_rows(LocalServer("127.0.0.1", 0, server_url), by="key", expected_requests=2)
     alice = next(r for r in rows if r["key"] == "alice")
     assert alice["requests"] == 2
     assert alice["completion_tokens"] == 2 * usage.completion_tokens
     assert alice["cost_usd"] == pytest.approx(2 * usage.total_tokens * PRICE_PER_TOKEN)
+
+
+def test_stream_cost_can_be_turned_off(start_gateway: StartGateway) -> None:
+    gateway = start_gateway({"GATEWAY_USAGE_STREAM_COST": "false"})
+    body = {"model": CHAT_MODEL, "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream(
+        "POST", gateway.url + CHAT, json=body, headers={"authorization": "Bearer sk-client"}, timeout=WAIT
+    ) as response:
+        relayed = b"".join(response.iter_raw())
+    assert response.status_code == 200
+    assert b'"usage":{' in relayed
+    assert b"cost_usd" not in relayed
 
 
 def test_non_streamed_answers_carry_their_cost(sdk: openai.OpenAI) -> None:

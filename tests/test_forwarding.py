@@ -351,6 +351,8 @@ def test_compressed_response_stays_compressed(
     assert gzip.decompress(raw) == EMBEDDING_PAYLOAD
     if "content-length" in headers:
         assert headers["content-length"] == str(len(raw))
+    # Metered from a decompressed copy: 2 prompt tokens at bge-m3's $0.02 per million.
+    assert headers["x-gateway-cost-usd"] == f"{2 * 0.02 / 1e6:.8f}"
 
 
 def test_without_accept_encoding_upstream_is_asked_for_identity(

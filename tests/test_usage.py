@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import tracemalloc
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -281,6 +284,86 @@ def test_stream_cut_with_continuous_usage_returns_the_last_seen() -> None:
 def test_stream_without_usage() -> None:
     stream, _ = chat_stream(b"\n", with_usage=False, usage_null=True)
     assert run(UsageMeter(True, True), [stream]) == (stream, None)
+
+
+# Annotating the usage chunk with the cost (the client asked for usage itself)
+
+
+def cost_of(usage: Usage) -> dict[str, float]:
+    return {"cost_usd": usage.total_tokens / 1000}
+
+
+def annotated(usage_event: bytes) -> bytes:
+    obj = orjson.loads(usage_event.strip()[len(b"data: ") :])
+    obj["usage"] = {**obj["usage"], "cost_usd": USAGE.total_tokens / 1000}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+@pytest.mark.parametrize("nl", FRAMINGS)
+def test_usage_chunk_annotated_at_every_split(nl: bytes) -> None:
+    stream, usage_event = chat_stream(nl, tokens=3, keepalive=True)
+    expected = stream.replace(usage_event, annotated(usage_event))
+    assert b'"cost_usd":0.017' in expected
+    for offset in range(len(stream) + 1):
+        meter = UsageMeter(True, False, annotate=cost_of)
+        assert meter.rewrites
+        assert run(meter, split(stream, [offset])) == (expected, USAGE), offset
+    byte_by_byte = [stream[i : i + 1] for i in range(len(stream))]
+    assert run(UsageMeter(True, False, annotate=cost_of), byte_by_byte) == (expected, USAGE)
+
+
+def test_annotation_leaves_other_events_and_non_data_events_alone() -> None:
+    # Continuous usage: every usage object gets the cost of the usage it reports.
+    first = event(chunk_payload({"content": "a"}, usage={"prompt_tokens": 3, "completion_tokens": 1}), b"\n")
+    with_id = b"id: 9\n" + event(usage_payload(), b"\n")  # an event with other fields: not re-encoded
+    null_usage = event(chunk_payload({}, "stop", usage=None), b"\n")
+    stream = first + with_id + null_usage + b"data: [DONE]\n\n"
+    out, usage = run(UsageMeter(True, False, annotate=cost_of), [stream])
+    assert usage == USAGE
+    first_out = orjson.loads(out.split(b"\n\n")[0].removeprefix(b"data: "))
+    assert first_out["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "cost_usd": 0.004}
+    assert out.endswith(with_id + null_usage + b"data: [DONE]\n\n")
+
+
+def test_annotation_declined_leaves_the_stream_byte_for_byte() -> None:
+    stream, _ = chat_stream(b"\n")
+    assert run(UsageMeter(True, False, annotate=lambda usage: None), split(stream, [50, 300])) == (stream, USAGE)
+    assert not UsageMeter(True, False).rewrites
+    assert not UsageMeter(False, True, annotate=cost_of).rewrites  # JSON bodies are never rewritten
+
+
+# Compressed JSON bodies
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        (b"gzip", gzip.compress),
+        (b"x-gzip", gzip.compress),
+        (b"deflate", zlib.compress),
+    ],
+)
+def test_compressed_json_body_is_metered_from_a_copy(encoding: bytes, compress: Callable[[bytes], bytes]) -> None:
+    body = compress(orjson.dumps({"id": "x", "choices": [], "usage": USAGE_BLOCK}))
+    meter = UsageMeter(False, False, content_encoding=encoding)
+    parts = split(body, [1, 7, 20])
+    assert [meter.feed(part) for part in parts] == parts  # the client gets the compressed bytes
+    assert meter.finish() == USAGE
+
+
+def test_compressed_json_body_garbage_or_bomb_gives_unknown_usage_in_bounded_memory() -> None:
+    assert run(UsageMeter(False, False, content_encoding=b"gzip"), [b"not gzip at all"]) == (b"not gzip at all", None)
+    bomb = gzip.compress(b'{"usage": {"prompt_tokens": 1}, "pad": "' + b"x" * (64 << 20) + b'"}')
+    meter = UsageMeter(False, False, content_encoding=b"gzip", max_json_bytes=65536)
+    tracemalloc.start()
+    try:
+        for part in split(bomb, list(range(0, len(bomb), 16384))):
+            meter.feed(part)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # 64 MiB of output never materialises
+    assert meter.finish() is None
 
 
 # Asking for streamed usage
