@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,7 +21,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.cli import main
-from gateway.demo import DemoState
+from gateway.demo import DemoState, default_catalog
 from gateway.ledger import summarize
 from gateway.localserver import LocalServer, serve_in_thread
 from gateway.settings import load_settings
@@ -130,6 +133,67 @@ def test_stream_cost_can_be_turned_off(start_gateway: StartGateway) -> None:
     assert response.status_code == 200
     assert b'"usage":{' in relayed
     assert b"cost_usd" not in relayed
+
+
+def test_a_stream_cut_by_the_client_is_recorded_as_cut_with_what_was_generated(
+    start_gateway: StartGateway, ledger: Path
+) -> None:
+    """An upstream reporting usage as it goes (vLLM's continuous usage); the client hangs up mid-stream."""
+    catalog = orjson.dumps(default_catalog())
+    events = [
+        b"data: "
+        + orjson.dumps(
+            {
+                "choices": [{"index": 0, "delta": {"content": f"word{n} "}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n},
+            }
+        )
+        + b"\n\n"
+        for n in (1, 2)
+    ]
+    hung_up = threading.Event()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/api/models":
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": catalog})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for chunk in events:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # ... and then nothing more, until the gateway hangs up (bounded).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WAIT):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                hung_up.set()
+
+    with serve_in_thread(upstream) as inline:
+        gateway = start_gateway({"GATEWAY_USAGE_PATH": str(ledger), "GATEWAY_USAGE_FLUSH_INTERVAL": "0.05"}, inline.url)
+        body = {"model": CHAT_MODEL, "messages": MESSAGES, "stream": True}
+        seen = 0
+        with httpx.stream(
+            "POST", gateway.url + CHAT, json=body, headers={"authorization": "Bearer sk"}, timeout=WAIT
+        ) as r:
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen == 2:
+                    break  # the client hangs up with the stream still open
+        rows: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + WAIT
+        while not rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if ledger.exists():
+                with contextlib.closing(sqlite3.connect(ledger)) as db:
+                    rows = db.execute(
+                        "SELECT outcome, cut, prompt_tokens, completion_tokens, cost_usd FROM usage"
+                    ).fetchall()
+    assert rows == [("client_disconnected", 1, 10, 2, pytest.approx(12 * PRICE_PER_TOKEN))]
+    assert hung_up.is_set()  # and the upstream's stream was cancelled
 
 
 def test_non_streamed_answers_carry_their_cost(sdk: openai.OpenAI) -> None:
