@@ -22,6 +22,7 @@ from gateway.accounting import Accounting
 from gateway.breaker import Breakers
 from gateway.budgets import Budgets
 from gateway.catalog import Catalog
+from gateway.drain import Drain, drain_on_signals
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, UnknownPath
 from gateway.key_auth import KeyAuthMiddleware
 from gateway.keys import KeyRing
@@ -62,7 +63,8 @@ def create_app(
     breakers = Breakers(settings.upstream.breaker_failures, settings.upstream.breaker_cooldown)
     up = settings.upstream
     shaper = UpstreamShaper(up.concurrency, up.rpm, up.queue_timeout)
-    runtime = Runtime(breakers, shaper, KeyRing(settings.keys) if keys_mode else None)
+    drain = Drain(settings.server.shutdown_grace)
+    runtime = Runtime(breakers, shaper, drain, KeyRing(settings.keys) if keys_mode else None)
     local = LocalRoutes(settings, runtime)
     routable = frozenset(settings.catalog.routable_health)
 
@@ -119,7 +121,8 @@ def create_app(
             reloader = KeyReloader(config_path, os.environ if env is None else env, settings, runtime)
             watcher = asyncio.create_task(reloader.watch(settings.auth.reload_interval))
         try:
-            yield
+            with drain_on_signals(drain):  # SIGTERM: drain first, then uvicorn's shutdown
+                yield
         finally:
             runtime.upstream_open = False
             if watcher is not None:

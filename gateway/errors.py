@@ -157,6 +157,16 @@ class Overloaded(GatewayError):
     code = "overloaded"
 
 
+class ShuttingDown(GatewayError):
+    """The gateway is draining before it exits: another instance (or this one restarted) will answer."""
+
+    status = 503
+    code = "shutting_down"
+
+    def __init__(self, message: str = "The gateway is shutting down; retry the request.") -> None:
+        super().__init__(message, retry_after=1, headers=[(b"connection", b"close")])
+
+
 class ModelUnavailable(GatewayError):
     status = 503
     code = "model_unavailable"

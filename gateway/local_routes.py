@@ -119,10 +119,11 @@ class LocalRoutes:
         snapshot = catalog.snapshot
         if snapshot is None:
             catalog.start()  # keep trying while not ready (respects the refresh backoff)
-        ready = snapshot is not None and self._runtime.upstream_open
+        draining = self._runtime.drain.draining
+        ready = snapshot is not None and self._runtime.upstream_open and not draining
         age = catalog.age()
         body = {
-            "status": "ready" if ready else "not ready",
+            "status": "draining" if draining else "ready" if ready else "not ready",
             "catalog": {
                 "loaded": snapshot is not None,
                 "age_seconds": None if age is None else round(age, 1),

@@ -29,6 +29,7 @@ from gateway.auth import UpstreamAuth
 from gateway.body import ClientDisconnected, model_of, parse_json_object, parse_multipart, read_body
 from gateway.breaker import Breakers, Pass
 from gateway.catalog import Catalog
+from gateway.drain import Drain
 from gateway.entries import ModelEntry
 from gateway.errors import (
     GatewayError,
@@ -36,6 +37,7 @@ from gateway.errors import (
     InvalidRequest,
     MethodNotAllowed,
     Overloaded,
+    ShuttingDown,
     UpstreamError,
     send_error,
 )
@@ -71,10 +73,11 @@ class Runtime:
 
     accounting: Accounting
 
-    def __init__(self, breakers: Breakers, shaper: UpstreamShaper, keys: KeyRing | None = None) -> None:
+    def __init__(self, breakers: Breakers, shaper: UpstreamShaper, drain: Drain, keys: KeyRing | None = None) -> None:
         self.keys = keys  # swapped whole on a reload
         self.breakers = breakers
         self.shaper = shaper
+        self.drain = drain
         self.in_flight = 0  # proxied requests being handled now
         self.open_streams = 0  # event streams being relayed now
 
@@ -107,19 +110,25 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope_request_id(scope).decode(), scope["method"], scope["path"])
         runtime = self._runtime
-        if self._max_in_flight and runtime.in_flight >= self._max_in_flight:
-            overloaded = Overloaded(
+        refusal: GatewayError | None = None
+        if runtime.drain.draining:
+            refusal = ShuttingDown()
+        elif self._max_in_flight and runtime.in_flight >= self._max_in_flight:
+            refusal = Overloaded(
                 f"The gateway is at its limit of {self._max_in_flight} requests in flight; retry shortly.",
                 retry_after=1,
             )
-            exchange.status, exchange.outcome, exchange.error_code = overloaded.status, "refused", overloaded.code
-            await send_error(send, overloaded, [])
+        if refusal is not None:
+            exchange.status, exchange.outcome, exchange.error_code = refusal.status, "refused", refusal.code
+            await send_error(send, refusal, [])
             runtime.accounting.finish(exchange)
             return
         runtime.in_flight += 1
+        task = runtime.drain.track()
         try:
             await self._handle(scope, receive, send, exchange)
         finally:
+            runtime.drain.untrack(task)
             runtime.in_flight -= 1
             runtime.accounting.finish(exchange)
 
@@ -147,6 +156,14 @@ class Proxy:
                 return
             except ClientDisconnected:
                 exchange.outcome = "client_disconnected"
+                return
+            except asyncio.CancelledError:
+                if not self._runtime.drain.expired:
+                    raise
+                _uncancel()  # the shutdown's grace is over: answer rather than vanish
+                stopped = ShuttingDown()
+                exchange.status, exchange.outcome, exchange.error_code = stopped.status, "shut_down", stopped.code
+                await send_error(send, stopped, extra)
                 return
             except Exception:
                 logger.exception("unexpected error on %s %s (request %s)", exchange.method, exchange.path,
@@ -204,6 +221,7 @@ class Proxy:
                 meter=exchange.meter,
                 late_headers=late,
                 length_may_change=exchange.meter is not None and exchange.meter.rewrites,
+                shutdown=self._runtime.drain,
             )
         finally:
             if event_stream:
@@ -363,3 +381,9 @@ def _header(headers: list[Header], name: bytes) -> str:
 def _content_length(headers: list[Header]) -> int | None:
     value = _header(headers, b"content-length")
     return int(value) if value.isdigit() else None
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable, send_error
+from gateway.errors import ShuttingDown, UpstreamTimeout, UpstreamUnavailable, send_error
 from gateway.headers import Header, client_response_headers
 from gateway.upstream import UpstreamResponse, UpstreamStreamError
 
@@ -33,6 +33,14 @@ class Outcome(enum.Enum):
     COMPLETED = "completed"
     CLIENT_DISCONNECTED = "client_disconnected"
     UPSTREAM_BROKEN = "upstream_broken"
+    SHUT_DOWN = "shut_down"  # stopped at the end of the shutdown grace period
+
+
+class Shutdown(Protocol):
+    """Whether a cancellation of the relay is the shutdown stopping it (see ``gateway.drain``)."""
+
+    @property
+    def expired(self) -> bool: ...
 
 
 class Meter(Protocol):
@@ -67,6 +75,7 @@ async def relay(
     meter: Meter | None = None,
     late_headers: Callable[[bytes], list[Header]] | None = None,
     length_may_change: bool = False,
+    shutdown: Shutdown | None = None,
 ) -> RelayResult:
     """Relay and close ``response``.
 
@@ -75,6 +84,8 @@ async def relay(
     rewrite bytes: Content-Length is then not relayed). ``late_headers``, for bodies that are
     not streamed: the body is read whole first (up to MAX_LATE_HEADERS_BODY) and the headers it
     returns are added; a larger body is relayed as it comes, without them (and fed to ``meter``).
+    A cancellation while ``shutdown.expired`` ends the response cleanly: an error answer if nothing
+    was sent yet, else an error event for a stream, else an unfinished body.
     """
     task = asyncio.current_task()
     assert task is not None
@@ -84,6 +95,7 @@ async def relay(
     if length_may_change:  # the meter may drop or rewrite bytes: the upstream's length would be wrong
         headers = [(name, value) for name, value in headers if name != b"content-length"]
     chunks = response.iter_raw()
+    started = False
     try:
         pending = b""
         if late_headers is not None:
@@ -104,6 +116,7 @@ async def relay(
                 pending = whole
                 meter = None  # late_headers has read the body
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        started = True
         if pending:
             await _send_chunk(send, meter.feed(pending) if meter else pending, result)
         async for chunk in chunks:
@@ -116,11 +129,26 @@ async def relay(
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return result
     except asyncio.CancelledError:
-        if not watch.disconnected:
-            raise  # cancelled from outside (shutdown): let it propagate
+        if watch.disconnected:
+            task.uncancel()
+            # A client that hangs up after the stream's [DONE] (as the SDKs do) received all of it.
+            result.outcome = Outcome.COMPLETED if result.done_sent else Outcome.CLIENT_DISCONNECTED
+            return result
+        if shutdown is None or not shutdown.expired:
+            raise  # cancelled from outside: let it propagate
         task.uncancel()
-        # A client that hangs up after the stream's [DONE] (as the SDKs do) received all of it.
-        result.outcome = Outcome.COMPLETED if result.done_sent else Outcome.CLIENT_DISCONNECTED
+        watch.stand_down()
+        result.outcome = Outcome.SHUT_DOWN
+        if not started:
+            stopped = ShuttingDown()
+            await send_error(send, stopped, extra_headers)
+            result.status = stopped.status
+        elif event_stream:
+            message = "The gateway is shutting down and ended the stream before its end"
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": _stream_error_event(message, "shutting_down"),
+                            "more_body": True})  # fmt: skip
+            await _end_body(send)
         return result
     except UpstreamStreamError as exc:
         logger.warning("upstream stream broke mid-response: %s", exc)
@@ -131,8 +159,9 @@ async def relay(
             # chunk (or short of Content-Length), so the client sees a truncated body, never a whole one.
             return result
         # The status is gone already: end the stream with an error event the SDKs raise on.
+        error_event = _stream_error_event(f"The upstream stream broke: {exc}", "upstream_stream_error")
         with contextlib.suppress(Exception):
-            await send({"type": "http.response.body", "body": _stream_error_event(str(exc)), "more_body": True})
+            await send({"type": "http.response.body", "body": error_event, "more_body": True})
         await _end_body(send)
         return result
     finally:
@@ -140,10 +169,9 @@ async def relay(
         await response.aclose()
 
 
-def _stream_error_event(reason: str) -> bytes:
+def _stream_error_event(message: str, code: str) -> bytes:
     """OpenAI's stream error shape; the leading blank line ends any event the upstream left half-sent."""
-    error = {"message": f"The upstream stream broke: {reason}.", "type": "server_error", "param": None,
-             "code": "upstream_stream_error"}  # fmt: skip
+    error = {"message": f"{message}.", "type": "server_error", "param": None, "code": code}
     return b"\n\ndata: " + orjson.dumps({"error": error}) + b"\n\n"
 
 

@@ -88,7 +88,8 @@ class LimitsSettings:
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    # Seconds in-flight requests and streams may take to finish after SIGTERM before they are closed.
+    # Seconds in-flight requests and streams may take to finish after SIGTERM before they are stopped
+    # (gateway.drain: meanwhile /readyz answers 503 and new requests are refused).
     shutdown_grace: int = _bounded(30, ge=0)
 
 

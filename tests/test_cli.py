@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 from gateway.cli import main
 from gateway.localserver import LocalServer
 from tests.conftest import CHAT_MODEL
+from tests.helpers_upstreams import FaultyUpstream
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
 START_TIMEOUT = 20.0
@@ -184,3 +186,93 @@ def test_serve_with_two_workers(tmp_path: Path, upstream: LocalServer) -> None:
     assert out.count("Started server process") == 2  # two workers, each with its own app
     assert code == 0
     assert "Traceback" not in out
+
+
+# Graceful shutdown: SIGTERM drains (readiness off, new requests refused) before the process exits.
+
+CHAT_BODY = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def drained(url: str) -> None:
+    """Wait (bounded) until the gateway reports draining on /readyz."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        answer = httpx.get(url + "/readyz", timeout=2)
+        if answer.status_code == 503 and answer.json()["status"] == "draining":
+            return
+        time.sleep(0.02)
+    raise AssertionError("the gateway did not start draining")
+
+
+def serve_in_front_of(
+    faulty: FaultyUpstream, tmp_path: Path, grace: int
+) -> tuple[str, AbstractContextManager[subprocess.Popen[str]]]:
+    port = free_port()
+    env = {"GATEWAY_UPSTREAM_URL": faulty.url, "GATEWAY_SERVER_SHUTDOWN_GRACE": str(grace), "GATEWAY_USAGE_PATH": ""}
+    return f"http://127.0.0.1:{port}", running(["serve", "--port", str(port)], env, tmp_path)
+
+
+def test_sigterm_drains_then_ends_a_stream_still_open_at_the_end_of_the_grace(tmp_path: Path) -> None:
+    with FaultyUpstream("stall") as faulty:  # a stream that sends two events, then nothing
+        url, process = serve_in_front_of(faulty, tmp_path, grace=2)
+        with process as proc:
+            wait_ready(url, proc)
+            with (
+                httpx.Client(base_url=url, timeout=15) as http,
+                http.stream("POST", "/v1/chat/completions", json={**CHAT_BODY, "stream": True}) as stream,
+            ):
+                lines = stream.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                proc.send_signal(signal.SIGTERM)
+                drained(url)
+                # New requests are refused while the open stream carries on.
+                refused = httpx.post(url + "/v1/chat/completions", json=CHAT_BODY, timeout=5)
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "shutting_down"
+                assert refused.headers["retry-after"] == "1"
+                assert refused.headers["connection"] == "close"
+                rest = list(lines)  # ends when the gateway ends the stream at the end of the grace
+            events = [orjson.loads(line.removeprefix("data: ")) for line in rest if line.startswith("data: {")]
+            assert events[-1]["error"]["code"] == "shutting_down"
+            assert stream.status_code == 200
+            code, out = proc.wait(timeout=15), proc.communicate(timeout=5)[0]
+    assert code == 0
+    assert "Traceback" not in out
+    assert "stopping 1 requests still in flight" in out
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits(tmp_path: Path) -> None:
+    with FaultyUpstream("slow") as faulty, ThreadPoolExecutor(2) as pool:
+        faulty.body_kind, faulty.head_delay = "json", 1.0
+        url, process = serve_in_front_of(faulty, tmp_path, grace=30)
+        with process as proc:
+            wait_ready(url, proc)
+            pending = pool.submit(httpx.post, url + "/v1/chat/completions", json=CHAT_BODY, timeout=15)
+            deadline = time.monotonic() + START_TIMEOUT
+            while faulty.answering < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            answer = pending.result(timeout=15)
+            assert answer.status_code == 200  # finished within the grace, whole
+            assert answer.json()["choices"][0]["message"]["content"]
+            code, out = proc.wait(timeout=15), proc.communicate(timeout=5)[0]  # long before the 30 s grace
+    assert code == 0
+    assert "drained in" in out
+    assert "Traceback" not in out
+
+
+def test_a_request_still_waiting_for_the_upstream_at_the_end_of_the_grace_gets_503(tmp_path: Path) -> None:
+    with FaultyUpstream("hang") as faulty, ThreadPoolExecutor(2) as pool:
+        url, process = serve_in_front_of(faulty, tmp_path, grace=1)
+        with process as proc:
+            wait_ready(url, proc)
+            pending = pool.submit(httpx.post, url + "/v1/chat/completions", json=CHAT_BODY, timeout=15)
+            deadline = time.monotonic() + START_TIMEOUT
+            while faulty.answering < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            answer = pending.result(timeout=15)
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "shutting_down"
+            code = proc.wait(timeout=15)
+    assert code == 0
