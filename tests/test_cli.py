@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -212,6 +212,16 @@ def serve_in_front_of(
     return f"http://127.0.0.1:{port}", running(["serve", "--port", str(port)], env, tmp_path)
 
 
+def in_flight(pool: ThreadPoolExecutor, url: str, faulty: FaultyUpstream) -> Future[httpx.Response]:
+    """A chat request sent from ``pool``, once the upstream has it (bounded wait)."""
+    pending = pool.submit(httpx.post, url + "/v1/chat/completions", json=CHAT_BODY, timeout=15)
+    deadline = time.monotonic() + START_TIMEOUT
+    while faulty.answering < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert faulty.answering == 1
+    return pending
+
+
 def test_sigterm_drains_then_ends_a_stream_still_open_at_the_end_of_the_grace(tmp_path: Path) -> None:
     with FaultyUpstream("stall") as faulty:  # a stream that sends two events, then nothing
         url, process = serve_in_front_of(faulty, tmp_path, grace=2)
@@ -247,10 +257,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits(tmp_path: Path) -> No
         url, process = serve_in_front_of(faulty, tmp_path, grace=30)
         with process as proc:
             wait_ready(url, proc)
-            pending = pool.submit(httpx.post, url + "/v1/chat/completions", json=CHAT_BODY, timeout=15)
-            deadline = time.monotonic() + START_TIMEOUT
-            while faulty.answering < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            pending = in_flight(pool, url, faulty)
             proc.send_signal(signal.SIGTERM)
             answer = pending.result(timeout=15)
             assert answer.status_code == 200  # finished within the grace, whole
@@ -266,10 +273,7 @@ def test_a_request_still_waiting_for_the_upstream_at_the_end_of_the_grace_gets_5
         url, process = serve_in_front_of(faulty, tmp_path, grace=1)
         with process as proc:
             wait_ready(url, proc)
-            pending = pool.submit(httpx.post, url + "/v1/chat/completions", json=CHAT_BODY, timeout=15)
-            deadline = time.monotonic() + START_TIMEOUT
-            while faulty.answering < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            pending = in_flight(pool, url, faulty)
             proc.send_signal(signal.SIGTERM)
             answer = pending.result(timeout=15)
             assert answer.status_code == 503
