@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from starlette.applications import Starlette
@@ -18,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.accounting import Accounting
+from gateway.accounting import Accounting, Exchange
 from gateway.breaker import Breakers
 from gateway.budgets import Budgets
 from gateway.catalog import Catalog
@@ -39,8 +40,12 @@ from gateway.request_id import RequestIdMiddleware
 from gateway.routing import is_routable
 from gateway.settings import Settings, load_settings, resolve_config_path
 from gateway.shaping import UpstreamShaper
+from gateway.tracing import build_tracing, traced
 from gateway.upstream import HttpxUpstream, Upstream
 from gateway.upstream_aiohttp import AiohttpUpstream
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 logger = logging.getLogger("gateway")
 
@@ -52,12 +57,14 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     config_path: Path | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    span_exporter: SpanExporter | None = None,
 ) -> Front:
     """The gateway as an ASGI app.
 
     ``transport`` replaces the network under the upstream client (and selects the httpx client);
     ``config_path`` (with the ``env`` it was loaded with) is the file whose keys are reloaded on
-    SIGHUP or change.
+    SIGHUP or change; ``span_exporter`` replaces the configured one when ``[tracing]`` is on (tests).
     """
     keys_mode = settings.auth_mode == "keys"
     breakers = Breakers(settings.upstream.breaker_failures, settings.upstream.breaker_cooldown)
@@ -88,6 +95,9 @@ def create_app(
         )
 
     metrics = Metrics(metrics_state)
+    tracing = runtime.tracing = build_tracing(settings.tracing, settings.upstream.url, span_exporter)
+    # Each request's outcome goes to the metrics, and with tracing on onto its span too.
+    on_finish = metrics.observe if tracing is None else _both(metrics.observe, tracing.finished)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
@@ -113,8 +123,10 @@ def create_app(
             include_usage=usage.include_usage,
             stream_cost=usage.stream_cost,
             access_log=settings.access_log,
-            on_finish=metrics.observe,
+            on_finish=on_finish,
         )
+        if tracing is not None:
+            tracing.start()
         runtime.upstream_open = True  # started: readiness and metrics may read the runtime
         watcher = None
         if keys_mode and config_path is not None:
@@ -132,6 +144,8 @@ def create_app(
             await upstream.aclose()
             if ledger is not None:
                 await ledger.aclose()  # writes what is still queued
+            if tracing is not None:
+                await tracing.aclose()  # exports the spans still queued
 
     routes = [
         Route("/healthz", local.healthz, methods=["GET"]),
@@ -154,9 +168,11 @@ def create_app(
     )
     return Front(
         local_app,
-        proxy=RequestIdMiddleware(KeyAuthMiddleware(Proxy(settings, runtime), runtime)),
+        proxy=RequestIdMiddleware(traced(KeyAuthMiddleware(Proxy(settings, runtime), runtime), tracing)),
         # Dry run: what would the gateway do with this request? (never forwarded)
-        dry_run=RequestIdMiddleware(KeyAuthMiddleware(Proxy(settings, runtime, dry_run=True), runtime)),
+        dry_run=RequestIdMiddleware(
+            traced(KeyAuthMiddleware(Proxy(settings, runtime, dry_run=True), runtime), tracing)
+        ),
     )
 
 
@@ -180,6 +196,14 @@ class Front:
                 await self._proxy(scope, receive, send)
                 return
         await self._local(scope, receive, send)
+
+
+def _both(first: Callable[[Exchange], None], then: Callable[[Exchange], None]) -> Callable[[Exchange], None]:
+    def both(exchange: Exchange) -> None:
+        first(exchange)
+        then(exchange)
+
+    return both
 
 
 def _error_response(error: GatewayError) -> Response:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -51,6 +51,9 @@ from gateway.shaping import Slot, UpstreamShaper
 from gateway.upstream import Upstream, UpstreamResponse
 from gateway.validation import CHECKS, Violation, alternatives, requested_completion_tokens, validate
 
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
+
 logger = logging.getLogger("gateway.pipeline")
 
 Scope = MutableMapping[str, Any]
@@ -72,6 +75,7 @@ class Runtime:
     upstream_open: bool = False
 
     accounting: Accounting
+    tracing: Tracing | None = None  # None: tracing is off
 
     def __init__(self, breakers: Breakers, shaper: UpstreamShaper, drain: Drain, keys: KeyRing | None = None) -> None:
         self.keys = keys  # swapped whole on a reload
@@ -285,12 +289,16 @@ class Proxy:
         upstream_headers = upstream_request_headers(
             headers, self._auth.upstream_authorization(headers), exchange.request_id.encode()
         )
+        send = self._runtime.upstream.send
+        tracing = self._runtime.tracing
+        if tracing is not None:
+            tracing.admitted()  # admission ends: the request goes upstream now
+            send = partial(tracing.send_upstream, send)
         exchange.upstream_started = time.perf_counter()
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                response = await self._runtime.upstream.send(scope["method"], target.decode("latin-1"),
-                                                             upstream_headers, body)  # fmt: skip
+                response = await send(scope["method"], target.decode("latin-1"), upstream_headers, body)
             except UpstreamError as error:
                 if error.retryable and not last:
                     exchange.retries += 1

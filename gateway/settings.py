@@ -9,6 +9,7 @@ the key, before any socket is bound.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import tomllib
@@ -31,14 +32,20 @@ ValidationMode = Literal["enforce", "warn", "off"]
 UpstreamClient = Literal["aiohttp", "httpx"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+TracingExporter = Literal["otlp", "console"]
+
+# What to run when [tracing] is on but OpenTelemetry is not installed.
+TRACING_INSTALL = "pip install 'flexai-gateway[tracing]'"
 
 
 class SettingsError(ValueError):
     """A setting is missing, unknown or invalid; the message names the key."""
 
 
-def _bounded(default: float | None, *, gt: float | None = None, ge: float | None = None) -> Any:
-    return field(default=default, metadata={"gt": gt, "ge": ge})
+def _bounded(
+    default: float | None, *, gt: float | None = None, ge: float | None = None, le: float | None = None
+) -> Any:
+    return field(default=default, metadata={"gt": gt, "ge": ge, "le": le})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +125,20 @@ class UsageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    # OpenTelemetry spans per proxied request (needs the `tracing` extra). Off: nothing is imported.
+    enabled: bool = False
+    # "otlp": OTLP over HTTP/protobuf to `endpoint`; "console": spans as JSON lines on stderr.
+    exporter: TracingExporter = "otlp"
+    # The collector's traces URL (http://collector:4318/v1/traces); "": the OTel SDK's default and
+    # its OTEL_EXPORTER_OTLP_* environment variables.
+    endpoint: str = ""
+    service_name: str = "flexai-gateway"
+    # Share of new traces recorded; a request that arrives with a traceparent follows its sampled flag.
+    sample_ratio: float = _bounded(1.0, ge=0, le=1)
+
+
+@dataclass(frozen=True, slots=True)
 class KeySettings:
     """One gateway key: who it is, the SHA-256 of its secret, and its policy ([[keys]] tables)."""
 
@@ -159,6 +180,7 @@ class Settings:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     keys: tuple[KeySettings, ...] = ()
 
     @property
@@ -328,11 +350,13 @@ def _number(raw: Any, hint: type[int] | type[float], where: str, *, from_env: bo
 
 
 def _check_bounds(value: Any, metadata: Mapping[str, Any], where: str) -> None:
-    gt, ge = metadata.get("gt"), metadata.get("ge")
+    gt, ge, le = metadata.get("gt"), metadata.get("ge"), metadata.get("le")
     if gt is not None and not value > gt:
         raise SettingsError(f"{where}: must be greater than {gt}, got {value!r}")
     if ge is not None and not value >= ge:
         raise SettingsError(f"{where}: must be at least {ge}, got {value!r}")
+    if le is not None and not value <= le:
+        raise SettingsError(f"{where}: must be at most {le}, got {value!r}")
 
 
 def _check_cross_field(s: Settings) -> None:
@@ -347,6 +371,7 @@ def _check_cross_field(s: Settings) -> None:
         raise SettingsError("host: must not be empty")
     if not s.catalog.routable_health:
         raise SettingsError("[catalog] routable_health: must name at least one health status")
+    _check_tracing(s.tracing)
 
     _check_keys(s)
     has_key = bool(s.upstream.api_key)
@@ -372,6 +397,33 @@ def _check_cross_field(s: Settings) -> None:
         )
     if mode == "open" and not has_key:
         raise SettingsError('[auth] mode: "open" sends the gateway\'s upstream key, but none is set')
+
+
+def _check_tracing(t: TracingSettings) -> None:
+    if t.endpoint:
+        url = urlsplit(t.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SettingsError(f"[tracing] endpoint: must be an http(s) URL with a host, got {t.endpoint!r}")
+    if not t.service_name:
+        raise SettingsError("[tracing] service_name: must not be empty")
+    if t.enabled:
+        needed = ["opentelemetry.sdk.trace"]
+        if t.exporter == "otlp":
+            needed.append("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+        missing = [name for name in needed if not _installed(name)]
+        if missing:
+            raise SettingsError(
+                f"[tracing] enabled: tracing needs OpenTelemetry, which is not installed ({', '.join(missing)} "
+                f"not found): {TRACING_INSTALL}, or turn tracing off"
+            )
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (its parent packages are imported to find out)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
