@@ -25,6 +25,7 @@ from gateway.budgets import Budgets
 from gateway.catalog import Catalog
 from gateway.drain import Drain, drain_on_signals
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, UnknownPath
+from gateway.heap import freeze_startup_heap
 from gateway.key_auth import KeyAuthMiddleware
 from gateway.keys import KeyRing
 from gateway.ledger import Ledger
@@ -246,4 +247,6 @@ def create_app_from_env() -> Front:
     path = resolve_config_path(None, os.environ)
     settings = load_settings(path, os.environ)
     configure_logging(settings.log_level, settings.log_format)  # a fresh process: set its logging up too
-    return create_app(settings, config_path=path)
+    app = create_app(settings, config_path=path)
+    freeze_startup_heap()
+    return app

@@ -17,6 +17,7 @@ import httpx
 import orjson
 
 from gateway.entries import CATEGORIES, ModelEntry, parse_catalog
+from gateway.heap import freeze_startup_heap
 from gateway.keys import new_key
 from gateway.ledger import SUMMARY_GROUPS, summarize
 from gateway.logs import configure as configure_logging
@@ -109,6 +110,7 @@ def _run(settings: Settings, config_path: Path | None = None, workers: int = 1) 
     # that handler exit 0, since a requested, completed shutdown is a success.
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
     app: Any = "gateway.app:create_app_from_env" if workers > 1 else create_app(settings, config_path=config_path)
+    freeze_startup_heap()  # (each worker of --workers N does it in create_app_from_env)
     uvicorn.run(app, factory=workers > 1, workers=workers if workers > 1 else None, **uvicorn_options(settings))
 
 

@@ -3,6 +3,10 @@
 Nothing is buffered: each chunk is sent on as soon as it is read. While relaying, a watcher waits on
 ``receive()`` for the client's disconnect and cancels the relay at once, so an abandoned stream stops
 the upstream generation instead of running on. The upstream response is closed on every path.
+
+A small body that had arrived whole with the response headers (most non-streamed answers) is relayed
+without a watcher: the relay then never waits, neither on the upstream nor on the client's socket,
+so a watcher could never run before the relay ends (it would only cost a task per request).
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ SSE_DONE = b"data: [DONE]"
 
 # A body is read whole before its headers go out (for headers computed from it) only up to this size.
 MAX_LATE_HEADERS_BODY = 1 << 20
+# A body that arrived whole is relayed without a disconnect watcher up to this size: one transport
+# write buffer (uvloop's high-water mark is 64 KiB), so that sending it does not wait on the client.
+MAX_UNWATCHED_BODY = 1 << 16
 
 
 @dataclass(slots=True)
@@ -89,7 +96,8 @@ async def relay(
     """
     task = asyncio.current_task()
     assert task is not None
-    watch = _DisconnectWatch(receive, task)
+    size = response.arrived_size()
+    watch = _DisconnectWatch(receive, task, active=size is None or size > MAX_UNWATCHED_BODY)
     result = RelayResult(Outcome.COMPLETED, None)
     headers = client_response_headers(response.headers, extra_headers)
     if length_may_change:  # the meter may drop or rewrite bytes: the upstream's length would be wrong
@@ -112,9 +120,16 @@ async def relay(
                 result.outcome, result.status = Outcome.UPSTREAM_BROKEN, error.status
                 return result
             if whole is not None:
-                headers += late_headers(whole)
-                pending = whole
-                meter = None  # late_headers has read the body
+                headers += late_headers(whole)  # (they have read the body: no meter below)
+                await send({"type": "http.response.start", "status": response.status, "headers": headers})
+                started = True
+                if whole:
+                    result.first_byte = time.perf_counter()
+                # One message for the whole body: still watched while it is written (a disconnect
+                # cancels the send); uvicorn reports a disconnect only once the body is complete, and
+                # the watcher is stood down before the relay next waits (in ``finally``).
+                await send({"type": "http.response.body", "body": whole, "more_body": False})
+                return result
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         started = True
         if pending:
@@ -199,11 +214,12 @@ class _DisconnectWatch:
 
     __slots__ = ("_active", "_relay_task", "_task", "disconnected")
 
-    def __init__(self, receive: Receive, relay_task: asyncio.Task[Any]) -> None:
+    def __init__(self, receive: Receive, relay_task: asyncio.Task[Any], *, active: bool = True) -> None:
+        """``active=False``: watch nothing (for a relay that never waits), at no cost."""
         self._relay_task = relay_task
-        self._active = True
+        self._active = active
         self.disconnected = False
-        self._task = asyncio.create_task(self._watch(receive))
+        self._task = asyncio.create_task(self._watch(receive)) if active else None
 
     async def _watch(self, receive: Receive) -> None:
         # The request body was fully read, so the next message can only be the disconnect.
@@ -215,7 +231,8 @@ class _DisconnectWatch:
 
     def stand_down(self) -> None:
         self._active = False
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def _end_body(send: Send) -> None:

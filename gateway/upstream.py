@@ -54,6 +54,10 @@ class UpstreamResponse(Protocol):
         """The body as it came off the wire (still compressed); raises UpstreamStreamError."""
         ...
 
+    def arrived_size(self) -> int | None:
+        """The body's size when all of it has arrived already (reading it cannot wait), else None."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -84,6 +88,9 @@ class _HttpxResponse:
 
     def iter_raw(self) -> AsyncIterator[bytes]:
         return watched_chunks(self._response.aiter_raw(), self._idle_timeout, (httpx.HTTPError,))
+
+    def arrived_size(self) -> int | None:
+        return None  # httpx reads the body only when asked
 
     async def aclose(self) -> None:
         await self._response.aclose()

@@ -35,7 +35,14 @@ class _AiohttpResponse:
         self.headers: Headers = relative_locations(list(response.raw_headers), origin)
 
     def iter_raw(self) -> AsyncIterator[bytes]:
-        return watched_chunks(self._response.content.iter_any(), self._idle_timeout, _CHUNK_ERRORS)
+        content = self._response.content
+        if self.arrived_size() is not None:  # buffered whole: reading it can neither wait nor fail
+            return content.iter_any()
+        return watched_chunks(content.iter_any(), self._idle_timeout, _CHUNK_ERRORS)
+
+    def arrived_size(self) -> int | None:
+        content = self._response.content
+        return content.total_bytes if content.is_eof() and content.exception() is None else None
 
     async def aclose(self) -> None:
         # A fully read body gives its connection back to the pool; anything else closes it, so an
