@@ -496,9 +496,12 @@ ttl = 86400.0
 
 
 def gateway_argv(kind: str, config: Path, port: int) -> list[str]:
-    """``gateway`` = the installed CLI; ``runner-httpx`` / ``runner-aiohttp`` = bench/transport_runner.py."""
+    """``gateway`` = the installed CLI; ``floor`` = bench/relay_floor.py (a bare relay, no gateway code);
+    ``runner-httpx`` / ``runner-aiohttp`` = bench/transport_runner.py."""
     if kind == "gateway":
         return [str(PROJECT_BIN / "gateway"), "serve", "--config", str(config), "--port", str(port)]
+    if kind == "floor":
+        return [str(PROJECT_BIN / "python"), str(BENCH / "relay_floor.py"), "--config", str(config), "--port", str(port)]
     transport = kind.removeprefix("runner-")
     return [
         str(PROJECT_BIN / "python"),

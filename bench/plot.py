@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 COLORS = {
     "direct": "#7f7f7f",
     "gateway": "#1f77b4",
+    "floor": "#9467bd",
     "litellm": "#d62728",
     "runner-httpx": "#1f77b4",
     "runner-aiohttp": "#2ca02c",

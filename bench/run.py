@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as b
 import payloads
 
-PROXIES = ("gateway", "litellm", "runner-httpx", "runner-aiohttp")
+PROXIES = ("gateway", "floor", "litellm", "runner-httpx", "runner-aiohttp")
 LABELS = {
     "direct": "direct (no proxy)",
     "gateway": "gateway",
+    "floor": "bare relay floor (uvicorn + aiohttp)",
     "litellm": "LiteLLM proxy",
     "runner-httpx": "gateway, httpx transport",
     "runner-aiohttp": "gateway, httpx-aiohttp transport",
@@ -333,6 +334,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows += ["runner-httpx", "runner-aiohttp"]
     else:
         rows.append("gateway")
+        if not args.no_floor:
+            rows.append("floor")
         version = litellm_available(args)
         if version:
             rows.append("litellm")
@@ -812,6 +815,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of: " + ", ".join(s.name for s in SCENARIOS),
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM row")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the floor row (bench/relay_floor.py: no gateway code)"
+    )
     parser.add_argument("--litellm-spec", default=b.LITELLM_SPEC, help=f"pip spec (default {b.LITELLM_SPEC})")
     parser.add_argument(
         "--transport-experiment",
