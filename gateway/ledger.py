@@ -25,11 +25,10 @@ import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 logger = logging.getLogger("gateway.ledger")
 
@@ -65,25 +64,6 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_COLUMNS: Final = (
-    "ts",
-    "request_id",
-    "key_name",
-    "team",
-    "model",
-    "endpoint",
-    "status",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cost_usd",
-    "outcome",
-    "cut",
-    "latency_ms",
-    "ttfb_ms",
-)
-# The SQL built with f-strings below interpolates constants only (column names, _GROUPS); values are bound.
-_INSERT: Final = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"  # noqa: S608
 _GROUPS: Final[Mapping[str, str]] = MappingProxyType(
     {"key": "key_name", "team": "team", "model": "model", "day": "date(ts, 'unixepoch')"}
 )
@@ -95,9 +75,9 @@ class LedgerError(Exception):
     """The database is not a ledger this version can use."""
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One request, as the ledger keeps it.
+class UsageRecord(NamedTuple):
+    """One request, as the ledger keeps it: a row of the ``usage`` table, its fields in column order
+    (a tuple, so it is cheap to make on the request path and goes to SQLite as it is).
 
     ``outcome``: "completed", "client_disconnected", "upstream_broken", "refused", ...;
     ``cut``: the response stream was cut short; ``ttfb_ms``: None when no response byte was sent.
@@ -118,6 +98,12 @@ class UsageRecord:
     cut: bool
     latency_ms: float
     ttfb_ms: float | None
+
+
+# The SQL interpolates constants only (the record's field names, which are the columns); values are bound.
+_INSERT: Final = (
+    f"INSERT INTO usage ({', '.join(UsageRecord._fields)}) VALUES ({', '.join('?' * len(UsageRecord._fields))})"  # noqa: S608
+)
 
 
 class Ledger:
@@ -351,29 +337,9 @@ def _open_writer(path: Path) -> sqlite3.Connection:
 
 def _write(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> None:
     assert conn is not None
-    rows = [
-        (
-            r.ts,
-            r.request_id,
-            r.key_name,
-            r.team,
-            r.model,
-            r.endpoint,
-            r.status,
-            r.prompt_tokens,
-            r.completion_tokens,
-            r.total_tokens,
-            r.cost_usd,
-            r.outcome,
-            int(r.cut),
-            r.latency_ms,
-            r.ttfb_ms,
-        )
-        for r in batch
-    ]
     conn.execute("BEGIN")
     try:
-        conn.executemany(_INSERT, rows)
+        conn.executemany(_INSERT, batch)  # each record is its row (``cut``, a bool, is stored as 0 or 1)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
