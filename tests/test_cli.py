@@ -20,7 +20,7 @@ import pytest
 from gateway.cli import main
 from gateway.localserver import LocalServer
 from tests.conftest import CHAT_MODEL
-from tests.helpers_upstreams import FaultyUpstream
+from tests.helpers_upstreams import FaultMode, FaultyUpstream
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
 START_TIMEOUT = 20.0
@@ -251,32 +251,30 @@ def test_sigterm_drains_then_ends_a_stream_still_open_at_the_end_of_the_grace(tm
     assert "stopping 1 requests still in flight" in out
 
 
-def test_sigterm_lets_requests_in_flight_finish_then_exits(tmp_path: Path) -> None:
-    with FaultyUpstream("slow") as faulty, ThreadPoolExecutor(2) as pool:
+@pytest.mark.parametrize(
+    ("mode", "grace", "status", "code"),
+    [
+        ("slow", 30, 200, None),  # answers within the grace: the request finishes, whole, long before 30 s
+        ("hang", 1, 503, "shutting_down"),  # still waiting for the upstream at the grace's end
+    ],
+)
+def test_sigterm_and_a_request_in_flight(
+    tmp_path: Path, mode: FaultMode, grace: int, status: int, code: str | None
+) -> None:
+    with FaultyUpstream(mode) as faulty, ThreadPoolExecutor(2) as pool:
         faulty.body_kind, faulty.head_delay = "json", 1.0
-        url, process = serve_in_front_of(faulty, tmp_path, grace=30)
+        url, process = serve_in_front_of(faulty, tmp_path, grace=grace)
         with process as proc:
             wait_ready(url, proc)
             pending = in_flight(pool, url, faulty)
             proc.send_signal(signal.SIGTERM)
             answer = pending.result(timeout=15)
-            assert answer.status_code == 200  # finished within the grace, whole
-            assert answer.json()["choices"][0]["message"]["content"]
-            code, out = proc.wait(timeout=15), proc.communicate(timeout=5)[0]  # long before the 30 s grace
-    assert code == 0
+            exit_code, out = proc.wait(timeout=15), proc.communicate(timeout=5)[0]
+    assert answer.status_code == status
+    if code is None:
+        assert answer.json()["choices"][0]["message"]["content"]
+    else:
+        assert answer.json()["error"]["code"] == code
+    assert exit_code == 0
     assert "drained in" in out
     assert "Traceback" not in out
-
-
-def test_a_request_still_waiting_for_the_upstream_at_the_end_of_the_grace_gets_503(tmp_path: Path) -> None:
-    with FaultyUpstream("hang") as faulty, ThreadPoolExecutor(2) as pool:
-        url, process = serve_in_front_of(faulty, tmp_path, grace=1)
-        with process as proc:
-            wait_ready(url, proc)
-            pending = in_flight(pool, url, faulty)
-            proc.send_signal(signal.SIGTERM)
-            answer = pending.result(timeout=15)
-            assert answer.status_code == 503
-            assert answer.json()["error"]["code"] == "shutting_down"
-            code = proc.wait(timeout=15)
-    assert code == 0
