@@ -501,7 +501,14 @@ def gateway_argv(kind: str, config: Path, port: int) -> list[str]:
     if kind == "gateway":
         return [str(PROJECT_BIN / "gateway"), "serve", "--config", str(config), "--port", str(port)]
     if kind == "floor":
-        return [str(PROJECT_BIN / "python"), str(BENCH / "relay_floor.py"), "--config", str(config), "--port", str(port)]
+        return [
+            str(PROJECT_BIN / "python"),
+            str(BENCH / "relay_floor.py"),
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ]
     transport = kind.removeprefix("runner-")
     return [
         str(PROJECT_BIN / "python"),
