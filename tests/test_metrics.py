@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.localserver import LocalServer
+from gateway.metrics import Metrics
 from tests.conftest import CHAT_MODEL
 
 CHAT = "/v1/chat/completions"
@@ -61,3 +63,29 @@ def test_stream_metrics(http: httpx.Client, gateway: LocalServer) -> None:
     found = samples(gateway)
     assert value(found, "gateway_time_to_first_byte_seconds_count", endpoint=CHAT) == 1
     assert value(found, "gateway_open_streams") == 0
+
+
+def test_histograms_and_counters_render_as_prometheus_text() -> None:
+    """The per-request families are plain numbers rendered at scrape time: buckets are cumulative,
+    a value equal to a bound falls in that bound's bucket, and counters add up per label values."""
+    metrics = Metrics(lambda: None)
+    endpoint = ("/v1/embeddings",)
+    for seconds in (0.0001, 0.001, 0.0011, 7.0):  # two on bucket bounds, one past every bound
+        metrics.overhead.observe(endpoint, seconds)
+    metrics.tokens.inc(("m", "alice", "prompt"), 5)
+    metrics.tokens.inc(("m", "alice", "prompt"), 7)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    buckets = {
+        s.labels["le"]: s.value for s in families["gateway_overhead_seconds"].samples if s.name.endswith("_bucket")
+    }
+    assert buckets["0.0001"] == 1
+    assert buckets["0.00025"] == 1
+    assert buckets["0.001"] == 2
+    assert buckets["0.0025"] == 3
+    assert buckets["0.25"] == 3
+    assert buckets["+Inf"] == 4
+    summed = {s.name: s.value for s in families["gateway_overhead_seconds"].samples}
+    assert summed["gateway_overhead_seconds_count"] == 4
+    assert summed["gateway_overhead_seconds_sum"] == pytest.approx(7.0022)
+    (tokens,) = families["gateway_usage_tokens"].samples
+    assert (tokens.labels, tokens.value) == ({"model": "m", "key": "alice", "kind": "prompt"}, 12)
