@@ -50,7 +50,7 @@ def request_id(client_headers: Iterable[Header], fresh: Callable[[], bytes] | No
 def _connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        if len(name) == 10 and name.lower() == b"connection":  # (the length test spares a lower() per header)
             tokens.update(t.strip().lower() for t in value.split(b","))
     return frozenset(tokens)
 

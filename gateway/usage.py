@@ -468,7 +468,10 @@ def _token_usage(block: Mapping[str, Any]) -> Usage:
 def _count(block: Mapping[str, Any], *names: str) -> int:
     """The first of ``names`` holding a non-negative whole number, else 0."""
     for name in names:
-        value = non_negative(block.get(name))
+        raw = block.get(name)
+        if type(raw) is int and raw >= 0:  # the usual case, without the general checks below
+            return raw
+        value = non_negative(raw)
         if value is not None and value == int(value):
             return int(value)
     return 0
