@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import routing
 from gateway.budgets import Budgets, Reservation
 from gateway.entries import ModelEntry
-from gateway.headers import Header
+from gateway.headers import Header, content_encoding
 from gateway.keys import Caller
 from gateway.ledger import Ledger, UsageRecord
 from gateway.limits import RateLimiter, Ticket
@@ -123,14 +123,14 @@ class Accounting:
         return (body, False) if rewritten is None else (rewritten, True)
 
     def start_response(
-        self, exchange: Exchange, status: int, headers: list[Header], event_stream: bool, strip: bool
+        self, exchange: Exchange, status: int, headers: Sequence[Header], event_stream: bool, strip: bool
     ) -> None:
         """Open the response's meter: ``strip`` when the gateway asked for usage the client did not."""
         exchange.status = status
         entry = exchange.entry
         if entry is None:
             return
-        encoding = _content_encoding(headers)
+        encoding = content_encoding(headers)
         if encoding is not None and (event_stream or encoding not in DECODABLE_ENCODINGS):
             return  # bytes the meter cannot read
         annotate = None
@@ -215,12 +215,3 @@ class Accounting:
         }
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})
-
-
-def _content_encoding(headers: list[Header]) -> bytes | None:
-    """The response's Content-Encoding, lower-cased; None when absent or ``identity``."""
-    for name, value in headers:
-        if name.lower() == b"content-encoding":
-            encoding = value.strip().lower()
-            return None if encoding in (b"", b"identity") else encoding
-    return None

@@ -46,6 +46,11 @@ class Drain:
         self._changed: asyncio.Event | None = None  # set while draining, when a request ends or on hurry()
         self._hurried = False
 
+    @property
+    def in_flight(self) -> int:
+        """Requests tracked now."""
+        return len(self._requests)
+
     def track(self) -> asyncio.Task[Any] | None:
         """Count the current task as a request in flight until ``untrack``."""
         task = asyncio.current_task()

@@ -90,8 +90,21 @@ def client_response_headers(upstream_headers: Sequence[Header], extra: Iterable[
     return out
 
 
+def header_value(headers: Sequence[Header], name: bytes) -> bytes | None:
+    """The first value of ``name`` (lower-case), whatever the case of the headers' names; None when absent."""
+    size = len(name)
+    for key, value in headers:
+        if len(key) == size and key.lower() == name:
+            return value
+    return None
+
+
 def is_event_stream(headers: Sequence[Header]) -> bool:
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
+    content_type = header_value(headers, b"content-type")
+    return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+
+
+def content_encoding(headers: Sequence[Header]) -> bytes | None:
+    """The Content-Encoding, lower-cased; None when absent or ``identity``."""
+    encoding = (header_value(headers, b"content-encoding") or b"").strip().lower()
+    return None if encoding in (b"", b"identity") else encoding

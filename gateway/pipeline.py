@@ -82,8 +82,12 @@ class Runtime:
         self.breakers = breakers
         self.shaper = shaper
         self.drain = drain
-        self.in_flight = 0  # proxied requests being handled now
         self.open_streams = 0  # event streams being relayed now
+
+    @property
+    def in_flight(self) -> int:
+        """Proxied requests being handled now (the drain tracks them)."""
+        return self.drain.in_flight
 
 
 @dataclass(slots=True)
@@ -127,13 +131,11 @@ class Proxy:
             await send_error(send, refusal, [])
             runtime.accounting.finish(exchange)
             return
-        runtime.in_flight += 1
         task = runtime.drain.track()
         try:
             await self._handle(scope, receive, send, exchange)
         finally:
             runtime.drain.untrack(task)
-            runtime.in_flight -= 1
             runtime.accounting.finish(exchange)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
@@ -208,8 +210,8 @@ class Proxy:
         strip_usage: bool,
     ) -> None:
         accounting = self._runtime.accounting
-        event_stream = is_event_stream([(k.lower(), v) for k, v in response.headers])
-        accounting.start_response(exchange, response.status, list(response.headers), event_stream, strip_usage)
+        event_stream = is_event_stream(response.headers)
+        accounting.start_response(exchange, response.status, response.headers, event_stream, strip_usage)
         extra.append((OVERHEAD, f"{exchange.mark_response_start() * 1000:.2f}".encode()))
         if event_stream:
             extra.append(SSE_NO_BUFFERING)

@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from gateway.demo import DemoState, create_demo_upstream, default_catalog
+from gateway.headers import content_encoding, is_event_stream
 from gateway.localserver import LocalServer, serve_in_thread
 from tests.helpers_gateway import (
     CHAT_BODY,
@@ -531,3 +532,13 @@ def test_cookies_from_one_answer_never_reach_the_upstream_on_another_request(sta
     assert first.headers["set-cookie"] == "session=client-a-secret; Path=/"  # relayed to its own client
     assert second.status_code == 200
     assert cookies_seen == [None, None]
+
+
+def test_response_header_rules_ignore_the_case_of_names() -> None:
+    """Upstream headers arrive in their original case (aiohttp's raw headers)."""
+    assert is_event_stream([(b"Content-Type", b"Text/Event-Stream; charset=utf-8")])
+    assert not is_event_stream([(b"content-type", b"application/json")])
+    assert not is_event_stream([])
+    assert content_encoding([(b"Content-Encoding", b" GZIP ")]) == b"gzip"
+    assert content_encoding([(b"content-encoding", b"identity")]) is None
+    assert content_encoding([(b"Content-Length", b"12")]) is None
