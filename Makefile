@@ -1,19 +1,29 @@
-# Every target installs what it needs into .venv first (pinned by constraints.txt).
+# Every target installs what it needs into .venv first (pinned by constraints.txt): `demo` only the
+# runtime, every other target the whole dev toolchain (`test` still installs everything).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+STAMP  := $(VENV)/.installed-dev
+# Extra flags for `make demo`, e.g. DEMO_ARGS="--keys" or DEMO_ARGS="--port 9090 --config my.toml".
+DEMO_ARGS ?=
 
 .PHONY: demo test lint typecheck pytest constraints bench clean
 
+$(RUNTIME_STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $(RUNTIME_STAMP)
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	$(PIP) -e ".[dev]"
+	touch $(STAMP) $(RUNTIME_STAMP)
 
 ## Start the gateway in front of the built-in simulated upstream (no network, no key).
-demo: $(STAMP)
-	$(BIN)/gateway demo
+demo: $(RUNTIME_STAMP)
+	$(BIN)/gateway demo $(DEMO_ARGS)
 
 ## The whole test suite: lint, strict type check, then pytest.
 test: lint typecheck pytest

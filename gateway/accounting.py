@@ -22,7 +22,7 @@ from gateway.headers import Header, content_encoding
 from gateway.keys import Caller
 from gateway.ledger import Ledger, UsageRecord
 from gateway.limits import RateLimiter, Ticket
-from gateway.pricing import cost_usd, min_cost_usd
+from gateway.pricing import TOKEN_ENDPOINTS, UNIT_RULES, cost_usd, max_cost_usd, min_cost_usd
 from gateway.usage import DECODABLE_ENCODINGS, Usage, UsageMeter, client_wants_usage, with_include_usage
 from gateway.validation import prompt_tokens_lower_bound
 
@@ -32,6 +32,8 @@ COST_HEADER = b"x-gateway-cost-usd"
 # The member added to the usage object of a stream's usage chunk when its client asked for usage.
 STREAM_COST_MEMBER = "cost_usd"
 STREAMED_USAGE_PATHS = frozenset({routing.CHAT, routing.COMPLETIONS})
+# Endpoints the upstream bills; any other (polling a video job) costs nothing.
+BILLED_PATHS = TOKEN_ENDPOINTS | frozenset(UNIT_RULES)
 
 
 @dataclass(slots=True)
@@ -59,6 +61,8 @@ class Exchange:
     overhead: float | None = None  # seconds of the gateway's own time before the response started
     usage: Usage | None = None
     cost: float | None = None
+    upstream_status: int | None = None  # the upstream's answer, when one arrived
+    unmetered: bool = False  # the answer came in an encoding the meter cannot read
     finished: bool = False
 
     def mark_response_start(self) -> float:
@@ -115,6 +119,11 @@ class Accounting:
             raise
         return exchange.ticket.headers if exchange.ticket else []
 
+    @property
+    def ledger_dropped(self) -> int:
+        """Usage records the ledger dropped (0 without a ledger)."""
+        return 0 if self._ledger is None else self._ledger.dropped
+
     def request_body(self, exchange: Exchange, body: bytes) -> tuple[bytes, bool]:
         """The body to forward, and whether the gateway asked for usage the client did not."""
         if not self._include_usage or exchange.path not in STREAMED_USAGE_PATHS or client_wants_usage(exchange.fields):
@@ -126,13 +135,16 @@ class Accounting:
         self, exchange: Exchange, status: int, headers: Sequence[Header], event_stream: bool, strip: bool
     ) -> None:
         """Open the response's meter: ``strip`` when the gateway asked for usage the client did not."""
-        exchange.status = status
+        exchange.status = exchange.upstream_status = status
         entry = exchange.entry
         if entry is None:
             return
         encoding = content_encoding(headers)
         if encoding is not None and (event_stream or encoding not in DECODABLE_ENCODINGS):
-            return  # bytes the meter cannot read
+            # The gateway asks only for what it can read (headers.upstream_accept_encoding): an
+            # upstream that answers otherwise is charged the request's ceiling, never nothing.
+            exchange.unmetered = True
+            return
         annotate = None
         if event_stream and not strip and self._stream_cost and exchange.path in STREAMED_USAGE_PATHS:
             path, fields = exchange.path, exchange.fields
@@ -150,7 +162,7 @@ class Accounting:
         exchange.meter.feed(body)
         exchange.usage = exchange.meter.finish()
         exchange.meter = None  # already read: finish() must not count it again
-        exchange.cost = cost_usd(exchange.entry, exchange.path, exchange.usage, exchange.fields)
+        exchange.cost = _cost(exchange)
         return [] if exchange.cost is None else [(COST_HEADER, f"{exchange.cost:.8f}".encode())]
 
     def finish(self, exchange: Exchange) -> None:
@@ -160,10 +172,14 @@ class Accounting:
         exchange.finished = True
         if exchange.meter is not None:
             exchange.usage = exchange.meter.finish()
-            if exchange.entry is not None:
-                exchange.cost = cost_usd(exchange.entry, exchange.path, exchange.usage, exchange.fields)
+            exchange.cost = _cost(exchange)
+        elif exchange.cost is None:
+            exchange.cost = _cost(exchange)
         usage = exchange.usage
-        self._limiter.settle(exchange.ticket, usage.total_tokens if usage else 0)
+        tokens = usage.total_tokens if usage else 0
+        if exchange.unmetered and exchange.ticket is not None:
+            tokens = max(tokens, exchange.ticket.reserved)  # unreadable usage: at least the estimate
+        self._limiter.settle(exchange.ticket, tokens)
         self._budgets.settle(exchange.reservation, exchange.cost)
         latency_ms = (time.perf_counter() - exchange.started) * 1000
         ttfb_ms = None if exchange.first_byte is None else (exchange.first_byte - exchange.started) * 1000
@@ -215,3 +231,23 @@ class Accounting:
         }
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})
+
+
+def _cost(exchange: Exchange) -> float | None:
+    """What the request cost, by one rule for every path (None: unknown, the reservation stands).
+
+    Nothing sent upstream, or an upstream error answer: 0. A served request: its price for the usage
+    it reported; the request's ceiling when the answer could not be read; 0 for an endpoint that is
+    not billed (polling a video job). A request that went upstream and got no answer (a timeout, a
+    broken connection) may still be billed upstream: unknown.
+    """
+    entry, status = exchange.entry, exchange.upstream_status
+    if exchange.upstream_started is None:
+        return 0.0
+    if status is None or entry is None:
+        return None
+    if not 200 <= status < 300 or exchange.path not in BILLED_PATHS:
+        return 0.0
+    if exchange.unmetered:
+        return max_cost_usd(entry, exchange.path, exchange.fields)
+    return cost_usd(entry, exchange.path, exchange.usage, exchange.fields)

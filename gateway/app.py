@@ -93,6 +93,7 @@ def create_app(
             upstream_connections=runtime.upstream.connections(),
             open_circuits=runtime.breakers.open_circuits(),
             tasks=len(asyncio.all_tasks()),
+            ledger_dropped=runtime.accounting.ledger_dropped,
         )
 
     metrics = Metrics(metrics_state)
@@ -159,7 +160,15 @@ def create_app(
     ]
     local_app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware), Middleware(KeyAuthMiddleware, runtime=runtime)],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(
+                KeyAuthMiddleware,
+                runtime=runtime,
+                metrics_public=settings.metrics.public,
+                metrics_token_sha256=settings.metrics.token_sha256.lower(),
+            ),
+        ],
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,

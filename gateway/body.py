@@ -5,6 +5,7 @@ The bytes read here are the bytes forwarded upstream: parsing only looks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ import orjson
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from gateway.errors import BodyTooLarge, InvalidRequest, UnsupportedMediaType
+from gateway.errors import BodyTimeout, BodyTooLarge, InvalidRequest, UnsupportedMediaType
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -25,8 +26,11 @@ class ClientDisconnected(Exception):
     """The client went away before its request body arrived."""
 
 
-async def read_body(receive: Receive, content_length: int | None, limit: int) -> bytes:
-    """The whole request body, refusing (413) as soon as it is known to exceed ``limit``.
+async def read_body(
+    receive: Receive, content_length: int | None, limit: int, *, idle_timeout: float | None = None
+) -> bytes:
+    """The whole request body, refusing (413) as soon as it is known to exceed ``limit``, and (408)
+    when ``idle_timeout`` seconds pass without a piece of it (None: wait as long as it takes).
 
     Content-Length is checked first, but the limit is enforced on the bytes actually received.
     """
@@ -35,7 +39,14 @@ async def read_body(receive: Receive, content_length: int | None, limit: int) ->
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        if idle_timeout is None:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(idle_timeout) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk: bytes = message.get("body", b"")

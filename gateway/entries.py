@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.jsonvalues import as_number
+
 CATEGORIES = frozenset({"text", "code", "reasoning", "multimodal", "vision", "embedding", "image", "audio", "video"})
 
 
@@ -113,13 +115,8 @@ def _positive_int(value: Any) -> int | None:
 
 def non_negative(value: Any, *, allow_zero: bool = True) -> float | None:
     """A JSON number that is finite and >= 0 (> 0 without ``allow_zero``) as a float, else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond float range
-        return None
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+    number = as_number(value)
+    if number is None or number < 0 or (number == 0 and not allow_zero):
         return None
     return number
 

@@ -86,6 +86,12 @@ class UnknownPath(InvalidRequest):
     code = "unknown_url"
 
 
+class JobNotFound(InvalidRequest):
+    # FlexAI's own answer for a video job it does not know (or no longer keeps).
+    status = 404
+    code = "job_not_found"
+
+
 class MethodNotAllowed(InvalidRequest):
     status = 405
     code = "method_not_allowed"
@@ -99,6 +105,39 @@ class BodyTooLarge(InvalidRequest):
 class UnsupportedMediaType(InvalidRequest):
     status = 415
     code = "unsupported_media_type"
+
+
+class MalformedRequest(InvalidRequest):
+    """The HTTP request itself is broken (answered by the server protocol, before the app)."""
+
+    code = "invalid_http_request"
+
+
+class HeaderTooLarge(InvalidRequest):
+    status = 431
+    code = "request_header_too_large"
+
+
+class TooManyHeaders(HeaderTooLarge):
+    code = "too_many_headers"
+
+
+class HeaderTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
+
+
+class BodyTimeout(InvalidRequest):
+    """The client stopped sending its request body: 408, and the connection is closed (what is left
+    of the body would otherwise be read as the next request)."""
+
+    status = 408
+    code = "request_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"The request body stalled: nothing arrived for {seconds:g} seconds.", headers=[(b"connection", b"close")]
+        )
 
 
 class AuthenticationFailed(GatewayError):
@@ -155,6 +194,11 @@ class CatalogUnavailable(GatewayError):
 class Overloaded(GatewayError):
     status = 503
     code = "overloaded"
+
+
+class TooManyConnections(GatewayError):
+    status = 503
+    code = "too_many_connections"
 
 
 class ShuttingDown(GatewayError):

@@ -2,7 +2,9 @@
 
 Hop-by-hop headers (RFC 9110 section 7.6.1, plus any named in Connection) are connection-level and
 never forwarded in either direction. The client's Authorization is never forwarded as-is: ``auth``
-decides which credential goes upstream.
+decides which credential goes upstream. Headers that belong to the client's side of the gateway
+(cookies, its proxy chain, trace context, OpenAI account routing) never cross to the upstream, and
+the upstream's cookies and ``x-gateway-*`` headers never cross to the client.
 """
 
 from __future__ import annotations
@@ -26,9 +28,33 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set by the gateway itself on the way up (httpx computes Host and Content-Length from the request).
-_REPLACED_UPSTREAM = frozenset({b"host", b"content-length", b"authorization", b"x-request-id", b"expect"})
-_REPLACED_DOWNSTREAM = frozenset({b"x-request-id", b"server", b"date"})
+# Set by the gateway itself on the way up (the client library computes Host and Content-Length).
+_REPLACED_UPSTREAM = frozenset(
+    {b"host", b"content-length", b"authorization", b"x-request-id", b"expect", b"accept-encoding"}
+)
+# The client's side only: its cookies, its own proxy chain (the gateway sets X-Forwarded-For itself
+# when configured to), OpenAI account routing, and trace context (with tracing on, the gateway's
+# own traceparent replaces it).
+_CLIENT_SIDE = frozenset(
+    {
+        b"cookie",
+        b"forwarded",
+        b"x-real-ip",
+        b"openai-organization",
+        b"openai-project",
+        b"traceparent",
+        b"tracestate",
+        b"baggage",
+    }
+)
+_CLIENT_SIDE_PREFIXES = (b"x-forwarded-", b"x-gateway-")
+# A credential some clients send besides Authorization: dropped when the gateway's key goes upstream.
+API_KEY_HEADER = b"x-api-key"
+_REPLACED_DOWNSTREAM = frozenset({b"x-request-id", b"server", b"date", b"set-cookie", b"set-cookie2"})
+# The gateway's own response headers: an upstream's are never relayed (the client would see two).
+GATEWAY_PREFIX = b"x-gateway-"
+# Content-Codings whose answers the usage meter can read (``usage.DECODABLE_ENCODINGS``).
+_METERABLE_CODINGS = (b"gzip", b"deflate")
 # X-Accel-* are instructions from an upstream to the proxy in front of it (nginx strips them too);
 # the gateway sets its own X-Accel-Buffering for event streams.
 _PROXY_DIRECTIVE_PREFIX = b"x-accel-"
@@ -55,21 +81,79 @@ def _connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def upstream_request_headers(client_headers: Sequence[Header], authorization: bytes | None, rid: bytes) -> list[Header]:
-    """Headers for the upstream request. ASGI gives header names lowercased."""
+def upstream_request_headers(
+    client_headers: Sequence[Header],
+    authorization: bytes | None,
+    rid: bytes,
+    *,
+    accept_encoding: bytes = b"identity",
+    drop_api_key: bool = False,
+    forwarded: Sequence[Header] = (),
+) -> list[Header]:
+    """Headers for the upstream request. ASGI gives header names lowercased.
+
+    ``accept_encoding`` replaces the client's (see ``upstream_accept_encoding``); ``drop_api_key``
+    when the gateway's own credential goes upstream; ``forwarded``: the gateway's own X-Forwarded-*.
+    """
     extra_hop = _connection_tokens(client_headers)
     out = [
         (name, value)
         for name, value in client_headers
-        if name not in HOP_BY_HOP and name not in _REPLACED_UPSTREAM and name not in extra_hop
+        if name not in HOP_BY_HOP
+        and name not in _REPLACED_UPSTREAM
+        and name not in _CLIENT_SIDE
+        and not name.startswith(_CLIENT_SIDE_PREFIXES)
+        and name not in extra_hop
+        and not (drop_api_key and name == API_KEY_HEADER)
     ]
-    if not any(name == b"accept-encoding" for name, _ in out):
-        # Bytes are relayed untouched, so do not let the upstream compress what the client did not ask for.
-        out.append((b"accept-encoding", b"identity"))
+    out.append((b"accept-encoding", accept_encoding))
+    out.extend(forwarded)
     if authorization is not None:
         out.append((b"authorization", authorization))
     out.append((REQUEST_ID, rid))
     return out
+
+
+def upstream_accept_encoding(client_value: bytes | None, streaming: bool) -> bytes:
+    """The Accept-Encoding the gateway sends upstream: only codings whose answers it can meter.
+
+    Usage (and so limits and budgets) is read from the answer, so the client's choice of coding must
+    never make it unreadable: an event stream is asked for uncompressed (the meter reads SSE as it
+    passes), anything else for the codings the client accepts among gzip and deflate, else
+    ``identity``. The client still receives compressed bytes when it asked for them.
+    """
+    if streaming or not client_value:
+        return b"identity"
+    accepted: list[bytes] = []
+    refused: set[bytes] = set()
+    star = False
+    for item in client_value.lower().split(b","):
+        coding, _, params = item.partition(b";")
+        coding = coding.strip()
+        if _zero_quality(params):
+            refused.add(coding)
+        elif coding == b"*":
+            star = True
+        elif coding in (b"x-gzip", b"gzip"):
+            accepted.append(b"gzip")
+        elif coding == b"deflate":
+            accepted.append(b"deflate")
+    if star:
+        accepted.extend(c for c in _METERABLE_CODINGS if c not in refused)
+    chosen = [c for c in _METERABLE_CODINGS if c in accepted and c not in refused]
+    return b", ".join(chosen) if chosen else b"identity"
+
+
+def _zero_quality(params: bytes) -> bool:
+    """Whether an Accept-Encoding item's parameters say ``q=0`` (the coding is refused)."""
+    for param in params.split(b";"):
+        name, _, value = param.partition(b"=")
+        if name.strip() == b"q":
+            try:
+                return float(value.strip()) <= 0
+            except ValueError:
+                return False
+    return False
 
 
 def client_response_headers(upstream_headers: Sequence[Header], extra: Iterable[Header]) -> list[Header]:
@@ -83,11 +167,18 @@ def client_response_headers(upstream_headers: Sequence[Header], extra: Iterable[
             or lname in _REPLACED_DOWNSTREAM
             or lname in extra_hop
             or lname.startswith(_PROXY_DIRECTIVE_PREFIX)
+            or lname.startswith(GATEWAY_PREFIX)
         ):
             continue
         out.append((lname, value))
     out.extend(extra)
     return out
+
+
+def header_safe(text: str, limit: int = 256) -> bytes:
+    """Text from elsewhere (the catalog, the upstream) as a header value: printable ASCII only, so
+    that it can never end the header or start another, at most ``limit`` bytes."""
+    return bytes(c if 0x20 <= c < 0x7F else 0x3F for c in text.encode("utf-8", "replace")[:limit])
 
 
 def header_value(headers: Sequence[Header], name: bytes) -> bytes | None:

@@ -84,7 +84,7 @@ class KeyRing:
 
     def authenticate(self, headers: Iterable[Header], now: datetime | None = None) -> Caller:
         """The caller for the request's ``Authorization: Bearer <key>``, or AuthenticationFailed (401)."""
-        presented = _bearer(headers)
+        presented = bearer_token(headers)
         if presented is None:
             raise AuthenticationFailed(
                 "Missing API key: send `Authorization: Bearer <your gateway key>`.", code="missing_api_key"
@@ -98,7 +98,8 @@ class KeyRing:
         return found.caller
 
 
-def _bearer(headers: Iterable[Header]) -> bytes | None:
+def bearer_token(headers: Iterable[Header]) -> bytes | None:
+    """The token of ``Authorization: Bearer <token>``, or None."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.strip().partition(b" ")

@@ -6,7 +6,10 @@ or as soon as a full batch is waiting, on one dedicated thread that alone uses t
 ``aclose`` writes everything still queued, so a clean shutdown loses nothing. A crash loses the
 records not yet written: those recorded in the last ``flush_interval`` seconds (and, if the disk
 fell behind, whatever was still queued). The queue is bounded (``max_queue``): past it, the oldest
-records are dropped, counted in ``dropped`` and logged once.
+records are dropped, counted in ``dropped`` and logged once. A batch that the database refuses for
+what is in it (a value SQLite cannot store) is written again row by row: the one bad record is
+dropped, counted and logged with its request id, and every other record is written. Only failures
+of the database itself (disk full, locked) keep the batch queued for a retry.
 
 The database is in WAL mode (readers, such as the CLI or ``spend_usd`` at startup, never block the
 writer) with ``synchronous=NORMAL`` (a power loss may lose the last transactions, never corrupt).
@@ -68,6 +71,9 @@ _GROUPS: Final[Mapping[str, str]] = MappingProxyType(
     {"key": "key_name", "team": "team", "model": "model", "day": "date(ts, 'unixepoch')"}
 )
 SUMMARY_GROUPS: Final = tuple(_GROUPS)
+# Rows the gateway answered itself, never sent upstream (an SQL expression): dry runs, and the
+# gateway's own error answers except 502/504, which say that the upstream failed to answer.
+_LOCAL: Final = "(outcome = 'dry_run' OR (outcome = 'refused' AND status NOT IN (502, 504)))"
 _BUSY_TIMEOUT_S: Final = 5.0
 
 
@@ -223,6 +229,13 @@ class Ledger:
             batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
             try:
                 await self._in_thread(_write, self._conn, batch)
+            except (sqlite3.InterfaceError, sqlite3.IntegrityError, sqlite3.DataError, OverflowError, TypeError):
+                # Something in the batch cannot be stored: write it row by row, dropping only the bad rows.
+                rejected = await self._in_thread(_write_each, self._conn, batch)
+                for record in rejected:
+                    logger.error("ledger: a usage record could not be stored and was dropped (request %s)",
+                                 record.request_id)  # fmt: skip
+                self._dropped += len(rejected)
             except Exception as exc:  # sqlite3.Error mostly (disk full, locked): keep the batch, retry later
                 logger.warning("ledger: writing %d records failed, will retry: %s", len(batch), exc)
                 self._queue.extendleft(reversed(batch))
@@ -273,9 +286,11 @@ def summarize(
     """Totals per key, team, model or day (UTC), oldest day / lowest name first.
 
     Each row: the group (``key``, ``team``, ``model`` or ``day`` as "YYYY-MM-DD"; None for
-    requests without a key or team), ``requests``, ``prompt_tokens``, ``completion_tokens``,
+    requests without a key or team), ``requests`` (those that were sent upstream), ``refused``
+    (answered by the gateway itself: refusals, dry runs), ``prompt_tokens``, ``completion_tokens``,
     ``total_tokens``, ``cost_usd`` (the sum of the known costs; None when none is known) and
-    ``unpriced_requests`` (rows whose cost is unknown). ``key`` keeps one key's rows only;
+    ``unpriced_requests`` (requests sent upstream whose cost is unknown: no price in the catalog,
+    or no usage in the answer). ``key`` keeps one key's rows only;
     ``since`` keeps rows from that time on (a date: its midnight UTC; a naive datetime: UTC;
     a float: unix time).
     """
@@ -291,23 +306,24 @@ def summarize(
         where.append("ts >= ?")
         params.append(_unix(since))
     sql = (
-        f"SELECT {group} AS grp, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), "  # noqa: S608
-        f"SUM(cost_usd), SUM(cost_usd IS NULL) FROM usage {'WHERE ' + ' AND '.join(where) if where else ''} "
-        "GROUP BY grp ORDER BY grp"
+        f"SELECT {group} AS grp, SUM({_LOCAL}), SUM(prompt_tokens), SUM(completion_tokens), "  # noqa: S608
+        f"SUM(total_tokens), SUM(cost_usd), SUM(cost_usd IS NULL AND NOT {_LOCAL}), COUNT(*) FROM usage "
+        f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY grp ORDER BY grp"
     )
     with _reader(source) as conn:
         rows = conn.execute(sql, params).fetchall()
     return [
         {
             by: grp,
-            "requests": count,
+            "requests": count - local,
+            "refused": local,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": total,
             "cost_usd": cost,
             "unpriced_requests": unpriced,
         }
-        for grp, count, prompt, completion, total, cost, unpriced in rows
+        for grp, local, prompt, completion, total, cost, unpriced, count in rows
     ]
 
 
@@ -344,6 +360,24 @@ def _write(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> Non
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _write_each(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """Write each record on its own (in one transaction); returns those the database refused."""
+    assert conn is not None
+    rejected: list[UsageRecord] = []
+    conn.execute("BEGIN")
+    try:
+        for record in batch:
+            try:
+                conn.execute(_INSERT, record)
+            except (sqlite3.InterfaceError, sqlite3.IntegrityError, sqlite3.DataError, OverflowError, TypeError):
+                rejected.append(record)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return rejected
 
 
 @contextlib.contextmanager

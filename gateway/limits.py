@@ -6,8 +6,9 @@ plus max_tokens, or the key's recent average when larger) until it settles with 
 key exceeds its TPM by at most the error of the estimates in flight.
 
 The answers carry OpenAI's headers: x-ratelimit-limit-*, x-ratelimit-remaining-*,
-x-ratelimit-reset-* (a duration such as "1.5s" or "2m3s") for requests and tokens, and Retry-After
-on a 429. State is in memory, per process (per replica).
+x-ratelimit-reset-* (a duration such as "1.5s" or "2m3s": how long until the window has room for
+another request, computed with this request counted) for requests and tokens, and Retry-After on a
+429. State is in memory, per process (per replica).
 """
 
 from __future__ import annotations
@@ -103,22 +104,27 @@ class RateLimiter:
             estimate = max(prompt_tokens, math.ceil(state.average_tokens))
         else:
             estimate = prompt_tokens + DEFAULT_COMPLETION_RESERVE
-        headers: list[Header] = []
-        if caller.rpm is not None:
-            used = state.requests.total
+        if caller.rpm is not None and state.requests.total + 1 > caller.rpm:
             reset = state.requests.seconds_until_below(now, caller.rpm)
-            if used + 1 > caller.rpm:
-                raise self._refusal(caller, "requests", caller.rpm, reset, _headers("requests", caller.rpm, 0, reset))
-            headers += _headers("requests", caller.rpm, caller.rpm - used - 1, reset)
-        if caller.tpm is not None:
-            used_tokens = state.tokens.total + state.reserved
-            reset = state.tokens.seconds_until_below(now, caller.tpm)
-            if used_tokens >= caller.tpm:
-                headers += _headers("tokens", caller.tpm, 0, reset)
-                raise self._refusal(caller, "tokens", caller.tpm, max(reset, 1.0), headers)
-            headers += _headers("tokens", caller.tpm, max(0, caller.tpm - int(used_tokens) - estimate), reset)
+            raise self._refusal(caller, "requests", caller.rpm, reset, _headers("requests", caller.rpm, 0, reset))
+        if caller.tpm is not None and state.tokens.total + state.reserved >= caller.tpm:
+            reset = state.tokens.seconds_until_below(now, max(caller.tpm - state.reserved, 1))
+            headers = _headers("requests", caller.rpm, caller.rpm - state.requests.total, 0.0) if caller.rpm else []
+            headers += _headers("tokens", caller.tpm, 0, reset)
+            raise self._refusal(caller, "tokens", caller.tpm, max(reset, 1.0), headers)
+        # Admitted: count it first, so that the headers describe the window with this request in it.
         state.requests.add(now, 1)
         state.reserved += estimate
+        headers = []
+        if caller.rpm is not None:
+            remaining = caller.rpm - state.requests.total
+            reset = state.requests.seconds_until_below(now, caller.rpm)
+            headers += _headers("requests", caller.rpm, remaining, reset)
+        if caller.tpm is not None:
+            room = caller.tpm - state.reserved
+            remaining = room - state.tokens.total
+            reset = state.tokens.seconds_until_below(now, max(room, 1)) if remaining <= 0 else 0.0
+            headers += _headers("tokens", caller.tpm, remaining, reset)
         return Ticket(caller.name, estimate, headers)
 
     def settle(self, ticket: Ticket | None, tokens: int) -> None:

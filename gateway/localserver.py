@@ -29,6 +29,8 @@ _DEFAULT_CONFIG: MappingProxyType[str, Any] = MappingProxyType(
         "log_level": "warning",
         "access_log": False,
         "lifespan": "on",
+        # As `gateway serve`: the peer address is the socket's, never a client's X-Forwarded-For.
+        "proxy_headers": False,
         # Open streams get this long to finish once shutdown starts, then they are cancelled.
         "timeout_graceful_shutdown": 3,
     }
@@ -78,13 +80,14 @@ class _ServerThread(threading.Thread):
             raise RuntimeError(f"uvicorn thread {self.name} did not stop within {2 * timeout} s")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A TCP socket listening on host:port (port 0: a free one); closed again if binding fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen()
+        sock.listen(backlog)
     except OSError:
         sock.close()
         raise
@@ -106,7 +109,7 @@ def serve_in_thread(
     ``timeout_graceful_shutdown=3``). Raises ``RuntimeError`` if the server does not start
     within ``START_TIMEOUT_SECONDS`` or does not stop within twice ``STOP_TIMEOUT_SECONDS``.
     """
-    sock = _bind(host, port)
+    sock = bind_socket(host, port)
     try:
         bound_port: int = sock.getsockname()[1]
         options = {**_DEFAULT_CONFIG, **uvicorn_config_kwargs}

@@ -41,6 +41,7 @@ class Snapshot:
     upstream_connections: tuple[int, int] | None  # (all, idle)
     open_circuits: dict[str, float]
     tasks: int
+    ledger_dropped: int = 0  # usage records the ledger could not write
 
 
 class _StateCollector(Collector):
@@ -63,6 +64,11 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             "gateway_catalog_refresh_failures", "Failed catalog fetches.", value=state.catalog_refresh_failures
+        )
+        yield CounterMetricFamily(
+            "gateway_ledger_dropped",
+            "Usage records the ledger dropped (a full queue, a record the database refused, a failed final write).",
+            value=state.ledger_dropped,
         )
         yield _gauge("gateway_in_flight_requests", "Proxied requests being handled.", state.in_flight)
         yield _gauge("gateway_open_streams", "Event streams being relayed.", state.open_streams)

@@ -15,11 +15,12 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -35,16 +36,26 @@ from gateway.errors import (
     GatewayError,
     InternalError,
     InvalidRequest,
+    JobNotFound,
     MethodNotAllowed,
     Overloaded,
     ShuttingDown,
     UpstreamError,
     send_error,
 )
-from gateway.headers import Header, is_event_stream, upstream_request_headers
+from gateway.headers import (
+    Header,
+    header_safe,
+    header_value,
+    is_event_stream,
+    upstream_accept_encoding,
+    upstream_request_headers,
+)
+from gateway.jobs import JobOwners, created_job_id
 from gateway.key_auth import scope_caller
 from gateway.keys import KeyRing
-from gateway.relay import Outcome, relay
+from gateway.redaction import Redactor
+from gateway.relay import MAX_LATE_HEADERS_BODY, Outcome, WholeBody, relay
 from gateway.request_id import scope_request_id
 from gateway.settings import Settings
 from gateway.shaping import Slot, UpstreamShaper
@@ -77,11 +88,19 @@ class Runtime:
     accounting: Accounting
     tracing: Tracing | None = None  # None: tracing is off
 
-    def __init__(self, breakers: Breakers, shaper: UpstreamShaper, drain: Drain, keys: KeyRing | None = None) -> None:
+    def __init__(
+        self,
+        breakers: Breakers,
+        shaper: UpstreamShaper,
+        drain: Drain,
+        keys: KeyRing | None = None,
+        jobs: JobOwners | None = None,
+    ) -> None:
         self.keys = keys  # swapped whole on a reload
         self.breakers = breakers
         self.shaper = shaper
         self.drain = drain
+        self.jobs = jobs or JobOwners()  # who created which video job (keys mode)
         self.open_streams = 0  # event streams being relayed now
 
     @property
@@ -107,7 +126,14 @@ class Proxy:
         self._runtime = runtime
         self._dry_run = dry_run
         self._auth = UpstreamAuth(settings)
+        # Open and keys modes send the organisation's key upstream: no client credential may follow
+        # it, and the upstream's error bodies must not show it to clients.
+        gateway_key = settings.auth_mode in ("open", "keys") and bool(settings.upstream.api_key)
+        self._drop_client_credentials = gateway_key
+        self._redactor = Redactor(settings.upstream.api_key, MAX_LATE_HEADERS_BODY) if gateway_key else None
+        self._forward_client_ip = settings.upstream.forward_client_ip
         self._max_body = settings.limits.max_body_bytes
+        self._body_timeout = settings.limits.body_timeout
         self._max_in_flight = settings.limits.max_in_flight
         self._retries = settings.upstream.retries
         self._retry_max_wait = settings.upstream.retry_max_wait
@@ -155,7 +181,7 @@ class Proxy:
                 extra.extend(await accounting.admit(exchange, admission.requested_tokens))
                 body, strip_usage = accounting.request_body(exchange, body)
                 slot = await self._runtime.shaper.acquire()
-                response = await self._forward(scope, body, exchange, breaker_pass)
+                response = await self._forward(scope, admission.endpoint, body, exchange, breaker_pass)
             except GatewayError as error:
                 exchange.status, exchange.outcome, exchange.error_code = error.status, "refused", error.code
                 await send_error(send, error, extra)
@@ -195,7 +221,9 @@ class Proxy:
         if self._dry_run and scope["method"] != "POST":
             raise MethodNotAllowed(f"Use POST {scope['path']}.", headers=[(b"allow", b"POST")])
         exchange.caller = scope_caller(scope)
-        body = await read_body(receive, _content_length(scope["headers"]), self._max_body)
+        body = await read_body(
+            receive, _content_length(scope["headers"]), self._max_body, idle_timeout=self._body_timeout
+        )
         admission = await self._admit(endpoint, scope["headers"], body, exchange)
         extra.extend(_admission_headers(admission))
         return admission, body
@@ -216,7 +244,7 @@ class Proxy:
         if event_stream:
             extra.append(SSE_NO_BUFFERING)
             self._runtime.open_streams += 1
-        late = None if event_stream or exchange.meter is None else partial(accounting.cost_headers, exchange)
+        whole_body = None if event_stream else self._whole_body_step(exchange, response.status)
         try:
             result = await relay(
                 response,
@@ -225,7 +253,7 @@ class Proxy:
                 extra,
                 event_stream=event_stream,
                 meter=exchange.meter,
-                late_headers=late,
+                whole_body=whole_body,
                 length_may_change=exchange.meter is not None and exchange.meter.rewrites,
                 shutdown=self._runtime.drain,
             )
@@ -236,10 +264,35 @@ class Proxy:
         if result.status is not None:
             exchange.status = result.status
 
+    def _whole_body_step(self, exchange: Exchange, status: int) -> WholeBody | None:
+        """What to do with a whole non-streamed body before it goes out: its cost header (from its
+        usage), the owner of a video job it creates, the upstream key redacted from an error."""
+        accounting = self._runtime.accounting
+        meter = exchange.meter
+        records_job = exchange.caller is not None and exchange.path == routing.VIDEOS and 200 <= status < 300
+        redactor = self._redactor if status >= 400 else None
+        if meter is None and redactor is None:
+            return None
+
+        def step(headers: list[Header], body: bytes) -> tuple[list[Header], bytes]:
+            if meter is not None:
+                headers = headers + accounting.cost_headers(exchange, body)
+                job = created_job_id(meter.document) if records_job else None
+                if job is not None and exchange.caller is not None and exchange.entry is not None:
+                    self._runtime.jobs.record(job, exchange.caller.name, exchange.entry.model_name)
+            if redactor is not None:
+                headers, body = redactor.redact(headers, body)
+            return headers, body
+
+        return step
+
     async def _admit(
         self, endpoint: routing.Endpoint, headers: list[Header], body: bytes, exchange: Exchange
     ) -> Admission:
         admission = Admission(endpoint)
+        if endpoint is routing.VIDEO_JOB:
+            await self._admit_job_poll(exchange)
+            return admission
         if not endpoint.needs_model:
             return admission
         files: dict[str, int] = {}
@@ -251,11 +304,12 @@ class Proxy:
             fields = parse_json_object(body)
         catalog = self._runtime.catalog
         entry = await catalog.lookup(model_of(fields))
+        exchange.entry = entry  # known from here on: a refusal below is counted against this model
+        exchange.fields = fields
         if exchange.caller is not None:
             exchange.caller.check_model(entry)
         routing.admit(entry, endpoint, self._routable, catalog.seconds_until_refresh())
-        admission.entry = exchange.entry = entry
-        exchange.fields = fields
+        admission.entry = entry
         admission.requested_tokens = requested_completion_tokens(fields)
         if self._modes:
             for violation in validate(endpoint.path, fields, files, entry):
@@ -269,6 +323,22 @@ class Proxy:
                     )
         return admission
 
+    async def _admit_job_poll(self, exchange: Exchange) -> None:
+        """Keys mode: only the key that created a video job (or an admin key) may poll it, under
+        that key's policy for the job's model (allowlist here, rate limit and budget in ``admit``)."""
+        caller = exchange.caller
+        if caller is None:
+            return  # pass-through and open modes: the upstream's own key decides
+        job = routing.job_id(exchange.path)
+        owner = self._runtime.jobs.owner(job)
+        if owner is None or (owner.key_name != caller.name and not caller.admin):
+            raise JobNotFound(f"No video job with id {job!r}.", param="id")
+        snapshot = self._runtime.catalog.snapshot
+        entry = snapshot.entries.get(owner.model) if snapshot is not None else None
+        if entry is not None:
+            exchange.entry = entry
+            caller.check_model(entry)
+
     def _refusal(self, violation: Violation, endpoint: routing.Endpoint) -> InvalidRequest:
         message = violation.message
         snapshot = self._runtime.catalog.snapshot
@@ -280,17 +350,12 @@ class Proxy:
         return InvalidRequest(message, param=violation.param, code=violation.code)
 
     async def _forward(
-        self, scope: Scope, body: bytes, exchange: Exchange, breaker_pass: Pass | None
+        self, scope: Scope, endpoint: routing.Endpoint, body: bytes, exchange: Exchange, breaker_pass: Pass | None
     ) -> UpstreamResponse:
         """Send upstream, retrying only what is safe: connection failures before the request was
         sent, and 429/503 answers whose Retry-After is short. Nothing has reached the client yet."""
-        headers: list[Header] = scope["headers"]
-        target = scope.get("raw_path") or scope["path"].encode()
-        if scope["query_string"]:
-            target += b"?" + scope["query_string"]
-        upstream_headers = upstream_request_headers(
-            headers, self._auth.upstream_authorization(headers), exchange.request_id.encode()
-        )
+        target = self._upstream_target(scope, endpoint)
+        upstream_headers = self._upstream_headers(scope, exchange)
         send = self._runtime.upstream.send
         tracing = self._runtime.tracing
         if tracing is not None:
@@ -300,7 +365,7 @@ class Proxy:
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                response = await send(scope["method"], target.decode("latin-1"), upstream_headers, body)
+                response = await send(scope["method"], target, upstream_headers, body)
             except UpstreamError as error:
                 if error.retryable and not last:
                     exchange.retries += 1
@@ -319,6 +384,44 @@ class Proxy:
                 self._runtime.breakers.record(breaker_pass, False)
             return response
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def _upstream_target(self, scope: Scope, endpoint: routing.Endpoint) -> str:
+        """Path and query for the upstream: the path the gateway matched (never the client's raw
+        path, which a client library could normalise into another), the client's query, without
+        an ``api_key`` parameter when the gateway's own key goes upstream."""
+        target = routing.upstream_path(endpoint, scope["path"])
+        query: bytes = scope["query_string"]
+        if query and self._drop_client_credentials:
+            query = b"&".join(p for p in query.split(b"&") if _query_name(p) != "api_key")
+        return target + "?" + query.decode("latin-1") if query else target
+
+    def _upstream_headers(self, scope: Scope, exchange: Exchange) -> list[Header]:
+        headers: list[Header] = scope["headers"]
+        forwarded: list[Header] = []
+        client = scope.get("client")
+        if self._forward_client_ip and client:
+            scheme = str(scope.get("scheme", "http")).encode()
+            forwarded = [(b"x-forwarded-for", str(client[0]).encode()), (b"x-forwarded-proto", scheme)]
+        return upstream_request_headers(
+            headers,
+            self._auth.upstream_authorization(headers),
+            exchange.request_id.encode(),
+            accept_encoding=upstream_accept_encoding(
+                header_value(headers, b"accept-encoding"), _streamed(exchange.fields)
+            ),
+            drop_api_key=self._drop_client_credentials,
+            forwarded=forwarded,
+        )
+
+
+def _streamed(fields: Mapping[str, Any]) -> bool:
+    """Whether the request asks for a stream (``"stream": true``, or ``stream=true`` in a form)."""
+    stream = fields.get("stream")
+    return stream is True or (isinstance(stream, str) and stream.strip().lower() == "true")
+
+
+def _query_name(pair: bytes) -> str:
+    return unquote_plus(pair.partition(b"=")[0].decode("latin-1"))
 
 
 def _backoff(attempt: int) -> float:
@@ -346,7 +449,7 @@ def _admission_headers(admission: Admission) -> list[Header]:
     out: list[Header] = []
     entry = admission.entry
     if entry is not None and entry.health_status is not None and entry.health_status != "healthy":
-        out.append((MODEL_HEALTH, entry.health_status.encode("latin-1", "replace")))
+        out.append((MODEL_HEALTH, header_safe(entry.health_status)))
     if admission.warnings:
         value = ", ".join(f"{v.check}={v.code}" for v in admission.warnings)
         out.append((VALIDATION_WARNING, value.encode()))
@@ -354,14 +457,25 @@ def _admission_headers(admission: Admission) -> list[Header]:
 
 
 def _report(admission: Admission) -> dict[str, Any]:
+    warnings = [{"check": v.check, "code": v.code, "param": v.param, "message": v.message} for v in admission.warnings]
+    entry = admission.entry
+    if entry is not None and entry.health_status is not None and entry.health_status != "healthy":
+        # Routed, but not healthy: the same fact as the x-gateway-model-health header of a real answer.
+        warnings.append(
+            {
+                "check": "health",
+                "code": "model_not_healthy",
+                "param": "model",
+                "message": f"Model {entry.model_name!r} is routed, but its health status is "
+                f"{entry.health_status!r}: answers may be slow or fail.",
+            }
+        )
     return {
         "object": "validation",
         "admitted": True,
         "endpoint": admission.endpoint.path,
-        "model": admission.entry.model_name if admission.entry else None,
-        "warnings": [
-            {"check": v.check, "code": v.code, "param": v.param, "message": v.message} for v in admission.warnings
-        ],
+        "model": entry.model_name if entry else None,
+        "warnings": warnings,
     }
 
 

@@ -6,6 +6,12 @@ Token endpoints (chat, completions, embeddings) are billed per million input and
 how many units a request used, is the table ``UNIT_RULES``. Whatever is unknown (no price, no
 usage, a malformed field) gives None, never an exception.
 
+How many units a request used comes from the upstream's answer when it reports them (units the
+caller measured in the response, or a ``Usage`` whose ``unit`` the endpoint is billed in), else
+from the request's fields as validation accepts them (``gateway.validation``: images ``n`` 1-10,
+video ``seconds`` 1-60, a string speech ``input``): a client-chosen value the upstream would
+refuse (``"seconds": 1e-9``, ``"NaN"``, ``"n": 10**6``) prices nothing, it is an unknown (None).
+
 Cached input tokens are billed at the input price: the catalog carries no cache price.
 """
 
@@ -18,69 +24,66 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from gateway.entries import ModelEntry, non_negative
+from gateway.jsonvalues import as_int, as_text
 from gateway.routing import CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, SPEECH, TRANSCRIPTIONS, VIDEOS
 from gateway.usage import Usage
+from gateway.validation import (
+    MAX_IMAGES,
+    MAX_VIDEO_SECONDS,
+    image_count,
+    prompt_count,
+    requested_completion_tokens,
+    video_seconds,
+)
 
 TOKEN_ENDPOINTS: Final = frozenset({CHAT, COMPLETIONS, EMBEDDINGS})
-
-# A video request naming neither ``seconds`` nor ``duration`` is a 2 s clip (FlexAI's documented
-# example, and what the simulated upstream generates).
-VIDEO_DEFAULT_SECONDS: Final = 2.0
 
 # Spellings of the catalog's ``pricing[].unit`` accepted for the canonical names used below.
 UNIT_ALIASES: Mapping[str, str] = MappingProxyType(
     {"images": "image", "characters": "character", "chars": "character", "seconds": "second", "minutes": "minute"}
 )
 
-# How many billing units a request used: from the request fields and the response's usage.
-Quantity = Callable[[Mapping[str, Any], Usage | None], float | None]
+# How many billing units a request asks for, from its fields as validation accepts them (None: invalid).
+Quantity = Callable[[Mapping[str, Any]], float | None]
 
 
-def _images(request: Mapping[str, Any], usage: Usage | None) -> float | None:
-    n = request.get("n")
-    if n is None:
-        return 1.0
-    return float(n) if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1_000_000 else None
+def _images(request: Mapping[str, Any]) -> float | None:
+    count = image_count(request)  # ``n``, 1 when absent
+    return None if count is None else float(count)
 
 
-def _characters(request: Mapping[str, Any], usage: Usage | None) -> float | None:
-    text = request.get("input")
-    return float(len(text)) if isinstance(text, str) else None  # Unicode code points
+def _characters(request: Mapping[str, Any]) -> float | None:
+    text = as_text(request.get("input"))
+    return None if text is None else float(len(text))  # Unicode code points
 
 
-def _audio_minutes(request: Mapping[str, Any], usage: Usage | None) -> float | None:
-    if usage is None or usage.units is None or usage.unit != "second":
-        return None
-    return usage.units / 60.0
-
-
-def _video_seconds(request: Mapping[str, Any], usage: Usage | None) -> float | None:
-    value = request.get("seconds")
-    if value is None:
-        value = request.get("duration")
-    if value is None:
-        return VIDEO_DEFAULT_SECONDS
-    if isinstance(value, str):  # OpenAI's video API spells seconds as a string ("4")
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    return non_negative(value, allow_zero=False)
+def _video_seconds(request: Mapping[str, Any]) -> float | None:
+    seconds = video_seconds(request)  # ``seconds``, else ``duration``, else the 2 s default
+    return None if seconds is None else float(seconds)
 
 
 @dataclass(frozen=True, slots=True)
 class UnitRule:
     unit: str  # the catalog's ``pricing[].unit`` the endpoint is billed in
-    quantity: Quantity  # how many of that unit a request used; None when unknown
-    known_upfront: bool  # the quantity is known from the request alone (before forwarding)
+    # Units an answer may report (``Usage.unit``) -> how many billing units one of them is.
+    reported: Mapping[str, float]
+    # How many units the request asks for; None: only the answer tells (the audio's length).
+    requested: Quantity | None
+    # The most units one request can use when its own field is invalid (None: no bound known).
+    most: float | None = None
+
+    @property
+    def known_upfront(self) -> bool:
+        """The quantity is known from the request alone (before forwarding)."""
+        return self.requested is not None
 
 
 UNIT_RULES: Mapping[str, UnitRule] = MappingProxyType(
     {
-        IMAGES: UnitRule("image", _images, known_upfront=True),  # request ``n`` (default 1)
-        SPEECH: UnitRule("character", _characters, known_upfront=True),  # characters of ``input``
-        TRANSCRIPTIONS: UnitRule("minute", _audio_minutes, known_upfront=False),  # response duration
-        VIDEOS: UnitRule("second", _video_seconds, known_upfront=True),  # ``seconds`` or ``duration``
+        IMAGES: UnitRule("image", MappingProxyType({"image": 1.0}), _images, most=MAX_IMAGES),
+        SPEECH: UnitRule("character", MappingProxyType({"character": 1.0}), _characters),
+        TRANSCRIPTIONS: UnitRule("minute", MappingProxyType({"second": 1 / 60, "minute": 1.0}), None),
+        VIDEOS: UnitRule("second", MappingProxyType({"second": 1.0}), _video_seconds, most=MAX_VIDEO_SECONDS),
     }
 )
 
@@ -96,10 +99,12 @@ def cost_usd(
 
     ``path`` is the endpoint (``gateway.routing`` constants), ``request`` the parsed request fields
     (multipart text fields for transcriptions), ``usage`` what the response reported.
-    ``response_units``, when given, is the quantity in the endpoint's billing unit that the caller
-    measured from the response (e.g. the number of images returned); it replaces the one derived
-    from ``request`` and ``usage``. A per-unit endpoint whose entry has no price for its unit falls
-    back to token prices when the response reported tokens.
+    The quantity of a per-unit endpoint, first found wins: ``response_units`` (the quantity in the
+    endpoint's billing unit that the caller measured from the response, e.g. the number of images
+    returned), the units ``usage`` reports when its ``unit`` is one the endpoint is billed by
+    (``UnitRule.reported``: seconds of audio for a transcription), the request's validated fields.
+    A per-unit endpoint whose entry has no price for its unit falls back to token prices when the
+    response reported tokens.
     """
     if path in TOKEN_ENDPOINTS:
         return _token_cost(entry, usage)
@@ -110,8 +115,21 @@ def cost_usd(
     if price is None:
         has_tokens = usage is not None and (usage.prompt_tokens or usage.completion_tokens)
         return _token_cost(entry, usage) if has_tokens else None
-    quantity = non_negative(response_units) if response_units is not None else rule.quantity(request, usage)
+    quantity = _quantity(rule, request, usage, response_units)
     return None if quantity is None else _finite(quantity * price)
+
+
+def _quantity(
+    rule: UnitRule, request: Mapping[str, Any], usage: Usage | None, response_units: float | None
+) -> float | None:
+    """The billing units used: from the answer when it tells them, else from the validated request."""
+    if response_units is not None:
+        return non_negative(response_units)
+    factor = None if usage is None or usage.unit is None else rule.reported.get(usage.unit)
+    if usage is not None and usage.units is not None and factor is not None:
+        reported = non_negative(usage.units)
+        return None if reported is None else reported * factor
+    return None if rule.requested is None else rule.requested(request)
 
 
 def min_cost_usd(
@@ -130,26 +148,45 @@ def min_cost_usd(
     return _upfront_cost(entry, path, request)
 
 
-def max_cost_usd(
-    entry: ModelEntry, path: str, request: Mapping[str, Any], prompt_tokens_lower_bound: int
-) -> float | None:
-    """The cost if the model generates all the output the request allows.
+def max_cost_usd(entry: ModelEntry, path: str, fields: Mapping[str, Any]) -> float | None:
+    """The most this request can cost if it is served: what to charge when the answer's usage
+    cannot be read (an encoding the gateway cannot decode, a body cut short), rather than nothing.
 
-    Token endpoints: ``prompt_tokens_lower_bound`` x input price + (``max_completion_tokens``, else
-    ``max_tokens``, else 0) x output price. This is NOT a lower bound of the cost: a model that
-    stops before its ``max_tokens`` costs less. Refusing when it exceeds a remaining budget refuses
-    requests that *could* exceed it if they ran to their limit (what OpenRouter does), not only
-    those that certainly would; use ``min_cost_usd`` for the latter. Without a max_tokens it equals
-    ``min_cost_usd``; it is not an upper bound either (the prompt count is a lower bound).
-    Per-unit endpoints: as ``min_cost_usd``.
+    Token endpoints: each prompt at the entry's whole ``context_window`` at the input price, plus
+    each completion at its cap at the output price. The cap is ``max_completion_tokens`` /
+    ``max_tokens`` when given, else the entry's ``max_output``, else the context window, and never
+    more than the ``max_output`` or the window the entry states (the model cannot go past them).
+    A request holds several prompts when a completions ``prompt`` or an embeddings ``input`` is a
+    list of them, and ``n`` completions per prompt; embeddings complete nothing. None when the
+    entry has no context window (nothing bounds the prompt) or lacks a price it would need.
+
+    Per-unit endpoints: the request's units (images ``n``, video seconds, speech characters) at
+    the unit price; when the field is invalid, the most the upstream accepts (10 images, 60 s).
+    None for transcriptions (the audio's length is in the answer only), for an invalid speech
+    ``input``, and when the entry has no price for the unit.
     """
     if path in TOKEN_ENDPOINTS:
-        completion = _max_output(request)
-        if completion is None:
+        window = entry.context_window
+        if window is None:
             return None
-        usage = Usage(prompt_tokens=max(0, prompt_tokens_lower_bound), completion_tokens=completion)
-        return _token_cost(entry, usage)
-    return _upfront_cost(entry, path, request)
+        prompts = prompt_count(path, fields)
+        completions = 0
+        if path != EMBEDDINGS:
+            limits = [limit for limit in (entry.max_output, window) if limit is not None]
+            cap = min([requested_completion_tokens(fields) or entry.max_output or window, *limits])
+            choices = as_int(fields.get("n"))
+            completions = prompts * (choices if choices is not None and choices > 1 else 1) * cap
+        return _token_cost(entry, Usage(prompt_tokens=prompts * window, completion_tokens=completions))
+    rule = UNIT_RULES.get(path)
+    if rule is None or rule.requested is None:
+        return None
+    price = unit_price(entry, rule.unit)
+    if price is None:
+        return None
+    quantity = rule.requested(fields)
+    if quantity is None:
+        quantity = rule.most
+    return None if quantity is None else _finite(quantity * price)
 
 
 def unit_price(entry: ModelEntry, unit: str) -> float | None:
@@ -187,18 +224,6 @@ def _token_cost(entry: ModelEntry, usage: Usage | None) -> float | None:
     except OverflowError:  # a token count beyond float range
         return None
     return _finite(cost / 1e6)
-
-
-def _max_output(request: Mapping[str, Any]) -> int | None:
-    """``max_completion_tokens`` (it supersedes ``max_tokens``), else ``max_tokens``, else 0."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = request.get(name)
-        if value is None:
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        return None
-    return 0
 
 
 def _finite(value: float) -> float | None:

@@ -47,6 +47,10 @@ class Shutdown(Protocol):
     def expired(self) -> bool: ...
 
 
+# Given the response headers and the whole body: the headers and body to send instead.
+WholeBody = Callable[[list[Header], bytes], tuple[list[Header], bytes]]
+
+
 class Meter(Protocol):
     """Watches (and may trim) the relayed bytes: see ``gateway.usage.UsageMeter``."""
 
@@ -80,7 +84,7 @@ async def relay(
     *,
     event_stream: bool = False,
     meter: Meter | None = None,
-    late_headers: Callable[[bytes], list[Header]] | None = None,
+    whole_body: WholeBody | None = None,
     length_may_change: bool = False,
     shutdown: Shutdown | None = None,
 ) -> RelayResult:
@@ -88,9 +92,10 @@ async def relay(
 
     ``event_stream``: the response is SSE (a break then ends it with an error event).
     ``meter`` sees every chunk and returns what to send on (``length_may_change`` when it may drop or
-    rewrite bytes: Content-Length is then not relayed). ``late_headers``, for bodies that are
-    not streamed: the body is read whole first (up to MAX_LATE_HEADERS_BODY) and the headers it
-    returns are added; a larger body is relayed as it comes, without them (and fed to ``meter``).
+    rewrite bytes: Content-Length is then not relayed). ``whole_body``, for bodies that are
+    not streamed: the body is read whole first (up to MAX_LATE_HEADERS_BODY) and the headers and
+    body it returns are sent instead (headers computed from the body, a redaction); a larger body
+    is relayed as it comes, without it (and fed to ``meter``).
     A cancellation while ``shutdown.expired`` ends the response cleanly: an error answer if nothing
     was sent yet, else an error event for a stream, else an unfinished body.
     """
@@ -106,7 +111,7 @@ async def relay(
     started = False
     try:
         pending = b""
-        if late_headers is not None:
+        if whole_body is not None:
             try:
                 whole, pending = await _read_whole(chunks, MAX_LATE_HEADERS_BODY)
             except UpstreamStreamError as exc:
@@ -120,7 +125,7 @@ async def relay(
                 result.outcome, result.status = Outcome.UPSTREAM_BROKEN, error.status
                 return result
             if whole is not None:
-                headers += late_headers(whole)  # (they have read the body: no meter below)
+                headers, whole = whole_body(headers, whole)  # (it has read the body: no meter below)
                 await send({"type": "http.response.start", "status": response.status, "headers": headers})
                 started = True
                 if whole:

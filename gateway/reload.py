@@ -2,7 +2,9 @@
 
 A reload validates the whole file exactly as start-up does. A bad file is refused with a log line
 and the running keys keep serving; a good one swaps the key ring in one assignment (atomic for the
-requests in flight). Other changed settings are reported as needing a restart.
+requests in flight). Other settings whose value in the file (or environment) changed since
+start-up are reported as needing a restart; the settings the process was started with (command-line
+flags such as ``--port`` included) are not compared with the file, so only a real change is reported.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ class KeyReloader:
         self._running = running
         self._runtime = runtime
         self._mtime = self._stat()
+        # What the file and environment said at start-up, before any command-line override: a later
+        # reload is compared with this, so a flag such as --port is not mistaken for a change.
+        self._started_from = self._load_quietly() or running
         self.reloads = 0
+
+    def _load_quietly(self) -> Settings | None:
+        try:
+            return load_settings(self._path, self._env)
+        except SettingsError:
+            return None
 
     def reload(self) -> bool:
         """Apply the file's keys if the file is valid; True when applied."""
@@ -46,12 +57,15 @@ class KeyReloader:
             return False
         self._runtime.keys = KeyRing(new.keys)
         self.reloads += 1
-        others = [
-            f.name
-            for f in dataclasses.fields(Settings)
-            if f.name != "keys" and getattr(new, f.name) != getattr(self._running, f.name)
-        ]
-        logger.info("config reloaded: %d keys%s", len(new.keys), f"; {', '.join(others)} need a restart" * bool(others))
+        changed = changed_settings(self._started_from, new)
+        if changed:
+            logger.warning(
+                "config reloaded: %d keys; changed since start-up, applied only after a restart: %s",
+                len(new.keys),
+                ", ".join(changed),
+            )
+        else:
+            logger.info("config reloaded: %d keys", len(new.keys))
         return True
 
     def _stat(self) -> float | None:
@@ -76,3 +90,24 @@ class KeyReloader:
             if on_main_thread:
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(signal.SIGHUP)
+
+
+def changed_settings(old: Settings, new: Settings) -> list[str]:
+    """The settings other than ``[[keys]]`` that differ, named as in the file (``port``,
+    ``[catalog] ttl``)."""
+    changed: list[str] = []
+    for f in dataclasses.fields(Settings):
+        if f.name == "keys":
+            continue
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if before == after:
+            continue
+        if dataclasses.is_dataclass(before) and dataclasses.is_dataclass(after):
+            changed.extend(
+                f"[{f.name}] {sub.name}"
+                for sub in dataclasses.fields(before)
+                if getattr(before, sub.name) != getattr(after, sub.name)
+            )
+        else:
+            changed.append(f.name)
+    return changed

@@ -7,13 +7,14 @@ page); the decisions are pure functions without I/O: ``match`` (path and method 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
 from gateway.entries import ModelEntry
-from gateway.errors import MethodNotAllowed, ModelEndpointMismatch, ModelUnavailable, UnknownPath
+from gateway.errors import JobNotFound, MethodNotAllowed, ModelEndpointMismatch, ModelUnavailable, UnknownPath
 
 BodyKind = Literal["json", "multipart", "none"]
 
@@ -59,6 +60,8 @@ ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
 )
 # GET /v1/videos/generations/{id}: polling a job is relayed as it is (no model in the request).
 VIDEO_JOB = Endpoint(VIDEO_JOB_PREFIX + "{id}", frozenset({"GET"}), "none", needs_model=False)
+# What a job id may look like: one path segment of token characters, never "." or "..".
+_JOB_ID = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9._:\-]{1,256}")
 MODEL_RETRIEVE = Endpoint(MODELS + "/{model}", frozenset({"GET"}), "none", needs_model=False, local=True)
 
 # OpenAI paths that FlexAI does not serve: answered 404 locally with a message that says so.
@@ -93,9 +96,24 @@ def match(method: str, path: str) -> Endpoint:
     return endpoint
 
 
+def job_id(path: str) -> str:
+    """The job id of a ``GET /v1/videos/generations/{id}`` path, or JobNotFound (404) for one that
+    cannot be a job id (so that nothing but a plain id is ever put in the path sent upstream)."""
+    candidate = path.removeprefix(VIDEO_JOB_PREFIX)
+    if not _JOB_ID.fullmatch(candidate):
+        raise JobNotFound(f"No video job with id {candidate[:64]!r}.", param="id")
+    return candidate
+
+
+def upstream_path(endpoint: Endpoint, path: str) -> str:
+    """The path to send upstream, built from what was matched (never the client's raw path)."""
+    return VIDEO_JOB_PREFIX + job_id(path) if endpoint is VIDEO_JOB else endpoint.path
+
+
 def _match_prefixed(path: str) -> Endpoint:
-    job_id = path.removeprefix(VIDEO_JOB_PREFIX) if path.startswith(VIDEO_JOB_PREFIX) else ""
-    if job_id and "/" not in job_id:
+    job = path.removeprefix(VIDEO_JOB_PREFIX) if path.startswith(VIDEO_JOB_PREFIX) else ""
+    if job and "/" not in job:
+        job_id(path)  # refuses what cannot be a job id ("..", odd characters)
         return VIDEO_JOB
     if path.startswith(MODELS + "/") and len(path) > len(MODELS) + 1:
         return MODEL_RETRIEVE

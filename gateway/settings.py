@@ -74,6 +74,9 @@ class UpstreamSettings:
     breaker_failures: int = _bounded(5, ge=0)
     # ... for this many seconds, then let one probe request through.
     breaker_cooldown: float = _bounded(30.0, gt=0)
+    # Send the client's address upstream as X-Forwarded-For (and X-Forwarded-Proto). The client's own
+    # Forwarded / X-Forwarded-* / X-Real-IP headers are never relayed either way.
+    forward_client_ip: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,18 @@ class LimitsSettings:
     max_body_bytes: int = _bounded(32 * 1024 * 1024, ge=1)
     # Requests relayed at once; beyond it an immediate 503 "overloaded" (0: no cap).
     max_in_flight: int = _bounded(1000, ge=0)
+    # Connection limits (gateway.server_protocol), before the app sees a request. The header block
+    # (request line and headers): its size and number of headers (431 beyond either).
+    max_header_bytes: int = _bounded(64 * 1024, ge=1024)
+    max_headers: int = _bounded(100, ge=1)
+    # Seconds to send the whole header block, and a request body's longest stall (408 for both).
+    header_timeout: float = _bounded(10.0, gt=0)
+    body_timeout: float = _bounded(30.0, gt=0)
+    # Open client connections per process; beyond it an immediate 503 "too_many_connections" (0: no cap).
+    max_connections: int = _bounded(2048, ge=0)
+    # Seconds an idle kept-alive connection stays open, and requests per connection (0: no cap).
+    keepalive_timeout: float = _bounded(5.0, gt=0)
+    max_keepalive_requests: int = _bounded(1000, ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +154,15 @@ class TracingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    # Keys mode: /metrics lists every key's name, tokens and spend, so it answers only an admin key
+    # or the scrape token below. True opens it to anyone who reaches the gateway (other modes: open).
+    public: bool = False
+    # SHA-256 (hex) of a bearer token that may read /metrics and nothing else (for Prometheus).
+    token_sha256: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class KeySettings:
     """One gateway key: who it is, the SHA-256 of its secret, and its policy ([[keys]] tables)."""
 
@@ -181,6 +205,7 @@ class Settings:
     usage: UsageSettings = field(default_factory=UsageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     keys: tuple[KeySettings, ...] = ()
 
     @property
@@ -204,8 +229,15 @@ def load_settings(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    check_auth: bool = True,
 ) -> Settings:
-    """Build and validate Settings: defaults < TOML file < environment < ``overrides`` (CLI flags)."""
+    """Build and validate Settings: defaults < TOML file < environment < ``overrides`` (CLI flags).
+
+    ``check_auth=False`` skips the checks that tie ``[auth] mode``, ``[upstream] api_key`` and
+    ``[[keys]]`` together (each key table is still validated): for commands that never serve, such
+    as ``gateway usage``, which reads only the ledger.
+    """
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     if path is not None:
@@ -214,7 +246,7 @@ def load_settings(
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise SettingsError(f"cannot read config file {str(path)!r}: {exc}") from exc
     settings: Settings = _build(Settings, data, env, section=None, overrides=overrides or {})
-    _check_cross_field(settings)
+    _check_cross_field(settings, check_auth=check_auth)
     return settings
 
 
@@ -359,7 +391,7 @@ def _check_bounds(value: Any, metadata: Mapping[str, Any], where: str) -> None:
         raise SettingsError(f"{where}: must be at most {le}, got {value!r}")
 
 
-def _check_cross_field(s: Settings) -> None:
+def _check_cross_field(s: Settings, *, check_auth: bool = True) -> None:
     url = urlsplit(s.upstream.url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise SettingsError(f"[upstream] url: must be an http(s) URL with a host, got {s.upstream.url!r}")
@@ -372,8 +404,16 @@ def _check_cross_field(s: Settings) -> None:
     if not s.catalog.routable_health:
         raise SettingsError("[catalog] routable_health: must name at least one health status")
     _check_tracing(s.tracing)
+    if s.metrics.token_sha256 and not _SHA256_HEX.fullmatch(s.metrics.token_sha256.lower()):
+        raise SettingsError("[metrics] token_sha256: must be 64 hex digits (the SHA-256 of the scrape token)")
 
     _check_keys(s)
+    if check_auth:
+        _check_auth(s)
+
+
+def _check_auth(s: Settings) -> None:
+    """How ``[auth] mode``, the upstream key and ``[[keys]]`` must fit together to serve."""
     has_key = bool(s.upstream.api_key)
     mode = s.auth.mode
     if s.keys and mode != "keys":
@@ -388,7 +428,9 @@ def _check_cross_field(s: Settings) -> None:
         raise SettingsError(
             "[auth] mode: an upstream key is set (GATEWAY_UPSTREAM_API_KEY or [upstream] api_key) but no "
             "way to authenticate clients is: anyone who reaches the gateway would spend that key. "
-            'Set [auth] mode = "open" (or GATEWAY_AUTH_MODE=open) to accept that explicitly.'
+            'Set [auth] mode = "keys" and give each caller a gateway key (`gateway keys new NAME` prints one '
+            'and its [[keys]] table), or set [auth] mode = "open" (or GATEWAY_AUTH_MODE=open) to accept an '
+            "open relay explicitly."
         )
     if mode == "passthrough" and has_key:
         raise SettingsError(

@@ -26,9 +26,13 @@ from typing import Any, Final
 import orjson
 
 from gateway.entries import non_negative
+from gateway.jsonvalues import as_object
 
 # A JSON body longer than this is not kept: its usage is then unknown (None).
 MAX_JSON_BYTES: Final = 1 << 20
+# The largest token count believed from an upstream (2**53 - 1: exact as a float, fits SQLite's
+# INTEGER and every JSON reader): a larger reported number is clamped to it, never passed on.
+MAX_COUNT: Final = (1 << 53) - 1
 # An SSE event (or line) longer than this is not inspected, and not held back for stripping.
 MAX_EVENT_BYTES: Final = 1 << 20
 
@@ -72,27 +76,41 @@ Annotate = Callable[[Usage], Mapping[str, Any] | None]
 
 def usage_from_response(obj: Any) -> Usage | None:
     """The usage of a decoded JSON response body (a completion, an embedding list, a
-    transcription, ...), or None when it reports none."""
+    transcription, images, a video job, ...), or None when it reports none."""
     if not isinstance(obj, dict):
         return None
     block = obj.get("usage")
+    reported = _reported_units(obj, block)
+    if not isinstance(block, dict):
+        return None if reported is None else Usage(units=reported[0], unit=reported[1])
+    usage = _token_usage(block)
+    if reported is None:
+        return usage
+    return Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.cached_tokens, *reported)
+
+
+def _reported_units(obj: Mapping[str, Any], block: Any) -> tuple[float, str] | None:
+    """A non-token quantity the answer itself reports, so that it is billed rather than what the
+    request asked for: seconds of audio (a transcription's ``duration`` or a duration usage block),
+    seconds of video (a video job's ``seconds``), images made (the entries of an images answer)."""
     seconds = non_negative(obj.get("duration"))
     if seconds is None and isinstance(block, dict) and block.get("type") == "duration":
         seconds = non_negative(block.get("seconds"))
-    if not isinstance(block, dict):
-        return None if seconds is None else Usage(units=seconds, unit="second")
-    usage = _token_usage(block)
-    if seconds is None:
-        return usage
-    return Usage(
-        usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.cached_tokens, seconds, "second"
-    )
+    if seconds is None and str(obj.get("object", "")).startswith("video"):
+        raw = obj.get("seconds")
+        seconds = non_negative(int(raw) if isinstance(raw, str) and raw.isdigit() and len(raw) < 6 else raw)
+    if seconds is not None:
+        return seconds, "second"
+    data = obj.get("data")
+    if isinstance(data, list) and data and all(isinstance(d, dict) and ("b64_json" in d or "url" in d) for d in data):
+        return float(len(data)), "image"
+    return None
 
 
 def client_wants_usage(fields: Mapping[str, Any]) -> bool:
     """Whether the client itself asked for streamed usage (``stream_options.include_usage: true``)."""
-    options = fields.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+    options = as_object(fields.get("stream_options"))
+    return options is not None and options.get("include_usage") is True
 
 
 def with_include_usage(body: bytes, fields: Mapping[str, Any]) -> bytes | None:
@@ -123,16 +141,13 @@ def with_include_usage(body: bytes, fields: Mapping[str, Any]) -> bytes | None:
         if brace < 0:
             return None
         return body[: brace + 1] + _INCLUDE_USAGE_MEMBER + body[brace + 1 :]
-    options = fields["stream_options"]
-    if options is None:
-        options = {"include_usage": True}
-    elif isinstance(options, dict):
-        options = {**options, "include_usage": True}
-    else:
+    raw = fields["stream_options"]
+    options = as_object(raw)
+    if options is None and raw is not None:
         return None
     try:
-        return orjson.dumps({**fields, "stream_options": options})
-    except orjson.JSONEncodeError:
+        return orjson.dumps({**fields, "stream_options": {**(options or {}), "include_usage": True}})
+    except orjson.JSONEncodeError:  # what orjson cannot encode (an integer beyond 64 bits, deep nesting)
         return None
 
 
@@ -187,6 +202,7 @@ class UsageMeter:
         "_rewrite",
         "_strip",
         "_usage",
+        "document",
     )
 
     def __init__(
@@ -207,6 +223,7 @@ class UsageMeter:
         self._max_event = max_event_bytes
         self._usage: Usage | None = None
         self._finished = False
+        self.document: Any = None  # a JSON body, parsed (after ``finish``); None when not readable
         # JSON bodies
         self._body = bytearray()
         self._overflow = False  # the body is not usable: too long, or not decodable
@@ -253,9 +270,10 @@ class UsageMeter:
         if not self._event_stream:
             if not self._overflow and self._body:
                 try:
-                    self._usage = usage_from_response(orjson.loads(self._body))
+                    self.document = orjson.loads(self._body)
                 except orjson.JSONDecodeError:
-                    self._usage = None
+                    self.document = None
+                self._usage = usage_from_response(self.document)
             self._body = bytearray()
             return self._usage
         # A stream that ended (or was cut) inside an event: inspect what arrived of it.
@@ -466,12 +484,12 @@ def _token_usage(block: Mapping[str, Any]) -> Usage:
 
 
 def _count(block: Mapping[str, Any], *names: str) -> int:
-    """The first of ``names`` holding a non-negative whole number, else 0."""
+    """The first of ``names`` holding a non-negative whole number (at most MAX_COUNT), else 0."""
     for name in names:
         raw = block.get(name)
-        if type(raw) is int and raw >= 0:  # the usual case, without the general checks below
+        if type(raw) is int and 0 <= raw <= MAX_COUNT:  # the usual case, without the general checks below
             return raw
         value = non_negative(raw)
         if value is not None and value == int(value):
-            return int(value)
+            return min(int(value), MAX_COUNT)
     return 0

@@ -22,13 +22,13 @@ refused: one that might fit is always forwarded.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, Final, TypeGuard
 
 from gateway import routing
 from gateway.entries import ModelEntry
+from gateway.jsonvalues import as_choice, as_int, as_list, as_number, as_object, as_text, describe
 
 CHECKS = ("shape", "tools", "vision", "streaming", "max_output", "context_window")
 
@@ -44,6 +44,10 @@ RANGES: Mapping[str, tuple[float, float]] = {
 }
 SPEECH_SPEED = (0.25, 4.0)
 MAX_IMAGES = 10
+# Video clip length in whole seconds (``seconds``, else ``duration``): what the upstream accepts.
+# Without either field the clip is 2 s (FlexAI's documented example, and the simulated upstream's).
+MAX_VIDEO_SECONDS: Final = 60
+VIDEO_DEFAULT_SECONDS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +140,23 @@ def _prompted(path: str, fields: Mapping[str, Any]) -> Iterator[Violation]:
         return
     if path == routing.IMAGES:
         n = fields.get("n")
-        if n is not None and not (_is_int(n) and 1 <= n <= MAX_IMAGES):
-            yield _invalid("n", "invalid_value", f"`n` must be an integer from 1 to {MAX_IMAGES}, not {n!r}.")
+        if n is not None and image_count(fields) is None:
+            yield _invalid("n", "invalid_value", f"`n` must be an integer from 1 to {MAX_IMAGES}, not {describe(n)}.")
         if fields.get("response_format") == "url":
             yield _invalid(
                 "response_format",
                 "invalid_value",
                 'The upstream returns images as `b64_json` only; omit `response_format` or set it to "b64_json".',
+            )
+        return
+    for name in ("seconds", "duration"):
+        value = fields.get(name)
+        if value is not None and _clip_seconds(value) is None:
+            yield _invalid(
+                name,
+                "invalid_value",
+                f"`{name}` must be a whole number of seconds from 1 to {MAX_VIDEO_SECONDS} (a number, or a string "
+                f'such as "4"), not {describe(value)}.',
             )
 
 
@@ -154,15 +168,15 @@ def _speech(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Violation]
     if not _nonempty_str(voice):
         yield _missing("voice", "a string `voice`")
         return
-    voices = entry.raw.get("voices")
-    if isinstance(voices, list) and voices and voice not in voices:
-        names = ", ".join(str(v) for v in voices[:20])
+    voices = as_list(entry.raw.get("voices"))
+    if voices and voice not in voices:  # a list test by equality: any catalog value is safe
+        names = ", ".join(describe(v) if not isinstance(v, str) else v for v in voices[:20])
         yield _invalid(
-            "voice", "invalid_value", f"Voice {voice!r} is not one of {entry.model_name!r}'s voices: {names}."
+            "voice", "invalid_value", f"Voice {describe(voice)} is not one of {entry.model_name!r}'s voices: {names}."
         )
     speed = fields.get("speed")
-    if speed is not None and not (_is_number(speed) and SPEECH_SPEED[0] <= speed <= SPEECH_SPEED[1]):
-        yield _invalid("speed", "invalid_value", f"`speed` must be a number from 0.25 to 4.0, not {speed!r}.")
+    if speed is not None and not _in_range(speed, SPEECH_SPEED):
+        yield _invalid("speed", "invalid_value", f"`speed` must be a number from 0.25 to 4.0, not {describe(speed)}.")
 
 
 # --- shared checks ----------------------------------------------------------------------------
@@ -177,11 +191,11 @@ def _messages_shape(messages: Any) -> Violation | None:
         if not isinstance(message, dict):
             return _invalid(f"messages[{i}]", "invalid_type", f"messages[{i}] must be an object.")
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        if as_choice(role, CHAT_ROLES) is None:
             return _invalid(
                 f"messages[{i}].role",
                 "invalid_value",
-                f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, not {_show(role)}.",
+                f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, not {describe(role)}.",
             )
         content = message.get("content")
         if not (content is None or isinstance(content, str | list)):
@@ -196,29 +210,36 @@ def _messages_shape(messages: Any) -> Violation | None:
 def _common_shape(fields: Mapping[str, Any]) -> Iterator[Violation]:
     stream = fields.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        yield _invalid("stream", "invalid_type", f"`stream` must be true or false, not {_show(stream)}.")
+        yield _invalid("stream", "invalid_type", f"`stream` must be true or false, not {describe(stream)}.")
+    options = fields.get("stream_options")
+    if options is not None and as_object(options) is None:
+        yield _invalid(
+            "stream_options", "invalid_type", f"`stream_options` must be an object or null, not {describe(options)}."
+        )
     n = fields.get("n")
     if n is not None:
-        if not _is_int(n) or n < 1:
-            yield _invalid("n", "invalid_value", f"`n` must be a positive integer, not {_show(n)}.")
-        elif n > 1:
+        count = as_int(n)
+        if count is None or count < 1:
+            yield _invalid("n", "invalid_value", f"`n` must be a positive integer, not {describe(n)}.")
+        elif count > 1:
             yield _invalid(
                 "n",
                 "multiple_choices_not_supported",
                 "The upstream does not support multiple choices (n > 1).",
             )
-    for name, (low, high) in RANGES.items():
+    for name, bounds in RANGES.items():
         value = fields.get(name)
-        if value is not None and not (_is_number(value) and low <= value <= high):
+        if value is not None and not _in_range(value, bounds):
             yield _invalid(
                 name,
                 "invalid_value",
-                f"`{name}` must be a number from {low:g} to {high:g}, not {_show(value)}.",
+                f"`{name}` must be a number from {bounds[0]:g} to {bounds[1]:g}, not {describe(value)}.",
             )
     for name in ("max_tokens", "max_completion_tokens"):
         value = fields.get(name)
-        if value is not None and not (_is_int(value) and value >= 1):
-            yield _invalid(name, "invalid_value", f"`{name}` must be a positive integer, not {_show(value)}.")
+        tokens = as_int(value)
+        if value is not None and (tokens is None or tokens < 1):
+            yield _invalid(name, "invalid_value", f"`{name}` must be a positive integer, not {describe(value)}.")
 
 
 def _tools(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Violation]:
@@ -251,7 +272,7 @@ def _vision(messages: list[Any], entry: ModelEntry) -> Iterator[Violation]:
         if not isinstance(content, list):
             continue
         for j, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
+            if isinstance(part, dict) and as_choice(part.get("type"), IMAGE_PART_TYPES) is not None:
                 yield Violation(
                     "vision",
                     "vision_not_supported",
@@ -280,8 +301,8 @@ def _max_output(fields: Mapping[str, Any], entry: ModelEntry, names: tuple[str, 
     if limit is None:
         return
     for name in names:
-        value = fields.get(name)
-        if _is_int(value) and value > limit:
+        value = as_int(fields.get(name))
+        if value is not None and value > limit:
             yield Violation(
                 "max_output",
                 "max_tokens_exceeded",
@@ -380,21 +401,27 @@ def _embedding_inputs(value: Any) -> list[int] | None:
 # --- small helpers ----------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_int(value: object) -> TypeGuard[int]:
+    return as_int(value) is not None
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _in_range(value: object, bounds: tuple[float, float]) -> bool:
+    number = as_number(value)
+    return number is not None and bounds[0] <= number <= bounds[1]
 
 
-def _nonempty_str(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
+def _nonempty_str(value: object) -> bool:
+    text = as_text(value)
+    return text is not None and bool(text.strip())
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def _clip_seconds(value: object) -> int | None:
+    """A video length field as whole seconds within the accepted range, else None."""
+    if isinstance(value, str):  # OpenAI's video API spells seconds as a string ("4")
+        seconds = int(value) if value.isascii() and value.isdigit() and len(value) <= 3 else None
+    else:
+        seconds = as_int(value)
+    return seconds if seconds is not None and 1 <= seconds <= MAX_VIDEO_SECONDS else None
 
 
 def _missing(param: str, what: str) -> Violation:
@@ -431,8 +458,8 @@ def alternatives(violation: Violation, path: str, candidates: Iterable[ModelEntr
 def prompt_tokens_lower_bound(path: str, fields: Mapping[str, Any]) -> int:
     """The certain minimum of prompt tokens (for rate-limit reservations), 0 when not a text endpoint."""
     if path == routing.CHAT:
-        messages = fields.get("messages")
-        if isinstance(messages, list):
+        messages = as_list(fields.get("messages"))
+        if messages is not None:
             return _words_in_messages([m for m in messages if isinstance(m, dict)])
     elif path == routing.COMPLETIONS:
         return _prompt_tokens(fields.get("prompt")) or 0
@@ -442,8 +469,43 @@ def prompt_tokens_lower_bound(path: str, fields: Mapping[str, Any]) -> int:
 
 
 def requested_completion_tokens(fields: Mapping[str, Any]) -> int:
+    """``max_completion_tokens`` (it supersedes ``max_tokens``), else ``max_tokens``, when a positive
+    integer; else 0."""
     for name in ("max_completion_tokens", "max_tokens"):
-        value = fields.get(name)
-        if _is_int(value) and value > 0:
+        value = as_int(fields.get(name))
+        if value is not None and value > 0:
             return value
     return 0
+
+
+def prompt_count(path: str, fields: Mapping[str, Any]) -> int:
+    """How many separate prompts a text request holds: the items of a completions ``prompt`` list of
+    strings or of token-id lists, or of an embeddings ``input`` list; else 1 (a chat is one)."""
+    if path == routing.COMPLETIONS:
+        prompt = as_list(fields.get("prompt"))
+        if prompt and _prompt_tokens(prompt) is not None and not all(_is_int(t) for t in prompt):
+            return len(prompt)
+    elif path == routing.EMBEDDINGS:
+        inputs = _embedding_inputs(fields.get("input"))
+        if inputs is not None:
+            return len(inputs)
+    return 1
+
+
+def image_count(fields: Mapping[str, Any]) -> int | None:
+    """How many images an images request asks for: ``n`` (1 when absent or null), None when invalid."""
+    n = fields.get("n")
+    if n is None:
+        return 1
+    count = as_int(n)
+    return count if count is not None and 1 <= count <= MAX_IMAGES else None
+
+
+def video_seconds(fields: Mapping[str, Any]) -> int | None:
+    """The clip length a video request asks for: ``seconds``, else ``duration``, else the default
+    (2 s); None when the field it gives is invalid (not a whole number of seconds from 1 to 60)."""
+    for name in ("seconds", "duration"):
+        value = fields.get(name)
+        if value is not None:
+            return _clip_seconds(value)
+    return VIDEO_DEFAULT_SECONDS

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -197,3 +200,40 @@ def module_server_fixtures(env: dict[str, str] | None = None) -> tuple[Any, Any,
         return _servers[2]
 
     return _servers, demo_state, upstream, gateway
+
+
+# --------------------------------------------------------------------------- keys mode
+
+
+def key_secret(name: str) -> str:
+    """The gateway key of ``name`` in configs made by ``keys_config``."""
+    return f"sk-gw-{name}-000000"
+
+
+def key_table(name: str, extra: str = "") -> str:
+    """A ``[[keys]]`` table for ``name`` (its secret is ``key_secret(name)``), with extra TOML lines."""
+    digest = hashlib.sha256(key_secret(name).encode()).hexdigest()
+    return f'[[keys]]\nname = "{name}"\nkey_sha256 = "{digest}"\nteam = "team-{name[0]}"\n{extra}\n'
+
+
+def keys_config(path: Path, tables: str, *, ledger: Path | None = None, extra: str = "") -> Path:
+    """Write a keys-mode config (an ``admin`` key included, no reload polling) to ``path``."""
+    usage = f'[usage]\npath = "{ledger}"\nflush_interval = 0.05\n' if ledger is not None else ""
+    path.write_text(
+        f'[auth]\nmode = "keys"\nreload_interval = 0\n{usage}{extra}\n{key_table("admin", "admin = true")}{tables}'
+    )
+    return path
+
+
+def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
+    """Poll ``url``/readyz until the gateway process ``proc`` is ready (bounded); fail if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the gateway exited during start-up"
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the gateway did not become ready in time")

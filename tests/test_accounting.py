@@ -87,7 +87,7 @@ def usage_rows(gateway: LocalServer, *, by: str = "key", expected_requests: int)
         )
         assert answer.status_code == 200, answer.text
         rows = answer.json()["data"]
-        if sum(r["requests"] for r in rows) >= expected_requests:
+        if sum(r["requests"] + r["refused"] for r in rows) >= expected_requests:
             return rows
         time.sleep(0.05)
     raise AssertionError(f"the ledger did not reach {expected_requests} requests: {rows}")
@@ -343,7 +343,9 @@ def test_200_concurrent_requests_from_10_keys_respect_limits_and_are_accounted_o
         assert tokens[name] <= 100 + largest  # TPM exceeded by at most one request's worth
     usage_rows(gateway, expected_requests=200)
     recorded = summarize(ledger, by="key")
-    assert sum(r["requests"] for r in recorded if r["key"] in names) == 200  # every request, exactly once
+    mine = [r for r in recorded if r["key"] in names]
+    assert sum(r["requests"] + r["refused"] for r in mine) == 200  # every request, exactly once
+    assert {r["key"]: r["requests"] for r in mine} == {n: served[n] for n in names}  # refusals apart
     for row in recorded:
         if row["key"] in names:
             assert row["total_tokens"] == tokens[row["key"]]

@@ -325,8 +325,40 @@ def test_speech_returns_wav_audio(client: openai.OpenAI) -> None:
     with wave.open(io.BytesIO(audio)) as parsed:
         assert parsed.getnframes() > 0
     longer = client.audio.speech.create(model="Kokoro-82M", voice="am_adam", input="Hello from the demo" * 4)
-    assert longer.response.headers["content-type"] == "audio/mpeg"
     assert len(longer.content) > len(audio)
+
+
+@pytest.mark.parametrize("response_format", [None, "mp3", "opus", "aac", "flac", "wav", "pcm"])
+def test_speech_content_type_says_what_the_bytes_are(http: httpx.Client, response_format: str | None) -> None:
+    """A RIFF/WAVE file is labelled audio/wav, raw samples audio/pcm, whatever format was asked for
+    (the simulated upstream encodes no mp3, opus, aac or flac, and says so)."""
+    body = {"model": "Kokoro-82M", "voice": "af_bella", "input": "Hello from the demo"}
+    answer = http.post(
+        "/v1/audio/speech", json=body | ({"response_format": response_format} if response_format else {})
+    )
+    assert answer.status_code == 200, answer.text
+    audio = answer.content
+    is_wav = audio[:4] == b"RIFF" and audio[8:12] == b"WAVE"
+    if response_format == "pcm":
+        assert not is_wav
+        assert answer.headers["content-type"] == "audio/pcm"
+        assert answer.headers["x-demo-audio-format"] == "pcm"
+        wav = http.post("/v1/audio/speech", json=body | {"response_format": "wav"}).content
+        with wave.open(io.BytesIO(wav)) as parsed:
+            assert parsed.readframes(parsed.getnframes()) == audio  # the same samples, without the header
+    else:
+        assert is_wav
+        assert answer.headers["content-type"] == "audio/wav"
+        assert answer.headers["x-demo-audio-format"] == "wav"
+        with wave.open(io.BytesIO(audio)) as parsed:
+            assert (parsed.getnchannels(), parsed.getsampwidth()) == (1, 2)
+
+
+def test_speech_refuses_an_unknown_format(http: httpx.Client) -> None:
+    body = {"model": "Kokoro-82M", "voice": "af_bella", "input": "hi", "response_format": "ogg"}
+    answer = http.post("/v1/audio/speech", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "'response_format' must be one of: mp3, opus, aac, flac, wav, pcm"
 
 
 def test_speech_rejects_an_unknown_voice(client: openai.OpenAI) -> None:

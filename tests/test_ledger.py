@@ -27,6 +27,8 @@ def rec(
     model: str = "m1",
     cost: float | None = 0.5,
     tokens: tuple[int, int] = (10, 5),
+    status: int = 200,
+    outcome: str = "completed",
 ) -> UsageRecord:
     return UsageRecord(
         ts=ts,
@@ -35,12 +37,12 @@ def rec(
         team=team,
         model=model,
         endpoint="/v1/chat/completions",
-        status=200,
+        status=status,
         prompt_tokens=tokens[0],
         completion_tokens=tokens[1],
         total_tokens=sum(tokens),
         cost_usd=cost,
-        outcome="completed",
+        outcome=outcome,
         cut=False,
         latency_ms=12.5,
         ttfb_ms=3.0,
@@ -166,6 +168,12 @@ async def test_summaries(tmp_path: Path) -> None:
         ledger.record(rec(2, key="alice", team="red", model="m2", cost=None, tokens=(20, 2), ts=DAY2))
         ledger.record(rec(3, key="bob", team="blue", model="m1", cost=0.25, tokens=(30, 3), ts=DAY2))
         ledger.record(rec(4, key=None, team=None, model="m1", cost=None, tokens=(40, 4)))
+        # Answered by the gateway itself: counted apart from requests, never as unpriced ones.
+        ledger.record(rec(5, key="alice", cost=0.0, tokens=(0, 0), status=429, outcome="refused"))
+        ledger.record(rec(6, key="alice", cost=None, tokens=(0, 0), status=403, outcome="refused"))
+        ledger.record(rec(7, key="alice", cost=None, tokens=(0, 0), status=200, outcome="dry_run"))
+        # An upstream that failed to answer (502/504) was sent the request: a request, not a refusal.
+        ledger.record(rec(8, key="bob", team="blue", cost=None, tokens=(0, 0), status=502, outcome="refused", ts=DAY2))
 
     by_key = summarize(path, by="key")
     assert [r["key"] for r in by_key] == [None, "alice", "bob"]
@@ -173,6 +181,7 @@ async def test_summaries(tmp_path: Path) -> None:
     assert alice == {
         "key": "alice",
         "requests": 2,
+        "refused": 3,
         "prompt_tokens": 30,
         "completion_tokens": 3,
         "total_tokens": 33,
@@ -180,22 +189,23 @@ async def test_summaries(tmp_path: Path) -> None:
         "unpriced_requests": 1,
     }
     assert by_key[0]["cost_usd"] is None
-    assert {r["team"]: r["requests"] for r in summarize(path, by="team")} == {None: 1, "blue": 1, "red": 2}
+    assert {r["team"]: r["requests"] for r in summarize(path, by="team")} == {None: 1, "blue": 2, "red": 2}
     by_model = {r["model"]: (r["requests"], r["cost_usd"]) for r in summarize(path, by="model")}
-    assert by_model == {"m1": (3, 1.25), "m2": (1, None)}
+    assert by_model == {"m1": (4, 1.25), "m2": (1, None)}
     by_day = summarize(path, by="day")
-    assert [(r["day"], r["requests"]) for r in by_day] == [("2025-03-01", 2), ("2025-03-02", 2)]
+    assert [(r["day"], r["requests"], r["refused"]) for r in by_day] == [("2025-03-01", 2, 3), ("2025-03-02", 3, 0)]
     assert [r["day"] for r in summarize(path, by="day", since=date(2025, 3, 2))] == ["2025-03-02"]
     assert [r["day"] for r in summarize(path, by="day", since=datetime(2025, 3, 1, 13))] == ["2025-03-02"]
     assert summarize(path, by="model", key="bob") == [
         {
             "model": "m1",
-            "requests": 1,
+            "requests": 2,
+            "refused": 0,
             "prompt_tokens": 30,
             "completion_tokens": 3,
             "total_tokens": 33,
             "cost_usd": 0.25,
-            "unpriced_requests": 0,
+            "unpriced_requests": 1,
         }
     ]
     assert summarize(path, by="key", since=DAY2 + 1) == []
@@ -204,6 +214,29 @@ async def test_summaries(tmp_path: Path) -> None:
         assert summarize(conn, by="team", key="alice")[0]["team"] == "red"
     finally:
         conn.close()
+
+
+async def test_a_record_the_database_cannot_store_fails_alone(tmp_path: Path) -> None:
+    """A value SQLite refuses (an integer beyond 64 bits) drops that one record, counted, and never
+    blocks the records queued behind it (it used to be retried forever at the head of the queue)."""
+    path = tmp_path / "usage.db"
+    async with Ledger(path, flush_interval=0.05, max_batch=10) as ledger:
+        for i in range(30):
+            ledger.record(rec(i, tokens=(10**30, 1)) if i == 3 else rec(i))
+        for _ in range(200):  # bounded: the writer flushes every 50 ms
+            if ledger.pending == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert ledger.pending == 0
+        assert ledger.dropped == 1
+        ledger.record(rec(99))  # the writer still works after the bad record
+    assert ledger.dropped == 1
+    conn = sqlite3.connect(path)
+    try:
+        ids = {row[0] for row in conn.execute("SELECT request_id FROM usage")}
+    finally:
+        conn.close()
+    assert ids == {f"req-{i}" for i in (*range(30), 99)} - {"req-3"}
 
 
 def test_queries_refuse_a_missing_or_foreign_database(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import pytest
 from gateway.localserver import LocalServer
 from gateway.logs import JsonFormatter, configure
 from tests.conftest import CHAT_MODEL
-from tests.test_cli import free_port, running, stop, wait_ready
+from tests.helpers_gateway import wait_ready
+from tests.test_cli import free_port, running, stop
 
 
 def test_json_formatter_writes_access_fields_as_the_line() -> None:

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.localserver import LocalServer
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Snapshot
 from tests.conftest import CHAT_MODEL
 
 CHAT = "/v1/chat/completions"
@@ -89,3 +89,23 @@ def test_histograms_and_counters_render_as_prometheus_text() -> None:
     assert summed["gateway_overhead_seconds_sum"] == pytest.approx(7.0022)
     (tokens,) = families["gateway_usage_tokens"].samples
     assert (tokens.labels, tokens.value) == ({"model": "m", "key": "alice", "kind": "prompt"}, 12)
+
+
+def test_dropped_ledger_records_are_exported() -> None:
+    state = Snapshot(
+        catalog_loaded=True,
+        catalog_age=1.0,
+        catalog_models=1,
+        catalog_routable=1,
+        catalog_refreshes=1,
+        catalog_refresh_failures=0,
+        in_flight=0,
+        open_streams=0,
+        upstream_connections=None,
+        open_circuits={},
+        tasks=1,
+        ledger_dropped=3,
+    )
+    text = Metrics(lambda: state).render().decode()
+    found = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    assert found["gateway_ledger_dropped_total"] == 3

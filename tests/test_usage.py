@@ -415,3 +415,17 @@ def test_client_wants_usage() -> None:
     assert not client_wants_usage({"stream_options": {"include_usage": 1}})
     assert not client_wants_usage({"stream_options": None})
     assert not client_wants_usage({})
+
+
+def test_units_the_answer_reports_are_read() -> None:
+    """Billing follows what the answer says was made, not what the request asked for."""
+    images = {"created": 1, "data": [{"b64_json": "aGk="}, {"url": "https://x/y.png"}]}
+    assert usage_from_response(images) == Usage(units=2.0, unit="image")
+    video = {"id": "video-1", "object": "video", "status": "queued", "seconds": "8"}
+    assert usage_from_response(video) == Usage(units=8.0, unit="second")
+    assert usage_from_response({"object": "video.generation", "seconds": 4}) == Usage(units=4.0, unit="second")
+    assert usage_from_response({"object": "video", "seconds": "1e999"}) is None
+    embeddings = {"object": "list", "data": [{"object": "embedding", "embedding": [0.1]}]}
+    assert usage_from_response(embeddings) is None
+    transcription = {"text": "hi", "duration": 2.5}
+    assert usage_from_response(transcription) == Usage(units=2.5, unit="second")

@@ -12,7 +12,7 @@ What it serves (FlexAI's surface, see docs and shared notes):
 - ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed (SSE, paced by
   ``token_delay``) or not; tool calls; ``reasoning_content`` for reasoning models.
 - ``POST /v1/embeddings`` (float or base64), ``POST /v1/images/generations`` (b64_json only),
-  ``POST /v1/audio/speech`` (WAV), ``POST /v1/audio/transcriptions`` (multipart),
+  ``POST /v1/audio/speech`` (WAV or raw PCM), ``POST /v1/audio/transcriptions`` (multipart),
   ``POST /v1/videos/generations`` + ``GET /v1/videos/generations/{id}`` (asynchronous jobs).
 
 Errors use FlexAI's envelope ``{"error": {"message", "type", "code"}}``: 400 for an unknown
@@ -29,7 +29,10 @@ Modules, imports pointing one way (``app`` -> endpoint modules -> ``reply``/``ss
 Assumptions where FlexAI publishes nothing: the ``pricing[]`` entries of non-token models
 (see ``default_catalog``), the ``/api/status`` details, the completed video job shape
 (``data[0].b64_json`` holding a stub MP4 header, plus ``seconds`` and ``progress``), and the
-audio payloads (speech is WAV data whatever ``response_format`` says).
+audio payloads. Speech is a sine tone, labelled by what the bytes are: ``response_format: "pcm"``
+gives raw 16-bit little-endian mono samples at 8 kHz (``audio/pcm``); every other format
+(``wav``, and ``mp3``, ``opus``, ``aac``, ``flac``, which it cannot encode; ``mp3`` is the
+default) gives a WAV file (``audio/wav``). ``x-demo-audio-format`` names which one was sent.
 """
 
 from gateway.demo.app import create_demo_upstream

@@ -1,4 +1,4 @@
-"""``POST /v1/audio/speech`` (sine-wave WAV) and ``POST /v1/audio/transcriptions`` (multipart
+"""``POST /v1/audio/speech`` (a sine tone, as WAV or raw PCM) and ``POST /v1/audio/transcriptions`` (multipart
 upload in, a transcript naming its size and sha256 out)."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import io
 import math
 import struct
 import wave
-from types import MappingProxyType
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -21,16 +20,13 @@ from gateway.demo.state import DemoState
 SPEECH_SAMPLE_RATE = 8000
 SPEECH_SECONDS_PER_CHAR = 0.06
 SPEECH_MAX_SECONDS = 10.0
-SPEECH_CONTENT_TYPES: MappingProxyType[str, str] = MappingProxyType(
-    {
-        "mp3": "audio/mpeg",
-        "opus": "audio/opus",
-        "aac": "audio/aac",
-        "flac": "audio/flac",
-        "wav": "audio/wav",
-        "pcm": "audio/pcm",
-    }
-)
+# The speech formats OpenAI's API defines (anything else is a 400). The simulated upstream encodes
+# only two of them: "pcm" is raw 16-bit little-endian mono samples (no header), "wav" the same
+# samples in a WAV (RIFF) file. It has no mp3, opus, aac or flac encoder, so for those (and for the
+# default, mp3) it answers the WAV file, labelled audio/wav, and says so in x-demo-audio-format.
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+SPEECH_PCM_CONTENT_TYPE = "audio/pcm"
+SPEECH_WAV_CONTENT_TYPE = "audio/wav"
 TRANSCRIPTION_FORMATS = frozenset({"json", "text", "verbose_json", "srt", "vtt"})
 
 
@@ -42,11 +38,15 @@ def _is_tts(model: dict[str, Any]) -> bool:
     return model.get("category") == "audio" and not _is_stt(model)
 
 
-def _wav(seconds: float, frequency: float) -> bytes:
-    """A 16-bit mono sine WAV of ``seconds`` at SPEECH_SAMPLE_RATE."""
+def _pcm(seconds: float, frequency: float) -> bytes:
+    """A sine of ``seconds`` as raw 16-bit little-endian mono samples at SPEECH_SAMPLE_RATE."""
     frames = max(1, int(seconds * SPEECH_SAMPLE_RATE))
     step = 2 * math.pi * frequency / SPEECH_SAMPLE_RATE
-    pcm = struct.pack(f"<{frames}h", *(int(8000 * math.sin(step * i)) for i in range(frames)))
+    return struct.pack(f"<{frames}h", *(int(8000 * math.sin(step * i)) for i in range(frames)))
+
+
+def _wav(pcm: bytes) -> bytes:
+    """``pcm`` (16-bit mono at SPEECH_SAMPLE_RATE) in a WAV file."""
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
@@ -70,18 +70,22 @@ def _voice_index(model: dict[str, Any], body: dict[str, Any]) -> int:
 
 
 async def speech(state: DemoState, request: Request) -> Response:
-    """Text to speech. The audio is WAV data whatever ``response_format`` asks for; only the
-    Content-Type follows the requested format."""
+    """Text to speech: a sine tone as long as the text. The Content-Type always names what the
+    bytes are: ``pcm`` is raw samples (audio/pcm), every other format a WAV file (audio/wav), since
+    the simulated upstream has no mp3/opus/aac/flac encoder; ``x-demo-audio-format`` says which of
+    the two was sent."""
     body = await json_body(request)
     model = resolve_model(state, body.get("model"), "/v1/audio/speech", _is_tts)
     text = text_field(body, "input")
     voice = _voice_index(model, body)
     response_format = body.get("response_format") or "mp3"
-    content_type = SPEECH_CONTENT_TYPES.get(response_format)
-    if content_type is None:
-        raise bad_request(f"'response_format' must be one of: {', '.join(SPEECH_CONTENT_TYPES)}", "invalid_value")
+    if response_format not in SPEECH_FORMATS:
+        raise bad_request(f"'response_format' must be one of: {', '.join(SPEECH_FORMATS)}", "invalid_value")
     seconds = min(SPEECH_MAX_SECONDS, 0.25 + SPEECH_SECONDS_PER_CHAR * len(text))
-    return Response(_wav(seconds, 220.0 + 110.0 * voice), media_type=content_type)
+    pcm = _pcm(seconds, 220.0 + 110.0 * voice)
+    if response_format == "pcm":
+        return Response(pcm, media_type=SPEECH_PCM_CONTENT_TYPE, headers={"x-demo-audio-format": "pcm"})
+    return Response(_wav(pcm), media_type=SPEECH_WAV_CONTENT_TYPE, headers={"x-demo-audio-format": "wav"})
 
 
 # --------------------------------------------------------------------------- transcriptions

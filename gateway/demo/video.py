@@ -60,7 +60,9 @@ async def create_video(state: DemoState, request: Request) -> Response:
     body = await json_body(request)
     model = resolve_model(state, body.get("model"), "/v1/videos/generations", _is_video)
     prompt = text_field(body, "prompt")
-    seconds = int_field(body, "seconds", int_field(body, "duration", 2, 1, 60), 1, 60)
+    # OpenAI's video API spells seconds as a string ("4"); a number is accepted too.
+    spelled = {k: int(v) if isinstance(v, str) and v.isdigit() and len(v) < 4 else v for k, v in body.items()}
+    seconds = int_field(spelled, "seconds", int_field(spelled, "duration", 2, 1, 60), 1, 60)
     job = VideoJob(
         id=new_id("video_"),
         model=model["model_name"],
