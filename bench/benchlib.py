@@ -30,6 +30,8 @@ import payloads
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
+# The gateway package of an older commit, for the --baseline row (gitignored with results/).
+BASELINE = RESULTS / "baseline"
 PROJECT_BIN = ROOT / ".venv" / "bin"
 LITELLM_VENV = BENCH / ".venv-litellm"
 TOOLS_VENV = BENCH / ".venv-tools"
@@ -495,11 +497,28 @@ ttl = 86400.0
     return path
 
 
+def extract_baseline(rev: str) -> str:
+    """Put the ``gateway`` package of git revision ``rev`` in BASELINE (replacing what was there);
+    returns the commit's short hash and subject, for the results."""
+    if BASELINE.exists():
+        shutil.rmtree(BASELINE)
+    BASELINE.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "gateway"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(BASELINE)], input=archive.stdout, check=True)
+    described = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", rev], capture_output=True, text=True, check=True
+    )
+    return described.stdout.strip()[:120]
+
+
 def gateway_argv(kind: str, config: Path, port: int) -> list[str]:
-    """``gateway`` = the installed CLI; ``floor`` = bench/relay_floor.py (a bare relay, no gateway code);
+    """``gateway`` = the installed CLI; ``baseline`` = the same CLI from the code in BASELINE (see
+    ``start_proxy``); ``floor`` = bench/relay_floor.py (a bare relay, no gateway code);
     ``runner-httpx`` / ``runner-aiohttp`` = bench/transport_runner.py."""
     if kind == "gateway":
         return [str(PROJECT_BIN / "gateway"), "serve", "--config", str(config), "--port", str(port)]
+    if kind == "baseline":
+        return [str(PROJECT_BIN / "python"), "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)]
     if kind == "floor":
         return [
             str(PROJECT_BIN / "python"),
@@ -595,6 +614,8 @@ def start_proxy(kind: str, workdir: Path, upstream_base: str, cpus: Cpus, phase:
     else:
         config = gateway_config(workdir, f"{kind}-{phase}", upstream_base, port)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        if kind == "baseline":  # its gateway package comes before the installed (editable) one
+            env["PYTHONPATH"] = str(BASELINE)
         proc = spawn(f"{kind}-{phase}", gateway_argv(kind, config, port), workdir, cpus.proxy, env=env)
         ready_path = "/readyz"
     try:

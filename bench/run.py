@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as b
 import payloads
 
-PROXIES = ("gateway", "floor", "litellm", "runner-httpx", "runner-aiohttp")
+PROXIES = ("gateway", "baseline", "floor", "litellm", "runner-httpx", "runner-aiohttp")
 LABELS = {
     "direct": "direct (no proxy)",
     "gateway": "gateway",
+    "baseline": "gateway, baseline commit",
     "floor": "bare relay floor (uvicorn + aiohttp)",
     "litellm": "LiteLLM proxy",
     "runner-httpx": "gateway, httpx transport",
@@ -334,6 +335,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows += ["runner-httpx", "runner-aiohttp"]
     else:
         rows.append("gateway")
+        if args.baseline:
+            rows.append("baseline")
+            meta["baseline"] = b.extract_baseline(args.baseline)
         if not args.no_floor:
             rows.append("floor")
         version = litellm_available(args)
@@ -444,6 +448,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"{m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, Python {m['python']}; {m['nginx']}; "
         f"{m['wrk']}; gateway {m['gateway_commit']}"
+        + (f"; baseline row: {m['baseline']}" if m.get("baseline") else "")
         + (f"; LiteLLM {m['litellm']}" if m.get("litellm") else "; LiteLLM: not measured")
         + f". {m['pinning']}. Load average {m['loadavg_start'][0]:.2f} at the start, "
         f"{m.get('loadavg_end', [0])[0]:.2f} at the end; CPU pressure (PSI) at the end: "
@@ -815,6 +820,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of: " + ", ".join(s.name for s in SCENARIOS),
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM row")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="add a row for the gateway's code at git revision REV (run with this venv), to measure a change "
+        "before and after in the same run",
+    )
     parser.add_argument(
         "--no-floor", action="store_true", help="skip the floor row (bench/relay_floor.py: no gateway code)"
     )
