@@ -5,7 +5,6 @@ The bytes read here are the bytes forwarded upstream: parsing only looks.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +13,7 @@ import orjson
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from gateway.errors import BodyTimeout, BodyTooLarge, InvalidRequest, UnsupportedMediaType
+from gateway.errors import BodyTooLarge, InvalidRequest, UnsupportedMediaType
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -26,27 +25,18 @@ class ClientDisconnected(Exception):
     """The client went away before its request body arrived."""
 
 
-async def read_body(
-    receive: Receive, content_length: int | None, limit: int, *, idle_timeout: float | None = None
-) -> bytes:
-    """The whole request body, refusing (413) as soon as it is known to exceed ``limit``, and (408)
-    when ``idle_timeout`` seconds pass without a piece of it (None: wait as long as it takes).
+async def read_body(receive: Receive, content_length: int | None, limit: int) -> bytes:
+    """The whole request body, refusing (413) as soon as it is known to exceed ``limit``.
 
-    Content-Length is checked first, but the limit is enforced on the bytes actually received.
+    Content-Length is checked first, but the limit is enforced on the bytes actually received. A
+    body that stalls is the server protocol's to end (``[limits] body_timeout``).
     """
     if content_length is not None and content_length > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
-        if idle_timeout is None:
-            message = await receive()
-        else:
-            try:
-                async with asyncio.timeout(idle_timeout):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimeout(idle_timeout) from None
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk: bytes = message.get("body", b"")

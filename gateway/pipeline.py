@@ -133,7 +133,6 @@ class Proxy:
         self._redactor = Redactor(settings.upstream.api_key, MAX_LATE_HEADERS_BODY) if gateway_key else None
         self._forward_client_ip = settings.upstream.forward_client_ip
         self._max_body = settings.limits.max_body_bytes
-        self._body_timeout = settings.limits.body_timeout
         self._max_in_flight = settings.limits.max_in_flight
         self._retries = settings.upstream.retries
         self._retry_max_wait = settings.upstream.retry_max_wait
@@ -221,9 +220,7 @@ class Proxy:
         if self._dry_run and scope["method"] != "POST":
             raise MethodNotAllowed(f"Use POST {scope['path']}.", headers=[(b"allow", b"POST")])
         exchange.caller = scope_caller(scope)
-        body = await read_body(
-            receive, _content_length(scope["headers"]), self._max_body, idle_timeout=self._body_timeout
-        )
+        body = await read_body(receive, _content_length(scope["headers"]), self._max_body)
         admission = await self._admit(endpoint, scope["headers"], body, exchange)
         extra.extend(_admission_headers(admission))
         return admission, body

@@ -12,6 +12,10 @@ per ``[limits]``:
 - ``header_timeout``: seconds from the connection's start (then from a request's first byte on a
   kept-alive connection) to the end of the request's headers: 408 ``request_timeout``, or a
   plain close when nothing of a request arrived.
+- ``body_timeout``: seconds a request body may stay silent between two pieces: 408
+  ``request_timeout`` (the app, waiting for the body, sees a disconnect). The timer exists only
+  while a body is unfinished at the end of a read, so a body that comes with its headers costs
+  nothing; a pause while uvicorn itself stopped reading (the app is not reading yet) does not count.
 - ``max_connections``: open connections per process; beyond it a new connection is answered at
   once with 503 ``too_many_connections`` (Retry-After) without reading its request.
 - ``keepalive_timeout`` (uvicorn's ``timeout_keep_alive``): an idle kept-alive connection is closed;
@@ -22,9 +26,8 @@ per ``[limits]``:
 A malformed request is answered 400 ``invalid_http_request``. Every answer from here is in the
 OpenAI error envelope and followed by a lingering close: the gateway half-closes, discards what the
 client still sends for ``LINGER_SECONDS`` at most, then closes, so the client reads the answer
-instead of a connection reset. The request body's idle timeout is the app's
-(``gateway.body.read_body``): it holds under any server and answers where the body is read.
-Everything else (pipelining, flow control, graceful shutdown, disconnect detection) is uvicorn's.
+instead of a connection reset. Everything else (pipelining, flow control, graceful shutdown,
+disconnect detection) is uvicorn's.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from gateway.errors import (
+    BodyTimeout,
     GatewayError,
     HeaderTimeout,
     HeaderTooLarge,
@@ -84,6 +88,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._max_header_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._header_timer: TimerHandle | None = None
+        self._body_timer: TimerHandle | None = None
+        self._body_seen = 0.0  # loop time of the last read inside an unfinished body
         self._linger_timer: TimerHandle | None = None
         # Where the parser is: between requests or in a header block (True), or in a request body.
         self._in_headers = True
@@ -120,6 +126,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -158,13 +165,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 elif self._header_timer is None:
                     # Its clock starts now, with its first bytes (a block that comes whole needs none).
                     self._arm_header_timer()
-        elif self._body_progress:
-            self._silent_bytes = 0
         else:
-            self._silent_bytes += len(data)
-            refusal = self._header_refusal(self._silent_bytes)
-            if refusal is not None:
-                self._refuse(refusal)
+            if self._body_progress:
+                self._silent_bytes = 0
+            else:
+                self._silent_bytes += len(data)
+                refusal = self._header_refusal(self._silent_bytes)
+                if refusal is not None:
+                    self._refuse(refusal)
+                    return
+            self._watch_body()  # a body is unfinished at the end of this read
 
     # --- parser callbacks -------------------------------------------------------------------------
 
@@ -202,6 +212,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._body_progress = True
 
     def on_message_complete(self) -> None:
+        self._cancel_body_timer()
         super().on_message_complete()
         self._in_headers = True
         self._message_started = False
@@ -252,12 +263,38 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         logger.info("%srefused: headers not complete within %g s", self._peer(), timeout)
         self._refuse(HeaderTimeout(f"The request's headers did not arrive within {timeout:g} seconds."))
 
+    def _watch_body(self) -> None:
+        """Note that part of a body arrived now; one timer per unfinished body, moved lazily."""
+        self._body_seen = self.loop.time()
+        if self._body_timer is None:
+            self._body_timer = self.loop.call_later(self._limits.body_timeout, self._body_check)
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_check(self) -> None:
+        self._body_timer = None
+        if self._refused or self._in_headers or self.transport.is_closing():
+            return
+        timeout = self._limits.body_timeout
+        now = self.loop.time()
+        if self.flow.read_paused:
+            self._body_seen = now  # uvicorn stopped reading (the app is behind): not the client's delay
+        if now - self._body_seen < timeout:
+            self._body_timer = self.loop.call_at(self._body_seen + timeout, self._body_check)
+            return
+        logger.info("%srefused: request body silent for %g s", self._peer(), timeout)
+        self._refuse(BodyTimeout(timeout))
+
     def _refuse(self, error: GatewayError) -> None:
         """Answer ``error`` and close the connection (lingering). When a complete earlier request is
         still being answered, close after that answer instead; when the refused request is one the
         app already has (its body broke off), the app sees a disconnect and its answer is dropped."""
         self._refused = True
         self._cancel_header_timer()
+        self._cancel_body_timer()
         cycle = self.cycle  # the newest request whose headers were complete
         if cycle is not None and not cycle.response_complete:
             if not cycle.more_body:

@@ -33,10 +33,8 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from gateway.body import read_body
 from gateway.cli import uvicorn_options
 from gateway.demo import DemoState, create_demo_upstream
-from gateway.errors import BodyTimeout
 from gateway.localserver import serve_in_thread
 from gateway.logs import ConsoleFormatter
 from gateway.server_protocol import LimitedHttpToolsProtocol
@@ -719,23 +717,15 @@ async def test_a_connection_beyond_max_connections_is_answered_503_at_once() -> 
     first.connection_lost(None)
 
 
-async def test_read_body_answers_408_with_connection_close_when_the_body_stalls() -> None:
-    pieces: list[dict[str, Any]] = [{"type": "http.request", "body": b"{", "more_body": True}]
-
-    async def receive() -> dict[str, Any]:
-        if pieces:
-            return pieces.pop()
-        await asyncio.sleep(10)  # the client sends nothing more
-        raise AssertionError("unreachable")
-
-    started = time.monotonic()
-    with pytest.raises(BodyTimeout) as raised:
-        await read_body(receive, 10, 1000, idle_timeout=0.2)
-    assert 0.15 <= time.monotonic() - started < 2
-    error = raised.value
-    assert (error.status, error.code) == (408, "request_timeout")
-    assert (b"connection", b"close") in error.headers()
-    assert_error_envelope(error.body(), code="request_timeout")
+async def test_a_body_that_arrives_with_its_headers_arms_no_timer() -> None:
+    """The common case costs nothing: no body timer when the whole body came with the headers."""
+    protocol, _transport, _state = fake_connection(LimitsSettings(body_timeout=0.2))
+    protocol.data_received(b"POST /x HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\n\r\n{}")
+    assert protocol._body_timer is None
+    protocol.data_received(b"POST /x HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\n\r\n{}")
+    assert protocol._body_timer is not None  # half a body: watched
+    protocol.connection_lost(None)
+    assert protocol._body_timer is None
 
 
 def test_the_served_protocol_and_its_limits_pickle_for_worker_processes() -> None:
