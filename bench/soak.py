@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as b
 
 from gateway.demo import DemoState, create_demo_upstream
-from gateway.localserver import serve_in_thread
+from gateway.server.thread import serve_in_thread
 
 HOST = b.HOST
 API_KEY = "sk-soak-test"

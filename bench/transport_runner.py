@@ -23,8 +23,8 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.cli import uvicorn_options
-from gateway.logs import configure as configure_logging
-from gateway.settings import load_settings
+from gateway.config.settings import load_settings
+from gateway.ops.logs import configure as configure_logging
 
 
 def build_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:

@@ -16,11 +16,11 @@ from typing import Any
 
 import orjson
 
-from gateway import routing
-from gateway.body import model_of, parse_json_object
+from gateway import endpoints
+from gateway.catalog.entries import parse_entry
+from gateway.catalog.validation import validate
 from gateway.demo import default_catalog
-from gateway.entries import parse_entry
-from gateway.validation import validate
+from gateway.proxy.body import model_of, parse_json_object
 
 MODEL = "Qwen2.5-32B-Instruct-FP8"
 
@@ -74,7 +74,7 @@ def main() -> None:
     def admit(body: bytes) -> None:
         fields = parse_json_object(body)
         model_of(fields)
-        for _ in validate(routing.CHAT, fields, (), entry):
+        for _ in validate(endpoints.CHAT, fields, (), entry):
             raise AssertionError("the benchmark bodies are valid")
 
     print("| body | size | parse + validate, us/request (median) | of which parsing |")

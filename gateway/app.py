@@ -19,31 +19,32 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.accounting import Accounting, Exchange
-from gateway.breaker import Breakers
-from gateway.budgets import Budgets
-from gateway.catalog import Catalog
-from gateway.drain import Drain, drain_on_signals
+from gateway import endpoints
+from gateway.auth.keys import KeyRing
+from gateway.auth.middleware import KeyAuthMiddleware
+from gateway.auth.reload import KeyReloader
+from gateway.catalog.admission import is_routable
+from gateway.catalog.cache import Catalog
+from gateway.config.settings import Settings, load_settings, resolve_config_path
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, UnknownPath
-from gateway.heap import freeze_startup_heap
-from gateway.key_auth import KeyAuthMiddleware
-from gateway.keys import KeyRing
-from gateway.ledger import Ledger
-from gateway.limits import RateLimiter
-from gateway.local_routes import LocalRoutes
-from gateway.logs import configure as configure_logging
-from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gateway.metrics import Metrics
-from gateway.metrics import Snapshot as MetricsSnapshot
-from gateway.pipeline import DRY_RUN_PREFIX, Proxy, Runtime
-from gateway.reload import KeyReloader
-from gateway.request_id import RequestIdMiddleware
-from gateway.routing import is_routable
-from gateway.settings import Settings, load_settings, resolve_config_path
-from gateway.shaping import UpstreamShaper
-from gateway.tracing import build_tracing, traced
-from gateway.upstream import HttpxUpstream, Upstream
-from gateway.upstream_aiohttp import AiohttpUpstream
+from gateway.ops.drain import Drain, drain_on_signals
+from gateway.ops.heap import freeze_startup_heap
+from gateway.ops.logs import configure as configure_logging
+from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.ops.metrics import Metrics
+from gateway.ops.metrics import Snapshot as MetricsSnapshot
+from gateway.ops.request_id import RequestIdMiddleware
+from gateway.ops.tracing import build_tracing, traced
+from gateway.proxy.handler import Proxy, Runtime
+from gateway.proxy.local import LocalRoutes
+from gateway.state.budgets import Budgets
+from gateway.state.limits import RateLimiter
+from gateway.state.shaping import UpstreamShaper
+from gateway.upstream.aiohttp_client import AiohttpUpstream
+from gateway.upstream.base import HttpxUpstream, Upstream
+from gateway.upstream.breaker import Breakers
+from gateway.usage.accounting import Accounting, Exchange
+from gateway.usage.ledger import Ledger
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -197,15 +198,13 @@ class Front:
         self._dry_run = dry_run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith("/v1/"):
-            if path.startswith(DRY_RUN_PREFIX + "/"):
-                await self._dry_run(scope, receive, send)
-                return
-            if path != "/v1/models" and not path.startswith("/v1/models/"):
-                await self._proxy(scope, receive, send)
-                return
-        await self._local(scope, receive, send)
+        part = endpoints.front(scope.get("path", "")) if scope["type"] == "http" else "local"
+        if part == "proxy":
+            await self._proxy(scope, receive, send)
+        elif part == "dry_run":
+            await self._dry_run(scope, receive, send)
+        else:
+            await self._local(scope, receive, send)
 
 
 def _both(first: Callable[[Exchange], None], then: Callable[[Exchange], None]) -> Callable[[Exchange], None]:

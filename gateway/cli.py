@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from gateway.entries import CATEGORIES, ModelEntry, parse_catalog
-from gateway.heap import freeze_startup_heap
-from gateway.keys import new_key
-from gateway.ledger import SUMMARY_GROUPS, summarize
-from gateway.logs import configure as configure_logging
-from gateway.settings import KeySettings, Settings, SettingsError, load_settings, resolve_config_path
+from gateway.auth.keys import new_key
+from gateway.catalog.entries import ModelEntry, parse_catalog
+from gateway.config.settings import KeySettings, Settings, SettingsError, load_settings, resolve_config_path
+from gateway.endpoints import CATEGORIES
+from gateway.ops.heap import freeze_startup_heap
+from gateway.ops.logs import configure as configure_logging
+from gateway.usage.ledger import SUMMARY_GROUPS, summarize
 
 if TYPE_CHECKING:
     import uvicorn
@@ -168,7 +169,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """How `gateway serve` runs uvicorn (also used by bench/ to measure exactly that)."""
     from functools import partial
 
-    from gateway.server_protocol import LimitedHttpToolsProtocol
+    from gateway.server.protocol import LimitedHttpToolsProtocol
 
     return {
         "host": settings.host,
@@ -216,7 +217,7 @@ def _demo(args: argparse.Namespace) -> int:
     the gateway serves.
     """
     from gateway.demo import create_demo_upstream
-    from gateway.localserver import bind_socket, serve_in_thread
+    from gateway.server.thread import bind_socket, serve_in_thread
 
     named_config = args.config or os.environ.get("GATEWAY_CONFIG")
     config_path = resolve_config_path(args.config, os.environ)

@@ -1,6 +1,6 @@
 """Shared fixtures: the simulated upstream and the gateway as real servers on 127.0.0.1.
 
-Each server runs under uvicorn in its own thread (gateway.localserver), so the tests talk to them
+Each server runs under uvicorn in its own thread (gateway.server.thread), so the tests talk to them
 over real sockets with the official openai SDK (sync client) or httpx, as users do.
 """
 
@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from gateway.app import create_app
+from gateway.config.settings import Settings, load_settings
 from gateway.demo import DemoState, create_demo_upstream
-from gateway.localserver import LocalServer, serve_in_thread
-from gateway.settings import Settings, load_settings
+from gateway.server.thread import LocalServer, serve_in_thread
 
 StartGateway = Callable[..., LocalServer]
 

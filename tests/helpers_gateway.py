@@ -18,9 +18,9 @@ import orjson
 import pytest
 
 from gateway.app import create_app
+from gateway.config.settings import load_settings
 from gateway.demo import DemoState, RecordedRequest, create_demo_upstream
-from gateway.localserver import LocalServer, serve_in_thread
-from gateway.settings import load_settings
+from gateway.server.thread import LocalServer, serve_in_thread
 
 StartGateway = Callable[..., LocalServer]
 

@@ -21,10 +21,10 @@ import pytest
 
 from gateway.app import create_app
 from gateway.cli import main
+from gateway.config.settings import load_settings
 from gateway.demo import DemoState, default_catalog
-from gateway.ledger import summarize
-from gateway.localserver import LocalServer, serve_in_thread
-from gateway.settings import load_settings
+from gateway.server.thread import LocalServer, serve_in_thread
+from gateway.usage.ledger import summarize
 from tests.conftest import CHAT_MODEL, StartGateway, gateway_env
 
 WAIT = 10.0

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from gateway.demo import DemoState
-from gateway.localserver import LocalServer
+from gateway.server.thread import LocalServer
 from tests.helpers_gateway import (
     CHAT_MODEL,
     STT_MODEL,

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway.body import model_of, parse_json_object, parse_multipart, read_body
 from gateway.errors import BodyTooLarge, InvalidRequest, UnsupportedMediaType
+from gateway.proxy.body import model_of, parse_json_object, parse_multipart, read_body
 
 
 def receiver(*chunks: bytes) -> Any:

@@ -13,10 +13,10 @@ import httpx
 import orjson
 import pytest
 
-from gateway.catalog import Catalog, suggest
+from gateway.catalog.cache import Catalog, suggest
+from gateway.config.settings import CatalogSettings
 from gateway.demo import DemoState, default_catalog
 from gateway.errors import CatalogUnavailable, ModelNotFound
-from gateway.settings import CatalogSettings
 from tests.conftest import CHAT_MODEL, StartGateway
 
 
@@ -102,7 +102,7 @@ async def test_stale_if_error_then_backoff_then_recovery(caplog: pytest.LogCaptu
     await catalog.current()
     clock.now += 61
     upstream.fail = RuntimeError("HTTP 500")
-    with caplog.at_level(logging.WARNING, logger="gateway.catalog"):
+    with caplog.at_level(logging.WARNING, logger="gateway.catalog.cache"):
         assert (await catalog.lookup(CHAT_MODEL)).model_name == CHAT_MODEL  # stale copy keeps serving
         await _settle()
     assert upstream.calls == 2
@@ -200,7 +200,7 @@ async def test_malformed_entries_are_skipped_and_reported(caplog: pytest.LogCapt
     ]
     upstream = FakeUpstream(models=models)  # type: ignore[arg-type]
     catalog = make_catalog(upstream, Clock())
-    with caplog.at_level(logging.WARNING, logger="gateway.catalog"):
+    with caplog.at_level(logging.WARNING, logger="gateway.catalog.cache"):
         snapshot = await catalog.current()
     assert sorted(snapshot.entries) == sorted([good["model_name"], "null-supports", "extra-fields", "no-health"])
     assert snapshot.entries["null-supports"].supports == frozenset()

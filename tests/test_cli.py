@@ -29,9 +29,9 @@ import orjson
 import pytest
 
 from gateway.cli import DEMO_USER, DEMO_USER_RPM, EXIT_STDOUT_CLOSED, DemoLedger, _demo_banner, main
-from gateway.ledger import Ledger, UsageRecord, summarize
-from gateway.localserver import LocalServer
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.server.thread import LocalServer
+from gateway.usage.ledger import Ledger, UsageRecord, summarize
 from tests.conftest import CHAT_MODEL
 from tests.helpers_gateway import wait_ready, wait_until
 from tests.helpers_upstreams import FaultMode, FaultyUpstream

@@ -23,7 +23,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from gateway.demo import DemoState, create_demo_upstream, default_catalog
-from gateway.localserver import LocalServer, serve_in_thread
+from gateway.server.thread import LocalServer, serve_in_thread
 
 CATALOG_KEYS = {
     "slug", "model_name", "display_name", "description", "category", "context_window", "max_output",

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo import DemoState
-from gateway.localserver import LocalServer
+from gateway.server.thread import LocalServer
 from tests.helpers_gateway import (
     CHAT_BODY,
     CHAT_MODEL,

@@ -38,10 +38,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app import create_app
+from gateway.config.settings import load_settings
 from gateway.demo import default_catalog
-from gateway.localserver import serve_in_thread
-from gateway.relay import MAX_LATE_HEADERS_BODY
-from gateway.settings import load_settings
+from gateway.proxy.relay import MAX_LATE_HEADERS_BODY
+from gateway.server.thread import serve_in_thread
 from tests.helpers_gateway import CHAT_BODY, CHAT_MODEL, NO_HEALTH_MODEL, assert_gateway_error, wait_until
 from tests.helpers_upstreams import (
     CATALOG_JSON,

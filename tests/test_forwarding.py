@@ -19,7 +19,7 @@ import pytest
 
 from gateway.demo import DemoState, create_demo_upstream, default_catalog
 from gateway.headers import content_encoding, is_event_stream
-from gateway.localserver import LocalServer, serve_in_thread
+from gateway.server.thread import LocalServer, serve_in_thread
 from tests.helpers_gateway import (
     CHAT_BODY,
     CHAT_MODEL,

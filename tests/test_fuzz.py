@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from gateway.app import create_app
 from gateway.demo import DemoState, create_demo_upstream, default_catalog
-from gateway.localserver import serve_in_thread
-from gateway.routing import ENDPOINTS
+from gateway.endpoints import ENDPOINTS
+from gateway.server.thread import serve_in_thread
 from tests.conftest import gateway_settings
 
 POST_PATHS = sorted(p for p, e in ENDPOINTS.items() if not e.local)

@@ -2,7 +2,7 @@
 slowloris, stalled bodies, request smuggling, absolute URIs, encoded traversal, CRLF injection.
 
 The gateway runs as a real `gateway serve` process, so uvicorn has exactly the options it serves
-with (httptools and the connection limits of gateway.server_protocol), in front of the simulated
+with (httptools and the connection limits of gateway.server.protocol), in front of the simulated
 upstream, with short timeouts so the module takes seconds. After each attack the gateway still
 answers /healthz and a normal chat request, and its resident memory (read from /proc) has not
 grown. Every socket is closed, every loop is bounded in time and count, and the process is stopped
@@ -34,11 +34,11 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from gateway.cli import uvicorn_options
+from gateway.config.settings import LimitsSettings, load_settings
 from gateway.demo import DemoState, create_demo_upstream
-from gateway.localserver import serve_in_thread
-from gateway.logs import ConsoleFormatter
-from gateway.server_protocol import LimitedHttpToolsProtocol
-from gateway.settings import LimitsSettings, load_settings
+from gateway.ops.logs import ConsoleFormatter
+from gateway.server.protocol import LimitedHttpToolsProtocol
+from gateway.server.thread import serve_in_thread
 from tests.helpers_gateway import (
     CHAT_BODY,
     assert_error_envelope,

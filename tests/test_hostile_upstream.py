@@ -20,12 +20,12 @@ import openai
 import orjson
 import pytest
 
+from gateway.catalog.entries import parse_catalog
 from gateway.demo import default_catalog
-from gateway.entries import parse_catalog
 from gateway.headers import header_safe
-from gateway.localserver import LocalServer, serve_in_thread
-from gateway.pricing import max_cost_usd
-from gateway.usage import MAX_COUNT
+from gateway.server.thread import LocalServer, serve_in_thread
+from gateway.usage.meter import MAX_COUNT
+from gateway.usage.pricing import max_cost_usd
 from tests.helpers_gateway import (
     CHAT_MODEL,
     IMAGE_MODEL,

@@ -12,11 +12,11 @@ import httpx
 import openai
 import pytest
 
+from gateway.auth.keys import KeyRing, new_key
 from gateway.cli import main
+from gateway.config.settings import KeySettings, SettingsError, load_settings
 from gateway.demo import DemoState
-from gateway.keys import KeyRing, new_key
-from gateway.localserver import LocalServer
-from gateway.settings import KeySettings, SettingsError, load_settings
+from gateway.server.thread import LocalServer
 from tests.conftest import CHAT_MODEL, StartGateway
 
 ORG_KEY = "sk-org-upstream-secret"

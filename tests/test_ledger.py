@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import ledger as ledger_module
-from gateway.ledger import SCHEMA_VERSION, Ledger, LedgerError, UsageRecord, migrate, spend_usd, summarize
+from gateway.usage import ledger as ledger_module
+from gateway.usage.ledger import SCHEMA_VERSION, Ledger, LedgerError, UsageRecord, migrate, spend_usd, summarize
 
 DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
 DAY2 = datetime(2025, 3, 2, 8, tzinfo=UTC).timestamp()
@@ -266,7 +266,7 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 async def test_the_queue_is_bounded_and_drops_the_oldest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "usage.db"
     ledger = Ledger(path, max_queue=10)
-    with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
+    with caplog.at_level(logging.WARNING, logger="gateway.usage.ledger"):
         for i in range(25):
             ledger.record(rec(i))  # not started: nothing is written yet
     assert ledger.pending == 10

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.localserver import LocalServer
-from gateway.logs import JsonFormatter, configure
+from gateway.ops.logs import JsonFormatter, configure
+from gateway.server.thread import LocalServer
 from tests.conftest import CHAT_MODEL
 from tests.helpers_gateway import wait_ready
 from tests.test_cli import free_port, running, stop
@@ -25,7 +25,7 @@ def test_json_formatter_writes_access_fields_as_the_line() -> None:
     assert line["logger"] == "gateway.access"
     assert (line["request_id"], line["status"], line["level"]) == ("r1", 200, "info")
     assert "message" not in line
-    plain = logging.LogRecord("gateway.catalog", logging.WARNING, __file__, 1, "refresh %s", ("failed",), None)
+    plain = logging.LogRecord("gateway.catalog.cache", logging.WARNING, __file__, 1, "refresh %s", ("failed",), None)
     assert orjson.loads(JsonFormatter().format(plain))["message"] == "refresh failed"
 
 
@@ -63,9 +63,9 @@ def test_auto_format_is_json_off_a_terminal_and_console_is_readable(monkeypatch:
         configure("info", "auto")
         assert not isinstance(root.handlers[0].formatter, JsonFormatter)
         configure("warning", "console")
-        record = logging.LogRecord("gateway.catalog", logging.WARNING, __file__, 1, "refresh failed", None, None)
+        record = logging.LogRecord("gateway.catalog.cache", logging.WARNING, __file__, 1, "refresh failed", None, None)
         line = root.handlers[0].format(record)
-        assert " WARNING gateway.catalog: refresh failed" in line
+        assert " WARNING gateway.catalog.cache: refresh failed" in line
         assert root.level == logging.WARNING
     finally:
         root.handlers[:] = saved_handlers

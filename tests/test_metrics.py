@@ -6,8 +6,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.localserver import LocalServer
-from gateway.metrics import Metrics, Snapshot
+from gateway.ops.metrics import Metrics, Snapshot
+from gateway.server.thread import LocalServer
 from tests.conftest import CHAT_MODEL
 
 CHAT = "/v1/chat/completions"

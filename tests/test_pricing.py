@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from gateway.entries import ModelEntry, parse_entry
-from gateway.pricing import UNIT_RULES, cost_usd, max_cost_usd, min_cost_usd, unit_price
-from gateway.routing import CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, SPEECH, TRANSCRIPTIONS, VIDEO_JOB, VIDEOS
-from gateway.usage import Usage
+from gateway.catalog.entries import ModelEntry, parse_entry
+from gateway.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, SPEECH, TRANSCRIPTIONS, VIDEO_JOB, VIDEOS
+from gateway.usage.meter import Usage
+from gateway.usage.pricing import UNIT_RULES, cost_usd, max_cost_usd, min_cost_usd, unit_price
 
 
 def entry(**fields: Any) -> ModelEntry:

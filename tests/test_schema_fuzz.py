@@ -24,7 +24,7 @@ admission, validation and the upstream. Properties, for every answer:
 
 Why real servers, not schemathesis' ASGI transport: the gateway must run its lifespan (catalog
 load, upstream client), and schemathesis keeps an ASGI app's lifespan in a process-wide registry
-that outlives the test module; a uvicorn server per module (``gateway.localserver``) starts and
+that outlives the test module; a uvicorn server per module (``gateway.server.thread``) starts and
 stops it like production does, and the requests go through uvicorn's HTTP parser too.
 
 Deterministic and bounded: the coverage phase has no randomness (about 4,600 cases), the fuzzing
@@ -53,10 +53,11 @@ from schemathesis.core.transport import Response
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from gateway import routing
+from gateway import endpoints
+from gateway.catalog import admission
+from gateway.catalog.entries import ModelEntry, parse_entry
 from gateway.demo import DemoState, default_catalog
-from gateway.entries import ModelEntry, parse_entry
-from gateway.localserver import LocalServer
+from gateway.server.thread import LocalServer
 from tests.helpers_gateway import CATALOG_PATH, ERROR_KEYS, TRACE_MARKERS, shared_servers
 
 SPEC = Path(__file__).parents[2] / "shared" / "openai-openapi-flexai.yaml"
@@ -84,13 +85,13 @@ FORWARDED = frozenset({*(f"POST {path}" for path in SERVED), "GET /videos/genera
 # What the simulated upstream answers a served request with.
 UPSTREAM_CONTENT_TYPES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        routing.CHAT: ("application/json", "text/event-stream"),
-        routing.COMPLETIONS: ("application/json", "text/event-stream"),
-        routing.EMBEDDINGS: ("application/json",),
-        routing.IMAGES: ("application/json",),
-        routing.SPEECH: ("audio/",),
-        routing.TRANSCRIPTIONS: ("application/json", "text/plain"),
-        routing.VIDEOS: ("application/json",),
+        endpoints.CHAT: ("application/json", "text/event-stream"),
+        endpoints.COMPLETIONS: ("application/json", "text/event-stream"),
+        endpoints.EMBEDDINGS: ("application/json",),
+        endpoints.IMAGES: ("application/json",),
+        endpoints.SPEECH: ("audio/",),
+        endpoints.TRANSCRIPTIONS: ("application/json", "text/plain"),
+        endpoints.VIDEOS: ("application/json",),
     }
 )
 # The only 5xx a healthy gateway in front of a healthy upstream answers: the catalog's unhealthy models.
@@ -148,7 +149,7 @@ def model_choices(label: str) -> list[str | None]:
     catalog model once, and None (the generated value stays)."""
     entries = catalog()
     path = "/v1" + label.split(" ", 1)[1].removeprefix("/validate")
-    fitting = [e.model_name for e in entries if routing.fits(e, path)]
+    fitting = [e.model_name for e in entries if admission.fits(e, path)]
     return [*fitting, *fitting, *(e.model_name for e in entries), None]
 
 

@@ -22,7 +22,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from gateway.demo import DemoState, default_catalog
-from gateway.localserver import LocalServer
+from gateway.server.thread import LocalServer
 from tests.helpers_gateway import (
     CHAT_MODEL,
     DEGRADED_MODEL,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import Settings, SettingsError, load_settings, resolve_config_path
+from gateway.config.settings import Settings, SettingsError, load_settings, resolve_config_path
 
 REPO = Path(__file__).resolve().parent.parent
 

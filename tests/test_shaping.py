@@ -7,7 +7,7 @@ import threading
 import httpx
 
 from gateway.demo import DemoState
-from gateway.localserver import serve_in_thread
+from gateway.server.thread import serve_in_thread
 from tests.conftest import CHAT_MODEL, StartGateway
 from tests.test_streaming import StreamControl, held_stream_upstream
 

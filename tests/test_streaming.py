@@ -15,7 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.demo import default_catalog
-from gateway.localserver import LocalServer, serve_in_thread
+from gateway.server.thread import LocalServer, serve_in_thread
 from tests.conftest import CHAT_MODEL, StartGateway
 
 WAIT = 10.0  # seconds: the bound on every wait below

@@ -30,9 +30,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.app import create_app
+from gateway.config.settings import TRACING_INSTALL, SettingsError, load_settings
 from gateway.demo import DemoState
-from gateway.localserver import LocalServer, serve_in_thread
-from gateway.settings import TRACING_INSTALL, SettingsError, load_settings
+from gateway.server.thread import LocalServer, serve_in_thread
 from tests.helpers_gateway import (
     CHAT_BODY,
     CHAT_MODEL,
@@ -193,8 +193,8 @@ def test_a_default_gateway_never_imports_opentelemetry(upstream: LocalServer) ->
         import sys
         import httpx
         from gateway.app import create_app
-        from gateway.localserver import serve_in_thread
-        from gateway.settings import load_settings
+        from gateway.server.thread import serve_in_thread
+        from gateway.config.settings import load_settings
 
         settings = load_settings(None, {{"GATEWAY_UPSTREAM_URL": {upstream.url!r}, "GATEWAY_USAGE_PATH": ""}})
         assert not settings.tracing.enabled
@@ -489,7 +489,7 @@ def test_create_app_refuses_too_when_opentelemetry_is_missing() -> None:
     code = BLOCK_OPENTELEMETRY + textwrap.dedent(
         """
         from gateway.app import create_app
-        from gateway.settings import Settings, SettingsError, TracingSettings
+        from gateway.config.settings import Settings, SettingsError, TracingSettings
 
         try:
             create_app(Settings(tracing=TracingSettings(enabled=True)))

@@ -23,16 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import routing
-from gateway.body import model_of, parse_json_object
-from gateway.demo import DemoState, default_catalog
-from gateway.entries import ModelEntry, parse_entry
-from gateway.errors import InvalidRequest
-from gateway.jsonvalues import as_choice, as_int, as_number, describe
-from gateway.localserver import LocalServer
-from gateway.pricing import cost_usd, max_cost_usd, min_cost_usd
-from gateway.usage import Usage, client_wants_usage, with_include_usage
-from gateway.validation import (
+from gateway import endpoints
+from gateway.catalog.entries import ModelEntry, parse_entry
+from gateway.catalog.validation import (
     CHECKS,
     MAX_IMAGES,
     MAX_VIDEO_SECONDS,
@@ -44,6 +37,13 @@ from gateway.validation import (
     validate,
     video_seconds,
 )
+from gateway.demo import DemoState, default_catalog
+from gateway.errors import InvalidRequest
+from gateway.jsonvalues import as_choice, as_int, as_number, describe
+from gateway.proxy.body import model_of, parse_json_object
+from gateway.server.thread import LocalServer
+from gateway.usage.meter import Usage, client_wants_usage, with_include_usage
+from gateway.usage.pricing import cost_usd, max_cost_usd, min_cost_usd
 from tests.helpers_gateway import (
     CHAT_MODEL,
     IMAGE_MODEL,
@@ -86,13 +86,13 @@ FIELD_NAMES = (
 )  # fmt: skip
 
 PATHS = (
-    routing.CHAT,
-    routing.COMPLETIONS,
-    routing.EMBEDDINGS,
-    routing.IMAGES,
-    routing.SPEECH,
-    routing.TRANSCRIPTIONS,
-    routing.VIDEOS,
+    endpoints.CHAT,
+    endpoints.COMPLETIONS,
+    endpoints.EMBEDDINGS,
+    endpoints.IMAGES,
+    endpoints.SPEECH,
+    endpoints.TRANSCRIPTIONS,
+    endpoints.VIDEOS,
 )
 
 
@@ -104,7 +104,7 @@ def template(path: str) -> dict[str, Any]:
 
 _TEMPLATES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
-        routing.CHAT: {
+        endpoints.CHAT: {
             "model": CHAT_MODEL,
             "messages": [
                 {"role": "system", "content": "be brief"},
@@ -121,12 +121,12 @@ _TEMPLATES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
             "tool_choice": "auto",
         },
-        routing.COMPLETIONS: {"model": CHAT_MODEL, "prompt": ["one two", "three"], "max_tokens": 8, "stream": True},
-        routing.EMBEDDINGS: {"model": "bge-m3", "input": ["a b", "c"]},
-        routing.IMAGES: {"model": IMAGE_MODEL, "prompt": "a cat", "n": 2, "response_format": "b64_json"},
-        routing.SPEECH: {"model": TTS_MODEL, "input": "hello there", "voice": "af_bella", "speed": 1.5},
-        routing.TRANSCRIPTIONS: {"model": "whisper-large-v3", "response_format": "json"},
-        routing.VIDEOS: {"model": VIDEO_MODEL, "prompt": "waves", "seconds": "4", "duration": 4},
+        endpoints.COMPLETIONS: {"model": CHAT_MODEL, "prompt": ["one two", "three"], "max_tokens": 8, "stream": True},
+        endpoints.EMBEDDINGS: {"model": "bge-m3", "input": ["a b", "c"]},
+        endpoints.IMAGES: {"model": IMAGE_MODEL, "prompt": "a cat", "n": 2, "response_format": "b64_json"},
+        endpoints.SPEECH: {"model": TTS_MODEL, "input": "hello there", "voice": "af_bella", "speed": 1.5},
+        endpoints.TRANSCRIPTIONS: {"model": "whisper-large-v3", "response_format": "json"},
+        endpoints.VIDEOS: {"model": VIDEO_MODEL, "prompt": "waves", "seconds": "4", "duration": 4},
     }
 )
 
@@ -349,7 +349,7 @@ def test_describe_is_bounded(value: Any) -> None:
     ids=["object", "object-2", "array", "array-2", "deep", "huge", "many-digits", "float", "null", "bool"],
 )
 def test_a_role_of_any_type_is_refused_not_crashed(role: Any) -> None:
-    found = list(validate(routing.CHAT, {"messages": [{"role": role, "content": "x"}]}, (), entry_named(CHAT_MODEL)))
+    found = list(validate(endpoints.CHAT, {"messages": [{"role": role, "content": "x"}]}, (), entry_named(CHAT_MODEL)))
     assert [(v.code, v.param) for v in found] == [("invalid_value", "messages[0].role")]
 
 
@@ -357,7 +357,7 @@ def test_a_role_of_any_type_is_refused_not_crashed(role: Any) -> None:
 def test_a_content_part_type_of_any_type_is_not_an_image(part_type: Any) -> None:
     no_vision = entry_named("Llama-3.1-8B-Instruct")
     messages = [{"role": "user", "content": [{"type": part_type, "text": "hi"}]}]
-    assert list(validate(routing.CHAT, {"messages": messages}, (), no_vision)) == []
+    assert list(validate(endpoints.CHAT, {"messages": messages}, (), no_vision)) == []
 
 
 @pytest.mark.parametrize(
@@ -367,15 +367,15 @@ def test_a_content_part_type_of_any_type_is_not_an_image(part_type: Any) -> None
 )
 def test_numbers_beyond_float_range_are_refused(field: str, value: Any) -> None:
     fields = {"messages": [{"role": "user", "content": "x"}], field: value}
-    found = list(validate(routing.CHAT, fields, (), entry_named(CHAT_MODEL)))
+    found = list(validate(endpoints.CHAT, fields, (), entry_named(CHAT_MODEL)))
     assert [(v.code, v.param) for v in found] == [("invalid_value", field)]
 
 
 def test_stream_options_must_be_an_object() -> None:
     fields = {"messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": "yes"}
-    found = list(validate(routing.CHAT, fields, (), entry_named(CHAT_MODEL)))
+    found = list(validate(endpoints.CHAT, fields, (), entry_named(CHAT_MODEL)))
     assert [(v.code, v.param) for v in found] == [("invalid_type", "stream_options")]
-    assert not list(validate(routing.CHAT, {**fields, "stream_options": None}, (), entry_named(CHAT_MODEL)))
+    assert not list(validate(endpoints.CHAT, {**fields, "stream_options": None}, (), entry_named(CHAT_MODEL)))
 
 
 @pytest.mark.parametrize(
@@ -390,7 +390,7 @@ def test_gateway_refuses_an_object_role_with_a_400(
     response = http_client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     error = assert_gateway_error(response, 400, "invalid_value", "invalid_request_error")
     assert error["param"] == "messages[0].role"
-    assert requests_on(demo_state, routing.CHAT) == []
+    assert requests_on(demo_state, endpoints.CHAT) == []
 
 
 @pytest.fixture
@@ -415,22 +415,22 @@ BAD_SECONDS: tuple[Any, ...] = (
 @pytest.mark.parametrize("value", BAD_SECONDS)
 def test_video_length_must_be_whole_seconds_in_range(name: str, value: Any) -> None:
     fields = {"prompt": "waves", name: value}
-    found = list(validate(routing.VIDEOS, fields, (), entry_named(VIDEO_MODEL)))
+    found = list(validate(endpoints.VIDEOS, fields, (), entry_named(VIDEO_MODEL)))
     assert [(v.code, v.param) for v in found] == [("invalid_value", name)]
     assert video_seconds(fields) is None
     # never a near-zero price: an invalid length prices nothing before the answer (unknown) ...
-    assert cost_usd(entry_named(VIDEO_MODEL), routing.VIDEOS, None, fields) is None
-    assert min_cost_usd(entry_named(VIDEO_MODEL), routing.VIDEOS, fields, 0) is None
+    assert cost_usd(entry_named(VIDEO_MODEL), endpoints.VIDEOS, None, fields) is None
+    assert min_cost_usd(entry_named(VIDEO_MODEL), endpoints.VIDEOS, fields, 0) is None
     # ... and the most the upstream accepts when the answer cannot be read
-    assert max_cost_usd(entry_named(VIDEO_MODEL), routing.VIDEOS, fields) == pytest.approx(MAX_VIDEO_SECONDS * 0.05)
+    assert max_cost_usd(entry_named(VIDEO_MODEL), endpoints.VIDEOS, fields) == pytest.approx(MAX_VIDEO_SECONDS * 0.05)
 
 
 @pytest.mark.parametrize(("value", "seconds"), [(None, 2), (1, 1), (4, 4), ("4", 4), ("12", 12), (60, 60)])
 def test_valid_video_lengths(value: Any, seconds: int) -> None:
     fields = {"prompt": "waves", "seconds": value}
-    assert list(validate(routing.VIDEOS, fields, (), entry_named(VIDEO_MODEL))) == []
+    assert list(validate(endpoints.VIDEOS, fields, (), entry_named(VIDEO_MODEL))) == []
     assert video_seconds(fields) == seconds
-    assert cost_usd(entry_named(VIDEO_MODEL), routing.VIDEOS, None, fields) == pytest.approx(seconds * 0.05)
+    assert cost_usd(entry_named(VIDEO_MODEL), endpoints.VIDEOS, None, fields) == pytest.approx(seconds * 0.05)
 
 
 @pytest.mark.parametrize("n", [0, 11, 10**6, "2", 2.0, True, [], None])
@@ -438,7 +438,7 @@ def test_image_count(n: Any) -> None:
     fields = {"prompt": "cat", "n": n}
     expected = 1 if n is None else None
     assert image_count(fields) == expected
-    cost = cost_usd(entry_named(IMAGE_MODEL), routing.IMAGES, None, fields)
+    cost = cost_usd(entry_named(IMAGE_MODEL), endpoints.IMAGES, None, fields)
     assert cost == (None if expected is None else pytest.approx(0.003))
 
 
@@ -446,22 +446,22 @@ def test_units_the_answer_reports_win_over_the_request() -> None:
     images, video = entry_named(IMAGE_MODEL), entry_named(VIDEO_MODEL)
     speech, stt = entry_named(TTS_MODEL), entry_named(STT_MODEL)
     # images: the answer's count of images (whatever ``n`` said)
-    assert cost_usd(images, routing.IMAGES, Usage(units=2, unit="image"), {"n": 5}) == pytest.approx(0.006)
-    assert cost_usd(images, routing.IMAGES, None, {"n": 5}, response_units=3) == pytest.approx(0.009)
+    assert cost_usd(images, endpoints.IMAGES, Usage(units=2, unit="image"), {"n": 5}) == pytest.approx(0.006)
+    assert cost_usd(images, endpoints.IMAGES, None, {"n": 5}, response_units=3) == pytest.approx(0.009)
     # video: the seconds the answer reports
-    assert cost_usd(video, routing.VIDEOS, Usage(units=4, unit="second"), {"seconds": 8}) == pytest.approx(0.2)
+    assert cost_usd(video, endpoints.VIDEOS, Usage(units=4, unit="second"), {"seconds": 8}) == pytest.approx(0.2)
     # speech: characters the answer reports
-    assert cost_usd(speech, routing.SPEECH, Usage(units=10, unit="character"), {"input": "abc"}) == pytest.approx(
+    assert cost_usd(speech, endpoints.SPEECH, Usage(units=10, unit="character"), {"input": "abc"}) == pytest.approx(
         10 * 15e-6
     )
     # transcriptions: seconds or minutes of audio, from the answer only
-    assert cost_usd(stt, routing.TRANSCRIPTIONS, Usage(units=90, unit="second"), {}) == pytest.approx(0.009)
-    assert cost_usd(stt, routing.TRANSCRIPTIONS, Usage(units=2, unit="minute"), {}) == pytest.approx(0.012)
-    assert cost_usd(stt, routing.TRANSCRIPTIONS, None, {"duration": 600}) is None  # never the client's word
+    assert cost_usd(stt, endpoints.TRANSCRIPTIONS, Usage(units=90, unit="second"), {}) == pytest.approx(0.009)
+    assert cost_usd(stt, endpoints.TRANSCRIPTIONS, Usage(units=2, unit="minute"), {}) == pytest.approx(0.012)
+    assert cost_usd(stt, endpoints.TRANSCRIPTIONS, None, {"duration": 600}) is None  # never the client's word
     # a unit the endpoint is not billed in, or a bad number: the request's validated units, or unknown
-    assert cost_usd(images, routing.IMAGES, Usage(units=7, unit="second"), {"n": 2}) == pytest.approx(0.006)
-    assert cost_usd(images, routing.IMAGES, Usage(units=-1, unit="image"), {"n": 2}) is None
-    assert cost_usd(images, routing.IMAGES, Usage(units=float("nan"), unit="image"), {"n": 2}) is None
+    assert cost_usd(images, endpoints.IMAGES, Usage(units=7, unit="second"), {"n": 2}) == pytest.approx(0.006)
+    assert cost_usd(images, endpoints.IMAGES, Usage(units=-1, unit="image"), {"n": 2}) is None
+    assert cost_usd(images, endpoints.IMAGES, Usage(units=float("nan"), unit="image"), {"n": 2}) is None
 
 
 @pytest.mark.parametrize(
@@ -476,7 +476,7 @@ def test_units_the_answer_reports_win_over_the_request() -> None:
 def test_gateway_refuses_cost_fields_the_upstream_would_refuse(
     http_client: httpx.Client, demo_state: DemoState, body: dict[str, Any], param: str
 ) -> None:
-    path = routing.VIDEOS if body["model"] == VIDEO_MODEL else routing.IMAGES
+    path = endpoints.VIDEOS if body["model"] == VIDEO_MODEL else endpoints.IMAGES
     response = http_client.post(path, json=body)
     error = assert_gateway_error(response, 400, "invalid_value", "invalid_request_error")
     assert error["param"] == param
@@ -502,16 +502,16 @@ USER = ({"role": "user", "content": "hi"},)  # a chat's messages: list(USER)
 @pytest.mark.parametrize(
     ("path", "fields", "prompt_tokens", "completion_tokens"),
     [
-        (routing.CHAT, {"messages": list(USER)}, 1000, 200),  # no cap asked: the model's max_output
-        (routing.CHAT, {"messages": list(USER), "max_tokens": 50}, 1000, 50),
-        (routing.CHAT, {"messages": list(USER), "max_tokens": 50, "max_completion_tokens": 20}, 1000, 20),
-        (routing.CHAT, {"messages": list(USER), "max_tokens": 5000}, 1000, 200),  # never past max_output
-        (routing.CHAT, {"messages": list(USER), "max_tokens": "50"}, 1000, 200),  # an invalid cap is no cap
-        (routing.CHAT, {"messages": list(USER), "n": 3}, 1000, 600),  # n completions
-        (routing.COMPLETIONS, {"prompt": "a b"}, 1000, 200),
-        (routing.COMPLETIONS, {"prompt": ["a", "b", "c"], "max_tokens": 10}, 3000, 30),  # three prompts
-        (routing.COMPLETIONS, {"prompt": [[1, 2], [3]], "max_tokens": 10}, 2000, 20),
-        (routing.COMPLETIONS, {"prompt": [1, 2, 3], "max_tokens": 10}, 1000, 10),  # one prompt of token ids
+        (endpoints.CHAT, {"messages": list(USER)}, 1000, 200),  # no cap asked: the model's max_output
+        (endpoints.CHAT, {"messages": list(USER), "max_tokens": 50}, 1000, 50),
+        (endpoints.CHAT, {"messages": list(USER), "max_tokens": 50, "max_completion_tokens": 20}, 1000, 20),
+        (endpoints.CHAT, {"messages": list(USER), "max_tokens": 5000}, 1000, 200),  # never past max_output
+        (endpoints.CHAT, {"messages": list(USER), "max_tokens": "50"}, 1000, 200),  # an invalid cap is no cap
+        (endpoints.CHAT, {"messages": list(USER), "n": 3}, 1000, 600),  # n completions
+        (endpoints.COMPLETIONS, {"prompt": "a b"}, 1000, 200),
+        (endpoints.COMPLETIONS, {"prompt": ["a", "b", "c"], "max_tokens": 10}, 3000, 30),  # three prompts
+        (endpoints.COMPLETIONS, {"prompt": [[1, 2], [3]], "max_tokens": 10}, 2000, 20),
+        (endpoints.COMPLETIONS, {"prompt": [1, 2, 3], "max_tokens": 10}, 1000, 10),  # one prompt of token ids
     ],
 )
 def test_max_cost_of_token_requests(
@@ -523,35 +523,35 @@ def test_max_cost_of_token_requests(
 
 def test_max_cost_without_max_output_or_window() -> None:
     no_max_output = token_entry(context_window=1000, input_per_mtok=1.0, output_per_mtok=3.0)
-    assert max_cost_usd(no_max_output, routing.CHAT, {"messages": list(USER)}) == pytest.approx((1000 + 3000) / 1e6)
-    capped = max_cost_usd(no_max_output, routing.CHAT, {"messages": list(USER), "max_tokens": 10**6})
+    assert max_cost_usd(no_max_output, endpoints.CHAT, {"messages": list(USER)}) == pytest.approx((1000 + 3000) / 1e6)
+    capped = max_cost_usd(no_max_output, endpoints.CHAT, {"messages": list(USER), "max_tokens": 10**6})
     assert capped == pytest.approx((1000 + 3000) / 1e6)  # never past the window
     no_window = token_entry(max_output=200, input_per_mtok=1.0, output_per_mtok=3.0)
-    assert max_cost_usd(no_window, routing.CHAT, {"messages": list(USER)}) is None  # nothing bounds the prompt
-    assert max_cost_usd(token_entry(context_window=1000), routing.CHAT, {"messages": list(USER)}) is None  # no price
+    assert max_cost_usd(no_window, endpoints.CHAT, {"messages": list(USER)}) is None  # nothing bounds the prompt
+    assert max_cost_usd(token_entry(context_window=1000), endpoints.CHAT, {"messages": list(USER)}) is None  # no price
     input_only = token_entry(context_window=1000, input_per_mtok=1.0)
-    assert max_cost_usd(input_only, routing.CHAT, {"messages": list(USER)}) is None  # the output price is unknown
+    assert max_cost_usd(input_only, endpoints.CHAT, {"messages": list(USER)}) is None  # the output price is unknown
 
 
 def test_max_cost_of_embeddings_counts_every_input_and_no_output() -> None:
     bge = entry_named("bge-m3")  # window 8192, 0.02 USD per million in
-    assert max_cost_usd(bge, routing.EMBEDDINGS, {"input": "a"}) == pytest.approx(8192 * 0.02 / 1e6)
-    assert max_cost_usd(bge, routing.EMBEDDINGS, {"input": ["a", "b", "c"]}) == pytest.approx(3 * 8192 * 0.02 / 1e6)
+    assert max_cost_usd(bge, endpoints.EMBEDDINGS, {"input": "a"}) == pytest.approx(8192 * 0.02 / 1e6)
+    assert max_cost_usd(bge, endpoints.EMBEDDINGS, {"input": ["a", "b", "c"]}) == pytest.approx(3 * 8192 * 0.02 / 1e6)
 
 
 @pytest.mark.parametrize(
     ("entry_name", "path", "fields", "expected"),
     [
-        (IMAGE_MODEL, routing.IMAGES, {"prompt": "cat"}, 0.003),
-        (IMAGE_MODEL, routing.IMAGES, {"prompt": "cat", "n": 4}, 4 * 0.003),
-        (IMAGE_MODEL, routing.IMAGES, {"prompt": "cat", "n": "4"}, MAX_IMAGES * 0.003),  # invalid: the most
-        (VIDEO_MODEL, routing.VIDEOS, {"prompt": "p"}, 2 * 0.05),
-        (VIDEO_MODEL, routing.VIDEOS, {"prompt": "p", "seconds": "8"}, 8 * 0.05),
-        (TTS_MODEL, routing.SPEECH, {"input": "héllo", "voice": "af_bella"}, 5 * 15e-6),
-        (TTS_MODEL, routing.SPEECH, {"input": ["x"], "voice": "af_bella"}, None),  # no text, no bound
-        (STT_MODEL, routing.TRANSCRIPTIONS, {"model": STT_MODEL}, None),  # answer only
-        (IMAGE_MODEL, routing.VIDEOS, {"prompt": "p"}, None),  # no price for the unit
-        (CHAT_MODEL, routing.VIDEO_JOB.path, {}, None),  # not billed
+        (IMAGE_MODEL, endpoints.IMAGES, {"prompt": "cat"}, 0.003),
+        (IMAGE_MODEL, endpoints.IMAGES, {"prompt": "cat", "n": 4}, 4 * 0.003),
+        (IMAGE_MODEL, endpoints.IMAGES, {"prompt": "cat", "n": "4"}, MAX_IMAGES * 0.003),  # invalid: the most
+        (VIDEO_MODEL, endpoints.VIDEOS, {"prompt": "p"}, 2 * 0.05),
+        (VIDEO_MODEL, endpoints.VIDEOS, {"prompt": "p", "seconds": "8"}, 8 * 0.05),
+        (TTS_MODEL, endpoints.SPEECH, {"input": "héllo", "voice": "af_bella"}, 5 * 15e-6),
+        (TTS_MODEL, endpoints.SPEECH, {"input": ["x"], "voice": "af_bella"}, None),  # no text, no bound
+        (STT_MODEL, endpoints.TRANSCRIPTIONS, {"model": STT_MODEL}, None),  # answer only
+        (IMAGE_MODEL, endpoints.VIDEOS, {"prompt": "p"}, None),  # no price for the unit
+        (CHAT_MODEL, endpoints.VIDEO_JOB.path, {}, None),  # not billed
     ],
 )
 def test_max_cost_of_unit_requests(entry_name: str, path: str, fields: dict[str, Any], expected: float | None) -> None:
@@ -572,9 +572,9 @@ def test_max_cost_bounds_every_served_cost(max_tokens: int | None, prompt: int, 
     if max_tokens is not None:
         fields["max_tokens"] = max_tokens
     completion = min(completion, max_tokens or completion)
-    ceiling = max_cost_usd(priced(), routing.CHAT, fields)
-    floor = min_cost_usd(priced(), routing.CHAT, fields, prompt_tokens_lower_bound(routing.CHAT, fields))
-    cost = cost_usd(priced(), routing.CHAT, Usage(prompt_tokens=prompt, completion_tokens=completion), fields)
+    ceiling = max_cost_usd(priced(), endpoints.CHAT, fields)
+    floor = min_cost_usd(priced(), endpoints.CHAT, fields, prompt_tokens_lower_bound(endpoints.CHAT, fields))
+    cost = cost_usd(priced(), endpoints.CHAT, Usage(prompt_tokens=prompt, completion_tokens=completion), fields)
     assert ceiling is not None
     assert floor is not None
     assert cost is not None

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from gateway.demo import DemoState, default_catalog
-from gateway.localserver import LocalServer, serve_in_thread
+from gateway.server.thread import LocalServer, serve_in_thread
 from tests.conftest import CHAT_MODEL, StartGateway
 
 CLIENTS = ["aiohttp", "httpx"]

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.usage import Usage, UsageMeter, client_wants_usage, usage_from_response, with_include_usage
+from gateway.usage.meter import Usage, UsageMeter, client_wants_usage, usage_from_response, with_include_usage
 
 PROPERTY = settings(
     max_examples=300,

@@ -1,0 +1,145 @@
+"""Endpoints the gateway answers itself: the model list, the raw catalog, health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.auth.middleware import scope_caller
+from gateway.catalog.admission import endpoint_for, is_routable
+from gateway.catalog.cache import Snapshot
+from gateway.catalog.entries import ModelEntry
+from gateway.config.settings import Settings
+from gateway.endpoints import CATEGORIES
+from gateway.errors import InvalidRequest, ModelNotFound, UnknownPath
+from gateway.proxy.handler import Runtime
+from gateway.usage.ledger import SUMMARY_GROUPS, SummaryBy, summarize
+
+
+def model_object(entry: ModelEntry) -> dict[str, Any]:
+    """OpenAI's Model shape, plus the catalog's facts as extra fields (SDKs ignore them)."""
+    created = entry.raw.get("created")
+    return {
+        "id": entry.model_name,
+        "object": "model",
+        "created": created if isinstance(created, int) and not isinstance(created, bool) else 0,
+        "owned_by": entry.provider or "flexai",
+        "category": entry.category,
+        "endpoint": endpoint_for(entry),
+        "supports": sorted(entry.supports),
+        "context_window": entry.context_window,
+        "max_output": entry.max_output,
+        "pricing": {
+            "input_per_mtok": entry.input_per_mtok,
+            "output_per_mtok": entry.output_per_mtok,
+            "units": list(entry.pricing),
+        },
+        "health_status": entry.health_status,
+    }
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _filter_values(request: Request, name: str) -> set[str]:
+    return {v.strip().lower() for raw in request.query_params.getlist(name) for v in raw.split(",") if v.strip()}
+
+
+class LocalRoutes:
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._routable = frozenset(settings.catalog.routable_health)
+        self._usage_path = Path(settings.usage.path) if settings.usage.path else None
+
+    async def list_models(self, request: Request) -> Response:
+        snapshot = await self._runtime.catalog.current()
+        categories = _filter_values(request, "category")
+        unknown = categories - CATEGORIES
+        if unknown:
+            raise InvalidRequest(
+                f"Unknown category {', '.join(sorted(unknown))}; known: {', '.join(sorted(CATEGORIES))}.",
+                param="category",
+            )
+        tags = _filter_values(request, "supports")
+        caller = scope_caller(request.scope)
+        data = [
+            model_object(e)
+            for e in snapshot.entries.values()
+            if is_routable(e, self._routable)
+            and (caller is None or caller.may_use(e))
+            and (not categories or e.category in categories)
+            and tags <= e.supports
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: Request) -> Response:
+        snapshot = await self._runtime.catalog.current()
+        name = request.path_params["model"]
+        entry = snapshot.entries.get(name)
+        if entry is None:
+            entry = await self._runtime.catalog.lookup(name)  # refreshes early once, or raises 404
+        caller = scope_caller(request.scope)
+        if caller is not None and not caller.may_use(entry):
+            raise ModelNotFound(f"The model {name!r} does not exist.", param="model")  # hidden from this key
+        return _json(model_object(entry))
+
+    async def api_models(self, request: Request) -> Response:
+        snapshot = await self._runtime.catalog.current()
+        return Response(snapshot.raw, media_type="application/json")
+
+    async def admin_usage(self, request: Request) -> Response:
+        """GET /admin/usage?by=key|team|model|day&key=K&since=YYYY-MM-DD (keys mode, admin key)."""
+        if self._runtime.keys is None or self._usage_path is None:
+            raise UnknownPath('/admin/usage needs keys mode ([auth] mode = "keys") and a usage ledger ([usage] path).')
+        params = request.query_params
+        by = params.get("by", "key")
+        if by not in SUMMARY_GROUPS:
+            raise InvalidRequest(f"`by` must be one of {', '.join(SUMMARY_GROUPS)}, not {by!r}.", param="by")
+        since = None
+        if "since" in params:
+            try:
+                since = date.fromisoformat(params["since"])
+            except ValueError:
+                raise InvalidRequest("`since` must be a date, YYYY-MM-DD.", param="since") from None
+        group = cast(SummaryBy, by)
+        rows = await asyncio.to_thread(summarize, self._usage_path, by=group, key=params.get("key"), since=since)
+        return _json({"object": "list", "by": by, "data": rows})
+
+    async def healthz(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        catalog = self._runtime.catalog
+        snapshot = catalog.snapshot
+        if snapshot is None:
+            catalog.start()  # keep trying while not ready (respects the refresh backoff)
+        draining = self._runtime.drain.draining
+        ready = snapshot is not None and self._runtime.upstream_open and not draining
+        age = catalog.age()
+        body = {
+            "status": "draining" if draining else "ready" if ready else "not ready",
+            "catalog": {
+                "loaded": snapshot is not None,
+                "age_seconds": None if age is None else round(age, 1),
+                "models": 0 if snapshot is None else len(snapshot.entries),
+                "routable": 0 if snapshot is None else self._count_routable(snapshot),
+                "skipped_entries": [] if snapshot is None else list(snapshot.skipped),
+                "refreshes": catalog.refreshes,
+                "refresh_failures": catalog.refresh_failures,
+                "last_error": catalog.last_error,
+            },
+            "upstream_client": "open" if self._runtime.upstream_open else "closed",
+            "open_circuits": self._runtime.breakers.open_circuits(),
+            "in_flight": self._runtime.in_flight,
+        }
+        return _json(body, 200 if ready else 503)
+
+    def _count_routable(self, snapshot: Snapshot) -> int:
+        return sum(1 for e in snapshot.entries.values() if is_routable(e, self._routable))

@@ -1,0 +1,126 @@
+"""The upstream seam on aiohttp: the default client on the relay path.
+
+Chosen by the benchmark (bench/README.md): httpx 0.28's connection pool scans every pooled
+connection on each request (encode/httpx#3215), which capped the gateway near 120 requests/s at 64
+clients; aiohttp's pool does not. Same contract as ``HttpxUpstream``: bodies relayed raw (no
+decompression), no cookies kept, no redirects followed, per-phase timeouts, and library errors
+translated here into the gateway's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.config.settings import UpstreamSettings
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream.base import Headers, UpstreamResponse, describe_error, relative_locations, watched_chunks
+
+# What aiohttp would otherwise add on its own: the client's headers are forwarded instead.
+_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+_CHUNK_ERRORS = (aiohttp.ClientError, OSError)
+
+
+class _AiohttpResponse:
+    __slots__ = ("_idle_timeout", "_response", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse, idle_timeout: float, origin: bytes) -> None:
+        self._response = response
+        self._idle_timeout = idle_timeout
+        self.status = response.status
+        self.headers: Headers = relative_locations(list(response.raw_headers), origin)
+
+    def iter_raw(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        if self.arrived_size() is not None:  # buffered whole: reading it can neither wait nor fail
+            return content.iter_any()
+        return watched_chunks(content.iter_any(), self._idle_timeout, _CHUNK_ERRORS)
+
+    def arrived_size(self) -> int | None:
+        content = self._response.content
+        return content.total_bytes if content.is_eof() and content.exception() is None else None
+
+    async def aclose(self) -> None:
+        # A fully read body gives its connection back to the pool; anything else closes it, so an
+        # abandoned stream stops the upstream generation.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class AiohttpUpstream:
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._base = settings.url.rstrip("/")
+        url = URL(self._base)
+        self._origin = f"{url.scheme}://{url.raw_authority}".encode()
+        self._first_byte_timeout = settings.first_byte_timeout
+        self._idle_timeout = settings.idle_timeout
+        self._connector = aiohttp.TCPConnector(
+            limit=settings.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=settings.keepalive_expiry or None,
+            force_close=settings.keepalive_expiry == 0,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=self._connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every caller: keep no cookies
+            auto_decompress=False,  # relay bytes as they came, Content-Encoding included
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            # The first-byte and idle deadlines are enforced per phase in send() and iter_raw().
+            timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout, sock_read=None),
+            read_bufsize=2**16,
+        )
+
+    async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
+        wire = CIMultiDict((name.decode("latin-1"), value.decode("latin-1")) for name, value in headers)
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                response = await self._session.request(
+                    method, self._base + target, headers=wire, data=body or None, allow_redirects=False
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The upstream did not start answering within {self._first_byte_timeout:g}s."
+            ) from None
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise UpstreamTimeout(
+                f"The upstream could not be reached: {describe_error(exc)}.", retryable=True
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            # Nothing was sent: safe to retry, even a POST.
+            raise UpstreamUnavailable(
+                f"The upstream could not be reached: {describe_error(exc)}.", retryable=True
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(f"The upstream failed: {describe_error(exc)}.") from None
+        return _AiohttpResponse(response, self._idle_timeout, self._origin)
+
+    async def get_bytes(self, target: str) -> bytes:
+        try:
+            async with self._session.get(
+                self._base + target, headers={"Accept": "application/json"}, allow_redirects=False
+            ) as response:
+                if not 200 <= response.status < 300:
+                    raise UpstreamUnavailable(f"GET {target} answered HTTP {response.status}")
+                return await response.read()
+        except aiohttp.ClientResponseError as exc:
+            raise UpstreamUnavailable(f"GET {target} failed: {describe_error(exc)}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(f"GET {target} failed: {describe_error(exc)}") from None
+
+    def connections(self) -> tuple[int, int] | None:
+        # aiohttp has no public pool statistics: idle connections wait in _conns, busy ones in _acquired.
+        idle_by_key = getattr(self._connector, "_conns", None)
+        acquired = getattr(self._connector, "_acquired", None)
+        if not isinstance(idle_by_key, dict) or acquired is None:
+            return None
+        idle = sum(len(v) for v in idle_by_key.values())
+        return idle + len(acquired), idle
+
+    async def aclose(self) -> None:
+        await self._session.close()

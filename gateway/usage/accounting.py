@@ -1,0 +1,253 @@
+"""What one request used and cost, and where that goes: limits, budgets, the ledger, the access log.
+
+The pipeline opens an ``Exchange`` per request, lets ``Accounting.admit`` apply the key's rate
+limits and budgets before forwarding, gives the relay a ``UsageMeter`` that reads usage from the
+response bytes, and calls ``finish`` once, on every path (served, refused, cut short): that settles
+the reservations with the real numbers, records the request in the ledger, and writes one access
+log line. Nothing here blocks the request path: ledger writes are batched off it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import endpoints
+from gateway.auth.keys import Caller
+from gateway.catalog.entries import ModelEntry
+from gateway.catalog.validation import prompt_tokens_lower_bound
+from gateway.headers import Header, content_encoding
+from gateway.state.budgets import Budgets, Reservation
+from gateway.state.limits import RateLimiter, Ticket
+from gateway.usage.ledger import Ledger, UsageRecord
+from gateway.usage.meter import DECODABLE_ENCODINGS, Usage, UsageMeter, client_wants_usage, with_include_usage
+from gateway.usage.pricing import TOKEN_ENDPOINTS, UNIT_RULES, cost_usd, max_cost_usd, min_cost_usd
+
+access_logger = logging.getLogger("gateway.access")
+
+COST_HEADER = b"x-gateway-cost-usd"
+# The member added to the usage object of a stream's usage chunk when its client asked for usage.
+STREAM_COST_MEMBER = "cost_usd"
+STREAMED_USAGE_PATHS = frozenset({endpoints.CHAT, endpoints.COMPLETIONS})
+# Endpoints the upstream bills; any other (polling a video job) costs nothing.
+BILLED_PATHS = TOKEN_ENDPOINTS | frozenset(UNIT_RULES)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's accounting state, from arrival to the last byte."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    arrived: float = field(default_factory=time.time)
+    caller: Caller | None = None
+    entry: ModelEntry | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    ticket: Ticket | None = None
+    reservation: Reservation | None = None
+    meter: UsageMeter | None = None
+    status: int = 0
+    outcome: str = "unknown"
+    error_code: str | None = None
+    first_byte: float | None = None
+    upstream_started: float | None = None  # perf_counter() when the request went upstream
+    upstream_answered: float | None = None  # ... and when its response headers arrived
+    retries: int = 0  # upstream attempts beyond the first
+    overhead: float | None = None  # seconds of the gateway's own time before the response started
+    usage: Usage | None = None
+    cost: float | None = None
+    upstream_status: int | None = None  # the upstream's answer, when one arrived
+    unmetered: bool = False  # the answer came in an encoding the meter cannot read
+    finished: bool = False
+
+    def mark_response_start(self) -> float:
+        """Record the gateway's own time until now (upstream wait excluded); returns it in seconds."""
+        now = time.perf_counter()
+        upstream = 0.0
+        if self.upstream_started is not None:
+            upstream = (self.upstream_answered or now) - self.upstream_started
+        self.overhead = now - self.started - upstream
+        return self.overhead
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+class Accounting:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        budgets: Budgets,
+        ledger: Ledger | None,
+        *,
+        include_usage: bool,
+        stream_cost: bool,
+        access_log: bool,
+        on_finish: Callable[[Exchange], None] | None = None,
+    ) -> None:
+        self._limiter = limiter
+        self._budgets = budgets
+        self._ledger = ledger
+        self._include_usage = include_usage
+        self._stream_cost = stream_cost
+        self._access_log = access_log
+        self._on_finish = on_finish
+
+    async def admit(self, exchange: Exchange, requested_tokens: int) -> list[Header]:
+        """Apply the key's rate limits and budgets (raising 429/402); returns the rate-limit headers."""
+        caller, entry = exchange.caller, exchange.entry
+        if caller is None or entry is None:
+            return []
+        has_budget = caller.budget_usd_daily is not None or caller.budget_usd_monthly is not None
+        if caller.tpm is None and not has_budget:
+            exchange.ticket = self._limiter.admit(caller, 0, requested_tokens)
+            return exchange.ticket.headers if exchange.ticket else []
+        # Counting the prompt's words costs a pass over it: only for keys with token limits or budgets.
+        prompt_lower_bound = prompt_tokens_lower_bound(exchange.path, exchange.fields)
+        exchange.ticket = self._limiter.admit(caller, prompt_lower_bound, requested_tokens)
+        try:
+            minimum = min_cost_usd(entry, exchange.path, exchange.fields, prompt_lower_bound)
+            exchange.reservation = await self._budgets.admit(caller, minimum)
+        except BaseException:
+            self._limiter.settle(exchange.ticket, 0)
+            exchange.ticket = None
+            raise
+        return exchange.ticket.headers if exchange.ticket else []
+
+    @property
+    def ledger_dropped(self) -> int:
+        """Usage records the ledger dropped (0 without a ledger)."""
+        return 0 if self._ledger is None else self._ledger.dropped
+
+    def request_body(self, exchange: Exchange, body: bytes) -> tuple[bytes, bool]:
+        """The body to forward, and whether the gateway asked for usage the client did not."""
+        if not self._include_usage or exchange.path not in STREAMED_USAGE_PATHS or client_wants_usage(exchange.fields):
+            return body, False
+        rewritten = with_include_usage(body, exchange.fields)
+        return (body, False) if rewritten is None else (rewritten, True)
+
+    def start_response(
+        self, exchange: Exchange, status: int, headers: Sequence[Header], event_stream: bool, strip: bool
+    ) -> None:
+        """Open the response's meter: ``strip`` when the gateway asked for usage the client did not."""
+        exchange.status = exchange.upstream_status = status
+        entry = exchange.entry
+        if entry is None:
+            return
+        encoding = content_encoding(headers)
+        if encoding is not None and (event_stream or encoding not in DECODABLE_ENCODINGS):
+            # The gateway asks only for what it can read (headers.upstream_accept_encoding): an
+            # upstream that answers otherwise is charged the request's ceiling, never nothing.
+            exchange.unmetered = True
+            return
+        annotate = None
+        if event_stream and not strip and self._stream_cost and exchange.path in STREAMED_USAGE_PATHS:
+            path, fields = exchange.path, exchange.fields
+
+            def annotate(usage: Usage) -> dict[str, float] | None:
+                cost = cost_usd(entry, path, usage, fields)
+                return None if cost is None else {STREAM_COST_MEMBER: round(cost, 10)}
+
+        exchange.meter = UsageMeter(event_stream, strip, annotate=annotate, content_encoding=encoding)
+
+    def cost_headers(self, exchange: Exchange, body: bytes) -> list[Header]:
+        """For a whole (non-streamed) body: its usage and cost, to send as a response header."""
+        if exchange.meter is None or exchange.entry is None:
+            return []
+        exchange.meter.feed(body)
+        exchange.usage = exchange.meter.finish()
+        exchange.meter = None  # already read: finish() must not count it again
+        exchange.cost = _cost(exchange)
+        return [] if exchange.cost is None else [(COST_HEADER, f"{exchange.cost:.8f}".encode())]
+
+    def finish(self, exchange: Exchange) -> None:
+        """Settle and record the request: exactly once, on every path."""
+        if exchange.finished:
+            return
+        exchange.finished = True
+        if exchange.meter is not None:
+            exchange.usage = exchange.meter.finish()
+            exchange.cost = _cost(exchange)
+        elif exchange.cost is None:
+            exchange.cost = _cost(exchange)
+        usage = exchange.usage
+        tokens = usage.total_tokens if usage else 0
+        if exchange.unmetered and exchange.ticket is not None:
+            tokens = max(tokens, exchange.ticket.reserved)  # unreadable usage: at least the estimate
+        self._limiter.settle(exchange.ticket, tokens)
+        self._budgets.settle(exchange.reservation, exchange.cost)
+        latency_ms = (time.perf_counter() - exchange.started) * 1000
+        ttfb_ms = None if exchange.first_byte is None else (exchange.first_byte - exchange.started) * 1000
+        caller, entry = exchange.caller, exchange.entry
+        if self._ledger is not None and entry is not None:
+            self._ledger.record(
+                UsageRecord(
+                    ts=exchange.arrived,
+                    request_id=exchange.request_id,
+                    key_name=caller.name if caller else None,
+                    team=caller.team if caller else None,
+                    model=entry.model_name,
+                    endpoint=exchange.path,
+                    status=exchange.status,
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
+                    total_tokens=usage.total_tokens if usage else 0,
+                    cost_usd=exchange.cost,
+                    outcome=exchange.outcome,
+                    cut=exchange.outcome == "client_disconnected",
+                    latency_ms=latency_ms,
+                    ttfb_ms=ttfb_ms,
+                )
+            )
+        if self._access_log and access_logger.isEnabledFor(logging.INFO):
+            self._log(exchange, latency_ms, ttfb_ms)
+        if self._on_finish is not None:
+            self._on_finish(exchange)
+
+    @staticmethod
+    def _log(exchange: Exchange, latency_ms: float, ttfb_ms: float | None) -> None:
+        usage = exchange.usage
+        line = {
+            "time": round(exchange.arrived, 3),
+            "request_id": exchange.request_id,
+            "key": exchange.caller.name if exchange.caller else None,
+            "team": exchange.caller.team if exchange.caller else None,
+            "method": exchange.method,
+            "endpoint": exchange.path,
+            "model": exchange.entry.model_name if exchange.entry else None,
+            "status": exchange.status,
+            "outcome": exchange.outcome,
+            "error_code": exchange.error_code,
+            "latency_ms": round(latency_ms, 2),
+            "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "cost_usd": exchange.cost,
+        }
+        summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
+        access_logger.info(summary, extra={"access": line})
+
+
+def _cost(exchange: Exchange) -> float | None:
+    """What the request cost, by one rule for every path (None: unknown, the reservation stands).
+
+    Nothing sent upstream, or an upstream error answer: 0. A served request: its price for the usage
+    it reported; the request's ceiling when the answer could not be read; 0 for an endpoint that is
+    not billed (polling a video job). A request that went upstream and got no answer (a timeout, a
+    broken connection) may still be billed upstream: unknown.
+    """
+    entry, status = exchange.entry, exchange.upstream_status
+    if exchange.upstream_started is None:
+        return 0.0
+    if status is None or entry is None:
+        return None
+    if not 200 <= status < 300 or exchange.path not in BILLED_PATHS:
+        return 0.0
+    if exchange.unmetered:
+        return max_cost_usd(entry, exchange.path, exchange.fields)
+    return cost_usd(entry, exchange.path, exchange.usage, exchange.fields)
