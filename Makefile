@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-dev
 # Extra flags for `make demo`, e.g. DEMO_ARGS="--keys" or DEMO_ARGS="--port 9090 --config my.toml".
 DEMO_ARGS ?=
 
-.PHONY: demo test lint typecheck pytest constraints bench clean
+.PHONY: demo test lint typecheck pytest constraints bench docs clean
 
 $(RUNTIME_STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ constraints: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/validation_cost.py
+
+## Regenerate docs/configuration.md from the settings schema and config/gateway.toml's comments.
+docs: $(RUNTIME_STAMP)
+	$(BIN)/python -m gateway.config.reference > docs/configuration.md.tmp
+	mv docs/configuration.md.tmp docs/configuration.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache dist

@@ -24,7 +24,7 @@ import aiohttp
 import uvicorn
 
 from gateway.cli import uvicorn_options
-from gateway.config.settings import load_settings
+from gateway.config import load_settings
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

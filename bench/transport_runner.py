@@ -23,7 +23,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.cli import uvicorn_options
-from gateway.config.settings import load_settings
+from gateway.config import load_settings
 from gateway.ops.logs import configure as configure_logging
 
 

@@ -15,13 +15,20 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.config.settings import Settings, load_settings
+from gateway.config import Settings, load_settings
 from gateway.demo import DemoState, create_demo_upstream
 from gateway.server.thread import LocalServer, serve_in_thread
 
 StartGateway = Callable[..., LocalServer]
 
 CHAT_MODEL = "Qwen2.5-32B-Instruct-FP8"
+
+
+@pytest.fixture(autouse=True)
+def _state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test writes the default ledger in the real home: the default location ($XDG_STATE_HOME)
+    is a temporary directory, for this process and the gateway processes tests start."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from gateway.app import create_app
-from gateway.config.settings import load_settings
+from gateway.config import load_settings
 from gateway.demo import DemoState, RecordedRequest, create_demo_upstream
 from gateway.server.thread import LocalServer, serve_in_thread
 

@@ -21,7 +21,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.cli import main
-from gateway.config.settings import load_settings
+from gateway.config import load_settings
 from gateway.demo import DemoState, default_catalog
 from gateway.server.thread import LocalServer, serve_in_thread
 from gateway.usage.ledger import summarize

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from gateway.catalog.cache import Catalog, suggest
-from gateway.config.settings import CatalogSettings
+from gateway.config import CatalogSettings
 from gateway.demo import DemoState, default_catalog
 from gateway.errors import CatalogUnavailable, ModelNotFound
 from tests.conftest import CHAT_MODEL, StartGateway

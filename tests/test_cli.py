@@ -29,7 +29,7 @@ import orjson
 import pytest
 
 from gateway.cli import DEMO_USER, DEMO_USER_RPM, EXIT_STDOUT_CLOSED, DemoLedger, _demo_banner, main
-from gateway.config.settings import Settings
+from gateway.config import Settings
 from gateway.server.thread import LocalServer
 from gateway.usage.ledger import Ledger, UsageRecord, summarize
 from tests.conftest import CHAT_MODEL

@@ -34,7 +34,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from gateway.cli import uvicorn_options
-from gateway.config.settings import LimitsSettings, load_settings
+from gateway.config import LimitsSettings, load_settings
 from gateway.demo import DemoState, create_demo_upstream
 from gateway.ops.logs import ConsoleFormatter
 from gateway.server.protocol import LimitedHttpToolsProtocol

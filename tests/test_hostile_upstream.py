@@ -24,7 +24,7 @@ from gateway.catalog.entries import parse_catalog
 from gateway.demo import default_catalog
 from gateway.headers import header_safe
 from gateway.server.thread import LocalServer, serve_in_thread
-from gateway.usage.meter import MAX_COUNT
+from gateway.usage.model import MAX_COUNT
 from gateway.usage.pricing import max_cost_usd
 from tests.helpers_gateway import (
     CHAT_MODEL,

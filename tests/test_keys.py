@@ -14,7 +14,7 @@ import pytest
 
 from gateway.auth.keys import KeyRing, new_key
 from gateway.cli import main
-from gateway.config.settings import KeySettings, SettingsError, load_settings
+from gateway.config import KeySettings, SettingsError, load_settings
 from gateway.demo import DemoState
 from gateway.server.thread import LocalServer
 from tests.conftest import CHAT_MODEL, StartGateway

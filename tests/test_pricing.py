@@ -8,7 +8,7 @@ import pytest
 
 from gateway.catalog.entries import ModelEntry, parse_entry
 from gateway.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, SPEECH, TRANSCRIPTIONS, VIDEO_JOB, VIDEOS
-from gateway.usage.meter import Usage
+from gateway.usage.model import Usage
 from gateway.usage.pricing import UNIT_RULES, cost_usd, max_cost_usd, min_cost_usd, unit_price
 
 

@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.app import create_app
-from gateway.config.settings import TRACING_INSTALL, SettingsError, load_settings
+from gateway.config import TRACING_INSTALL, SettingsError, load_settings
 from gateway.demo import DemoState
 from gateway.server.thread import LocalServer, serve_in_thread
 from tests.helpers_gateway import (
@@ -194,7 +194,7 @@ def test_a_default_gateway_never_imports_opentelemetry(upstream: LocalServer) ->
         import httpx
         from gateway.app import create_app
         from gateway.server.thread import serve_in_thread
-        from gateway.config.settings import load_settings
+        from gateway.config import load_settings
 
         settings = load_settings(None, {{"GATEWAY_UPSTREAM_URL": {upstream.url!r}, "GATEWAY_USAGE_PATH": ""}})
         assert not settings.tracing.enabled
@@ -489,7 +489,7 @@ def test_create_app_refuses_too_when_opentelemetry_is_missing() -> None:
     code = BLOCK_OPENTELEMETRY + textwrap.dedent(
         """
         from gateway.app import create_app
-        from gateway.config.settings import Settings, SettingsError, TracingSettings
+        from gateway.config import Settings, SettingsError, TracingSettings
 
         try:
             create_app(Settings(tracing=TracingSettings(enabled=True)))

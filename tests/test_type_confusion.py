@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import endpoints
+from gateway.catalog.bounds import prompt_count, prompt_tokens_lower_bound, requested_completion_tokens
 from gateway.catalog.entries import ModelEntry, parse_entry
 from gateway.catalog.validation import (
     CHECKS,
@@ -31,9 +32,6 @@ from gateway.catalog.validation import (
     MAX_VIDEO_SECONDS,
     Violation,
     image_count,
-    prompt_count,
-    prompt_tokens_lower_bound,
-    requested_completion_tokens,
     validate,
     video_seconds,
 )
@@ -42,8 +40,9 @@ from gateway.errors import InvalidRequest
 from gateway.jsonvalues import as_choice, as_int, as_number, describe
 from gateway.proxy.body import model_of, parse_json_object
 from gateway.server.thread import LocalServer
-from gateway.usage.meter import Usage, client_wants_usage, with_include_usage
+from gateway.usage.model import Usage
 from gateway.usage.pricing import cost_usd, max_cost_usd, min_cost_usd
+from gateway.usage.rewrite import client_wants_usage, with_include_usage
 from tests.helpers_gateway import (
     CHAT_MODEL,
     IMAGE_MODEL,

@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.usage.meter import Usage, UsageMeter, client_wants_usage, usage_from_response, with_include_usage
+from gateway.usage.meter import UsageMeter
+from gateway.usage.model import Usage, usage_from_response
+from gateway.usage.rewrite import client_wants_usage, with_include_usage
 
 PROPERTY = settings(
     max_examples=300,

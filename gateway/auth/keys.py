@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from gateway.catalog.entries import ModelEntry
-from gateway.config.settings import KeySettings
+from gateway.config import KeySettings
 from gateway.errors import AuthenticationFailed, ModelNotAllowed
 from gateway.headers import Header
 

@@ -4,13 +4,19 @@ The authenticated Caller is put in ``scope["state"]["caller"]`` for the routes b
 is read from the runtime on each request, so a reload swaps it atomically. ``/metrics`` names every
 key with its spend, so in keys mode it needs an admin key or the scrape token (``[metrics]``),
 unless the operator made it public.
+
+A request the key check refuses (401) never reaches the app below, so the middleware reports it to
+``on_refused`` once the answer is sent: the composition root turns it into a finished request
+(metrics, access log) like any other refusal. The presented key is never part of the report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.auth.keys import Caller, KeyRing, bearer_token
@@ -29,18 +35,40 @@ class HasKeyRing(Protocol):
     keys: KeyRing | None
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRefusal:
+    """A request the key check answered itself: the request's scope (its headers hold the key: never
+    log them), the error it was answered with, and when it arrived."""
+
+    scope: MutableMapping[str, Any]
+    error: GatewayError
+    started: float  # time.perf_counter() when the check began
+    arrived: float  # time.time() likewise
+
+
+OnRefused = Callable[[KeyRefusal], None]
+
+
 class KeyAuthMiddleware:
     def __init__(
-        self, app: ASGIApp, runtime: HasKeyRing, *, metrics_public: bool = False, metrics_token_sha256: str = ""
+        self,
+        app: ASGIApp,
+        runtime: HasKeyRing,
+        *,
+        metrics_public: bool = False,
+        metrics_token_sha256: str = "",
+        on_refused: OnRefused | None = None,
     ) -> None:
         self.app = app
         self._runtime = runtime
         self._metrics_public = metrics_public
         self._metrics_token = bytes.fromhex(metrics_token_sha256) if metrics_token_sha256 else None
+        self._on_refused = on_refused
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         ring = self._runtime.keys
         if scope["type"] == "http" and ring is not None:
+            started = time.perf_counter()
             path: str = scope["path"]
             try:
                 if path.startswith(PROTECTED_PREFIXES):
@@ -51,7 +79,12 @@ class KeyAuthMiddleware:
                 elif path == METRICS_PATH and not self._metrics_public:
                     self._check_metrics_reader(ring, scope["headers"])
             except GatewayError as error:
-                await send_error(send, error, [(b"www-authenticate", b"Bearer")])
+                try:
+                    await send_error(send, error, [(b"www-authenticate", b"Bearer")])
+                finally:  # counted even when the client left before the answer went out
+                    if self._on_refused is not None:
+                        arrived = time.time() - (time.perf_counter() - started)
+                        self._on_refused(KeyRefusal(scope, error, started, arrived))
                 return
         await self.app(scope, receive, send)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gateway.auth.keys import KeyRing
 from gateway.auth.middleware import HasKeyRing
-from gateway.config.settings import Settings, SettingsError, load_settings
+from gateway.config import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("gateway.auth.reload")
 

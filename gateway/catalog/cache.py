@@ -5,6 +5,8 @@
   wait for a refresh unless there is no usable snapshot at all.
 - Stale-if-error: a failed refresh (connection error, non-2xx, malformed JSON, timeout) keeps the last
   good snapshot serving for up to ``max_staleness`` past its TTL and retries with exponential backoff.
+- Until a first snapshot is loaded, the catalog retries on its own at that backoff (no request need
+  come to start a refresh), so readiness probes only read its state.
 - A model missing from the snapshot triggers at most one early refresh per
   ``unknown_model_refresh_interval`` seconds, so new models appear without waiting a TTL and a flood
   of unknown names does not hammer the upstream.
@@ -24,7 +26,7 @@ import orjson
 from cachetools import TTLCache
 
 from gateway.catalog.entries import ModelEntry, parse_catalog
-from gateway.config.settings import CatalogSettings
+from gateway.config import CatalogSettings
 from gateway.errors import CatalogUnavailable, ModelNotFound
 
 logger = logging.getLogger("gateway.catalog.cache")
@@ -53,6 +55,8 @@ class Catalog:
         self._failures = 0
         self._retry_at = 0.0  # no refresh attempt before this (backoff after failures)
         self._last_attempt = float("-inf")
+        self._retry_timer: asyncio.TimerHandle | None = None  # the next attempt while nothing is loaded
+        self._closed = False
         self.refreshes = 0
         self.refresh_failures = 0
         self.last_error: str | None = None
@@ -109,6 +113,10 @@ class Catalog:
         self._start_refresh()
 
     async def aclose(self) -> None:
+        self._closed = True
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         task = self._refresh_task
         if task is not None and not task.done():
             task.cancel()
@@ -128,6 +136,21 @@ class Catalog:
         task.add_done_callback(_consume_exception)
         self._refresh_task = task
         return task
+
+    def _retry_later(self, delay: float) -> None:
+        """Nothing is loaded, so no request may come to start a refresh: try again in ``delay`` seconds."""
+        if self._closed:
+            return
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        if self._last is not None or self._closed:
+            return
+        if self._start_refresh() is None:  # still backing off by the catalog's own clock
+            self._retry_later(max(0.1, self._retry_at - self._clock()))
 
     async def _refresh_and_wait(self) -> Snapshot:
         task = self._start_refresh()
@@ -199,6 +222,8 @@ class Catalog:
             delay,
             f"serving the catalog loaded {age:.0f}s ago" if age is not None else "no catalog loaded yet",
         )
+        if self._last is None:
+            self._retry_later(delay)
 
 
 def _consume_exception(task: asyncio.Task[Snapshot]) -> None:

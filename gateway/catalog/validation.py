@@ -12,22 +12,28 @@ the requested model, and reports a ``Violation`` when the request certainly cann
 | max_output     | max_tokens / max_completion_tokens above the model's ``max_output``          |
 | context_window | a prompt whose token count is certainly above the model's ``context_window`` |
 
-The context-window bound: every mainstream tokenizer (tiktoken-style regex pre-tokenization, as in
-Llama 3, Qwen 2, DeepSeek and Mistral's tekken; SentencePiece with whitespace splitting, as in
-Llama 2 and Mistral v1) emits at least one token per whitespace-separated word, so the number of
-words in the prompt's text (plus the exact length of token-id arrays, plus the requested
-max_tokens) is a lower bound. Only a request whose lower bound already exceeds the window is
-refused: one that might fit is always forwarded.
+The context-window check adds the requested completion tokens to a lower bound of the prompt's
+tokens (``gateway.catalog.bounds``: at least one token per word). Only a request whose lower bound
+already exceeds the window is refused: one that might fit is always forwarded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 from gateway import endpoints
 from gateway.catalog import admission
+from gateway.catalog.bounds import (
+    COMPLETION_CAP_FIELDS,
+    chars_in_messages,
+    completion_cap,
+    embedding_input_tokens,
+    prompt_tokens,
+    requested_completion_tokens,
+    words_in_messages,
+)
 from gateway.catalog.entries import ModelEntry
 from gateway.jsonvalues import as_choice, as_int, as_list, as_number, as_object, as_text, describe
 
@@ -92,13 +98,13 @@ def _chat(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Violation]:
     yield from _tools(fields, entry)
     yield from _vision(messages, entry)
     yield from _streaming(fields, entry)
-    yield from _max_output(fields, entry, ("max_completion_tokens", "max_tokens"))
-    yield from _context(entry, lambda: _words_in_messages(messages), fields, "messages", _chars_in_messages(messages))
+    yield from _max_output(fields, entry, COMPLETION_CAP_FIELDS)
+    yield from _context(entry, lambda: words_in_messages(messages), fields, "messages", chars_in_messages(messages))
 
 
 def _completions(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Violation]:
     prompt = fields.get("prompt")
-    tokens = _prompt_tokens(prompt)
+    tokens = prompt_tokens(prompt)
     if tokens is None:
         yield _invalid(
             "prompt",
@@ -113,7 +119,7 @@ def _completions(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Viola
 
 
 def _embeddings(fields: Mapping[str, Any], entry: ModelEntry) -> Iterator[Violation]:
-    inputs = _embedding_inputs(fields.get("input"))
+    inputs = embedding_input_tokens(fields.get("input"))
     if inputs is None:
         yield _invalid(
             "input",
@@ -236,10 +242,9 @@ def _common_shape(fields: Mapping[str, Any]) -> Iterator[Violation]:
                 "invalid_value",
                 f"`{name}` must be a number from {bounds[0]:g} to {bounds[1]:g}, not {describe(value)}.",
             )
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in reversed(COMPLETION_CAP_FIELDS):  # max_tokens first
         value = fields.get(name)
-        tokens = as_int(value)
-        if value is not None and (tokens is None or tokens < 1):
+        if value is not None and completion_cap(fields, name) is None:
             yield _invalid(name, "invalid_value", f"`{name}` must be a positive integer, not {describe(value)}.")
 
 
@@ -302,7 +307,7 @@ def _max_output(fields: Mapping[str, Any], entry: ModelEntry, names: tuple[str, 
     if limit is None:
         return
     for name in names:
-        value = as_int(fields.get(name))
+        value = completion_cap(fields, name)
         if value is not None and value > limit:
             yield Violation(
                 "max_output",
@@ -337,73 +342,7 @@ def _context(
         )
 
 
-# --- token lower bounds -----------------------------------------------------------------------
-
-
-def _words(text: str) -> int:
-    return len(text.split())
-
-
-def _chars_in_messages(messages: list[Any]) -> int:
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            total += len(content) + 1
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += len(part["text"]) + 1
-    return total
-
-
-def _words_in_messages(messages: list[Any]) -> int:
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            total += _words(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += _words(part["text"])
-    return total
-
-
-def _prompt_tokens(prompt: Any) -> int | None:
-    """A lower bound of the prompt's tokens, or None when the prompt has the wrong shape."""
-    if isinstance(prompt, str):
-        return _words(prompt)
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return max(_words(p) for p in prompt)  # each string is its own prompt
-        if all(_is_int(t) for t in prompt):
-            return len(prompt)
-        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-            return max(len(p) for p in prompt)
-    return None
-
-
-def _embedding_inputs(value: Any) -> list[int] | None:
-    """A lower bound of tokens per input, or None when ``input`` has the wrong shape."""
-    if isinstance(value, str):
-        return [_words(value)] if value else None
-    if not isinstance(value, list) or not value:
-        return None
-    if all(isinstance(v, str) and v for v in value):
-        return [_words(v) for v in value]
-    if all(_is_int(t) for t in value):
-        return [len(value)]
-    if all(isinstance(v, list) and v and all(_is_int(t) for t in v) for v in value):
-        return [len(v) for v in value]
-    return None
-
-
 # --- small helpers ----------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return as_int(value) is not None
 
 
 def _in_range(value: object, bounds: tuple[float, float]) -> bool:
@@ -454,43 +393,6 @@ def alternatives(violation: Violation, path: str, candidates: Iterable[ModelEntr
         if len(found) == limit:
             break
     return found
-
-
-def prompt_tokens_lower_bound(path: str, fields: Mapping[str, Any]) -> int:
-    """The certain minimum of prompt tokens (for rate-limit reservations), 0 when not a text endpoint."""
-    if path == endpoints.CHAT:
-        messages = as_list(fields.get("messages"))
-        if messages is not None:
-            return _words_in_messages([m for m in messages if isinstance(m, dict)])
-    elif path == endpoints.COMPLETIONS:
-        return _prompt_tokens(fields.get("prompt")) or 0
-    elif path == endpoints.EMBEDDINGS:
-        return sum(_embedding_inputs(fields.get("input")) or ())
-    return 0
-
-
-def requested_completion_tokens(fields: Mapping[str, Any]) -> int:
-    """``max_completion_tokens`` (it supersedes ``max_tokens``), else ``max_tokens``, when a positive
-    integer; else 0."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = as_int(fields.get(name))
-        if value is not None and value > 0:
-            return value
-    return 0
-
-
-def prompt_count(path: str, fields: Mapping[str, Any]) -> int:
-    """How many separate prompts a text request holds: the items of a completions ``prompt`` list of
-    strings or of token-id lists, or of an embeddings ``input`` list; else 1 (a chat is one)."""
-    if path == endpoints.COMPLETIONS:
-        prompt = as_list(fields.get("prompt"))
-        if prompt and _prompt_tokens(prompt) is not None and not all(_is_int(t) for t in prompt):
-            return len(prompt)
-    elif path == endpoints.EMBEDDINGS:
-        inputs = _embedding_inputs(fields.get("input"))
-        if inputs is not None:
-            return len(inputs)
-    return 1
 
 
 def image_count(fields: Mapping[str, Any]) -> int | None:

@@ -25,7 +25,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 logger = logging.getLogger("gateway.ops.drain")
@@ -38,8 +38,9 @@ STOP_TIMEOUT: Final = 5.0
 class Drain:
     """Which proxied requests are in flight, and whether the gateway is draining them."""
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.grace = grace
+        self._clock = clock  # for the log only: the grace and stop timeouts run on the event loop's time
         self.draining = False
         self.expired = False  # the grace period is over: requests still running are being stopped
         self._requests: set[asyncio.Task[Any]] = set()
@@ -74,7 +75,7 @@ class Drain:
         """Drain; returns when no request is in flight any more."""
         self.draining = True
         self._changed = asyncio.Event()
-        started = time.monotonic()
+        started = self._clock()
         logger.info("shutting down: draining %d requests in flight (grace %g s)", len(self._requests), self.grace)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.grace):
@@ -87,7 +88,7 @@ class Drain:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STOP_TIMEOUT):
                     await self._settled(until_hurried=False)
-        logger.info("drained in %.1f s", time.monotonic() - started)
+        logger.info("drained in %.1f s", self._clock() - started)
 
     async def _settled(self, *, until_hurried: bool) -> None:
         """Until no request is in flight (or a hurry, if ``until_hurried``)."""

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from gateway import endpoints
-from gateway.usage.accounting import Exchange
+from gateway.exchange import Exchange
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -38,7 +38,7 @@ class Snapshot:
     catalog_refresh_failures: int
     in_flight: int
     open_streams: int
-    upstream_connections: tuple[int, int] | None  # (all, idle)
+    upstream_connections: int | None  # in use (the client's own count: see Upstream.connections)
     open_circuits: dict[str, float]
     tasks: int
     ledger_dropped: int = 0  # usage records the ledger could not write
@@ -74,10 +74,11 @@ class _StateCollector(Collector):
         yield _gauge("gateway_open_streams", "Event streams being relayed.", state.open_streams)
         yield _gauge("gateway_asyncio_tasks", "Tasks on the event loop (a leak shows as growth).", state.tasks)
         if state.upstream_connections is not None:
-            pool = GaugeMetricFamily("gateway_upstream_connections", "Upstream pool connections.", labels=["state"])
-            total, idle = state.upstream_connections
-            pool.add_metric(["active"], total - idle)
-            pool.add_metric(["idle"], idle)
+            # Only "active": idle pooled connections are not readable through aiohttp's or httpx's public API.
+            pool = GaugeMetricFamily(
+                "gateway_upstream_connections", "Upstream connections in use (or awaited).", labels=["state"]
+            )
+            pool.add_metric(["active"], state.upstream_connections)
             yield pool
         circuits = GaugeMetricFamily("gateway_circuit_open", "1 while a model's circuit is open.", labels=["model"])
         for model in state.open_circuits:

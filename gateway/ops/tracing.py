@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from gateway import endpoints
-from gateway.config.settings import TRACING_INSTALL, SettingsError, TracingSettings
+from gateway.config import TRACING_INSTALL, SettingsError, TracingSettings
 from gateway.errors import UpstreamError
 from gateway.ops.request_id import scope_request_id
 
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     from opentelemetry.util.types import AttributeValue
 
+    from gateway.exchange import Exchange
     from gateway.upstream.base import UpstreamResponse
-    from gateway.usage.accounting import Exchange
 
 Header = tuple[bytes, bytes]
 Scope = MutableMapping[str, Any]

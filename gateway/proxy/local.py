@@ -1,8 +1,10 @@
-"""Endpoints the gateway answers itself: the model list, the raw catalog, health and readiness."""
+"""Endpoints the gateway answers itself: the model list, the raw catalog, health and readiness;
+and the record of the 401s the key check answers (``key_refusal_recorder``)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any, cast
@@ -11,14 +13,16 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth.middleware import scope_caller
+from gateway.auth.middleware import KeyRefusal, scope_caller
 from gateway.catalog.admission import endpoint_for, is_routable
 from gateway.catalog.cache import Snapshot
 from gateway.catalog.entries import ModelEntry
-from gateway.config.settings import Settings
+from gateway.config import Settings
 from gateway.endpoints import CATEGORIES
 from gateway.errors import InvalidRequest, ModelNotFound, UnknownPath
-from gateway.proxy.handler import Runtime
+from gateway.exchange import Exchange
+from gateway.ops.request_id import scope_request_id
+from gateway.services import Services
 from gateway.usage.ledger import SUMMARY_GROUPS, SummaryBy, summarize
 
 
@@ -53,7 +57,7 @@ def _filter_values(request: Request, name: str) -> set[str]:
 
 
 class LocalRoutes:
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: Services) -> None:
         self._runtime = runtime
         self._routable = frozenset(settings.catalog.routable_health)
         self._usage_path = Path(settings.usage.path) if settings.usage.path else None
@@ -116,12 +120,11 @@ class LocalRoutes:
         return _json({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        # Reads state only: while no catalog is loaded, the catalog's own task keeps retrying.
         catalog = self._runtime.catalog
         snapshot = catalog.snapshot
-        if snapshot is None:
-            catalog.start()  # keep trying while not ready (respects the refresh backoff)
         draining = self._runtime.drain.draining
-        ready = snapshot is not None and self._runtime.upstream_open and not draining
+        ready = snapshot is not None and self._runtime.serving and not draining
         age = catalog.age()
         body = {
             "status": "draining" if draining else "ready" if ready else "not ready",
@@ -135,7 +138,7 @@ class LocalRoutes:
                 "refresh_failures": catalog.refresh_failures,
                 "last_error": catalog.last_error,
             },
-            "upstream_client": "open" if self._runtime.upstream_open else "closed",
+            "upstream_client": "open" if self._runtime.serving else "closed",
             "open_circuits": self._runtime.breakers.open_circuits(),
             "in_flight": self._runtime.in_flight,
         }
@@ -143,3 +146,23 @@ class LocalRoutes:
 
     def _count_routable(self, snapshot: Snapshot) -> int:
         return sum(1 for e in snapshot.entries.values() if is_routable(e, self._routable))
+
+
+def key_refusal_recorder(services: Services) -> Callable[[KeyRefusal], None]:
+    """``KeyAuthMiddleware``'s ``on_refused``: a 401 of the key check becomes a finished request, so it
+    is counted (``gateway_requests_total``, ``gateway_refusals_total``) and access-logged like every
+    other refusal. No key name (the key was not accepted), never the presented key."""
+
+    def record(refusal: KeyRefusal) -> None:
+        scope = refusal.scope
+        exchange = Exchange(
+            scope_request_id(scope).decode(),
+            scope["method"],
+            scope["path"],
+            started=refusal.started,
+            arrived=refusal.arrived,
+        )
+        exchange.refuse(refusal.error)
+        services.accounting.finish(exchange)
+
+    return record

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -22,7 +21,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway.cancellation import take_back_cancellation
 from gateway.errors import ShuttingDown, UpstreamTimeout, UpstreamUnavailable, send_error
+from gateway.exchange import Outcome
 from gateway.headers import Header, client_response_headers
 from gateway.upstream.base import UpstreamResponse, UpstreamStreamError
 
@@ -31,13 +32,6 @@ logger = logging.getLogger("gateway.proxy.relay")
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-class Outcome(enum.Enum):
-    COMPLETED = "completed"
-    CLIENT_DISCONNECTED = "client_disconnected"
-    UPSTREAM_BROKEN = "upstream_broken"
-    SHUT_DOWN = "shut_down"  # stopped at the end of the shutdown grace period
 
 
 class Shutdown(Protocol):
@@ -150,13 +144,13 @@ async def relay(
         return result
     except asyncio.CancelledError:
         if watch.disconnected:
-            task.uncancel()
+            take_back_cancellation()  # the watcher's own: the client is gone
             # A client that hangs up after the stream's [DONE] (as the SDKs do) received all of it.
             result.outcome = Outcome.COMPLETED if result.done_sent else Outcome.CLIENT_DISCONNECTED
             return result
         if shutdown is None or not shutdown.expired:
             raise  # cancelled from outside: let it propagate
-        task.uncancel()
+        take_back_cancellation()  # the grace is over: end the response cleanly
         watch.stand_down()
         result.outcome = Outcome.SHUT_DOWN
         if not started:

@@ -42,7 +42,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway.config.settings import LimitsSettings
+from gateway.config import LimitsSettings
 from gateway.errors import (
     BodyTimeout,
     GatewayError,

@@ -49,6 +49,14 @@ class SlidingWindow:
             self._entries.append((now, amount))
             self.total += amount
 
+    def remove(self, ts: float, amount: float) -> None:
+        """Take back ``amount`` added at ``ts`` (nothing if it has left the window)."""
+        try:
+            self._entries.remove((ts, amount))
+        except ValueError:
+            return
+        self.total -= amount
+
     def seconds_until_below(self, now: float, limit: float) -> float:
         """How long until the total drops below ``limit`` (0 if it already is)."""
         total = self.total

@@ -54,28 +54,33 @@ class UpstreamShaper:
         if not self.enabled:
             return Slot(None)
         deadline = self._clock() + self._queue_timeout
-        if self._rpm > 0:
-            await self._wait_for_rate(deadline)
+        counted_at = await self._wait_for_rate(deadline) if self._rpm > 0 else None
         semaphore = self._semaphore
         if semaphore is None:
             return Slot(None)
+        acquired = False
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock())):
                 await semaphore.acquire()
+            acquired = True
         except TimeoutError:
             raise UpstreamCapacity(
                 "The gateway's requests to the upstream are at their concurrency cap; retry shortly.",
                 retry_after=1,
             ) from None
+        finally:
+            if not acquired and counted_at is not None:
+                self._window.remove(counted_at, 1)  # it never goes upstream: give its place in the minute back
         return Slot(semaphore.release)
 
-    async def _wait_for_rate(self, deadline: float) -> None:
+    async def _wait_for_rate(self, deadline: float) -> float:
+        """Count one request in the per-minute window once it has room; returns when it was counted."""
         for _ in range(1000):  # bounded: each turn waits for the oldest request to leave the window
             now = self._clock()
             self._window.expire(now)
             if self._window.total < self._rpm:
                 self._window.add(now, 1)
-                return
+                return now
             wait = self._window.seconds_until_below(now, self._rpm)
             if now + wait > deadline:
                 raise UpstreamCapacity(

@@ -16,9 +16,16 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.config.settings import UpstreamSettings
+from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
-from gateway.upstream.base import Headers, UpstreamResponse, describe_error, relative_locations, watched_chunks
+from gateway.upstream.base import (
+    Headers,
+    InUse,
+    UpstreamResponse,
+    describe_error,
+    relative_locations,
+    watched_chunks,
+)
 
 # What aiohttp would otherwise add on its own: the client's headers are forwarded instead.
 _SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
@@ -26,11 +33,12 @@ _CHUNK_ERRORS = (aiohttp.ClientError, OSError)
 
 
 class _AiohttpResponse:
-    __slots__ = ("_idle_timeout", "_response", "headers", "status")
+    __slots__ = ("_idle_timeout", "_in_use", "_response", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse, idle_timeout: float, origin: bytes) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, idle_timeout: float, origin: bytes, in_use: InUse) -> None:
         self._response = response
         self._idle_timeout = idle_timeout
+        self._in_use: InUse | None = in_use
         self.status = response.status
         self.headers: Headers = relative_locations(list(response.raw_headers), origin)
 
@@ -47,6 +55,9 @@ class _AiohttpResponse:
     async def aclose(self) -> None:
         # A fully read body gives its connection back to the pool; anything else closes it, so an
         # abandoned stream stops the upstream generation.
+        in_use, self._in_use = self._in_use, None
+        if in_use is not None:
+            in_use.count -= 1
         if self._response.content.at_eof():
             self._response.release()
         else:
@@ -60,14 +71,14 @@ class AiohttpUpstream:
         self._origin = f"{url.scheme}://{url.raw_authority}".encode()
         self._first_byte_timeout = settings.first_byte_timeout
         self._idle_timeout = settings.idle_timeout
-        self._connector = aiohttp.TCPConnector(
-            limit=settings.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=settings.keepalive_expiry or None,
-            force_close=settings.keepalive_expiry == 0,
-        )
+        self._in_use = InUse()
         self._session = aiohttp.ClientSession(
-            connector=self._connector,
+            connector=aiohttp.TCPConnector(
+                limit=settings.max_connections,
+                limit_per_host=0,
+                keepalive_timeout=settings.keepalive_expiry or None,
+                force_close=settings.keepalive_expiry == 0,
+            ),
             cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every caller: keep no cookies
             auto_decompress=False,  # relay bytes as they came, Content-Encoding included
             skip_auto_headers=_SKIP_AUTO_HEADERS,
@@ -77,6 +88,16 @@ class AiohttpUpstream:
         )
 
     async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
+        in_use = self._in_use
+        in_use.count += 1
+        try:
+            response = await self._send(method, target, headers, body)
+        except BaseException:
+            in_use.count -= 1
+            raise
+        return _AiohttpResponse(response, self._idle_timeout, self._origin, in_use)
+
+    async def _send(self, method: str, target: str, headers: Headers, body: bytes) -> aiohttp.ClientResponse:
         wire = CIMultiDict((name.decode("latin-1"), value.decode("latin-1")) for name, value in headers)
         try:
             async with asyncio.timeout(self._first_byte_timeout):
@@ -98,9 +119,10 @@ class AiohttpUpstream:
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(f"The upstream failed: {describe_error(exc)}.") from None
-        return _AiohttpResponse(response, self._idle_timeout, self._origin)
+        return response
 
     async def get_bytes(self, target: str) -> bytes:
+        self._in_use.count += 1
         try:
             async with self._session.get(
                 self._base + target, headers={"Accept": "application/json"}, allow_redirects=False
@@ -112,15 +134,11 @@ class AiohttpUpstream:
             raise UpstreamUnavailable(f"GET {target} failed: {describe_error(exc)}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(f"GET {target} failed: {describe_error(exc)}") from None
+        finally:
+            self._in_use.count -= 1  # the response is closed: its connection went back (or away)
 
-    def connections(self) -> tuple[int, int] | None:
-        # aiohttp has no public pool statistics: idle connections wait in _conns, busy ones in _acquired.
-        idle_by_key = getattr(self._connector, "_conns", None)
-        acquired = getattr(self._connector, "_acquired", None)
-        if not isinstance(idle_by_key, dict) or acquired is None:
-            return None
-        idle = sum(len(v) for v in idle_by_key.values())
-        return idle + len(acquired), idle
+    def connections(self) -> int:
+        return self._in_use.count
 
     async def aclose(self) -> None:
         await self._session.close()

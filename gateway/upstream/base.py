@@ -25,7 +25,8 @@ from typing import Protocol
 
 import httpx
 
-from gateway.config.settings import UpstreamSettings
+from gateway.cancellation import take_back_cancellation
+from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
 logger = logging.getLogger("gateway.upstream.base")
@@ -70,19 +71,33 @@ class Upstream(Protocol):
         """GET a small resource and return its body; non-2xx raises UpstreamUnavailable."""
         ...
 
-    def connections(self) -> tuple[int, int] | None:
-        """(all, idle) connections in the pool, when the implementation can tell."""
+    def connections(self) -> int:
+        """Connections in use: the exchanges in progress (from sending until the response is closed),
+        each holding one connection (HTTP/1.1) or waiting for one at ``max_connections``. Counted by
+        the client itself: neither aiohttp nor httpx tells its pool's state through public API, so
+        idle connections are not reported."""
         ...
 
     async def aclose(self) -> None: ...
 
 
-class _HttpxResponse:
-    __slots__ = ("_idle_timeout", "_response", "headers", "status")
+class InUse:
+    """The count behind ``Upstream.connections()``: taken when an exchange starts, given back once
+    when its response is closed (or when it failed before a response)."""
 
-    def __init__(self, response: httpx.Response, idle_timeout: float, origin: bytes) -> None:
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class _HttpxResponse:
+    __slots__ = ("_idle_timeout", "_in_use", "_response", "headers", "status")
+
+    def __init__(self, response: httpx.Response, idle_timeout: float, origin: bytes, in_use: InUse) -> None:
         self._response = response
         self._idle_timeout = idle_timeout
+        self._in_use: InUse | None = in_use
         self.status = response.status_code
         self.headers = relative_locations(response.headers.raw, origin)
 
@@ -93,6 +108,9 @@ class _HttpxResponse:
         return None  # httpx reads the body only when asked
 
     async def aclose(self) -> None:
+        in_use, self._in_use = self._in_use, None
+        if in_use is not None:
+            in_use.count -= 1
         await self._response.aclose()
 
 
@@ -108,7 +126,6 @@ class HttpxUpstream:
             max_keepalive_connections=settings.max_keepalive_connections,
             keepalive_expiry=settings.keepalive_expiry,
         )
-        self._transport = transport or httpx.AsyncHTTPTransport(limits=limits, retries=0)
         self._client = httpx.AsyncClient(
             # read=None: first-byte and idle deadlines are enforced per phase in send()/iter_raw().
             timeout=httpx.Timeout(
@@ -117,15 +134,26 @@ class HttpxUpstream:
                 write=settings.write_timeout,
                 pool=settings.connect_timeout,
             ),
-            transport=self._transport,
+            transport=transport or httpx.AsyncHTTPTransport(limits=limits, retries=0),
             follow_redirects=False,
             trust_env=False,
         )
         self._client.headers.clear()  # forward the client's headers, not httpx's defaults
         # One client serves every caller: it must never keep cookies from one answer for the next request.
         self._client.cookies.jar.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self._in_use = InUse()
 
     async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
+        in_use = self._in_use
+        in_use.count += 1
+        try:
+            response = await self._send(method, target, headers, body)
+        except BaseException:
+            in_use.count -= 1
+            raise
+        return _HttpxResponse(response, self._idle_timeout, self._origin, in_use)
+
+    async def _send(self, method: str, target: str, headers: Headers, body: bytes) -> httpx.Response:
         request = self._client.build_request(method, self._base + target, headers=list(headers), content=body)
         try:
             async with asyncio.timeout(self._first_byte_timeout):
@@ -142,26 +170,24 @@ class HttpxUpstream:
             raise UpstreamTimeout(f"The upstream timed out: {describe_error(exc)}.") from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"The upstream could not be reached: {describe_error(exc)}.") from None
-        return _HttpxResponse(response, self._idle_timeout, self._origin)
+        return response
 
     async def get_bytes(self, target: str) -> bytes:
+        self._in_use.count += 1
         try:
             response = await self._client.get(self._base + target, headers={"accept": "application/json"})
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"GET {target} timed out: {describe_error(exc)}") from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"GET {target} failed: {describe_error(exc)}") from None
+        finally:
+            self._in_use.count -= 1  # the body is read whole: the connection went back to the pool
         if not response.is_success:
             raise UpstreamUnavailable(f"GET {target} answered HTTP {response.status_code}")
         return response.content
 
-    def connections(self) -> tuple[int, int] | None:
-        # httpx has no public pool statistics; httpcore's pool lists its connections.
-        pool = getattr(self._transport, "_pool", None)
-        conns = getattr(pool, "connections", None)
-        if not isinstance(conns, list):
-            return None
-        return len(conns), sum(1 for c in conns if c.is_idle())
+    def connections(self) -> int:
+        return self._in_use.count
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -215,9 +241,7 @@ async def watched_chunks(
             except asyncio.CancelledError:
                 if not watchdog.fired:
                     raise
-                current = asyncio.current_task()
-                if current is not None:
-                    current.uncancel()
+                take_back_cancellation()  # the watchdog's own cancellation: raise the timeout instead
                 raise UpstreamStreamError(f"the upstream sent nothing for {idle_timeout:g}s", timed_out=True) from None
             except errors as exc:
                 raise UpstreamStreamError(describe_error(exc)) from exc

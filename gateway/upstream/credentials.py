@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.config.settings import Settings
+from gateway.config import Settings
 from gateway.headers import Header
 
 

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from gateway import endpoints
-from gateway.auth.keys import Caller
-from gateway.catalog.entries import ModelEntry
-from gateway.catalog.validation import prompt_tokens_lower_bound
+from gateway.catalog.bounds import prompt_tokens_lower_bound
+from gateway.exchange import Exchange, Outcome
 from gateway.headers import Header, content_encoding
-from gateway.state.budgets import Budgets, Reservation
-from gateway.state.limits import RateLimiter, Ticket
-from gateway.usage.ledger import Ledger, UsageRecord
-from gateway.usage.meter import DECODABLE_ENCODINGS, Usage, UsageMeter, client_wants_usage, with_include_usage
+from gateway.state.store import Claim, StateStore
+from gateway.usage.ledger import UsageRecord
+from gateway.usage.meter import DECODABLE_ENCODINGS, UsageMeter
+from gateway.usage.model import Usage
 from gateway.usage.pricing import TOKEN_ENDPOINTS, UNIT_RULES, cost_usd, max_cost_usd, min_cost_usd
+from gateway.usage.rewrite import client_wants_usage, with_include_usage
 
 access_logger = logging.getLogger("gateway.access")
 
@@ -36,63 +34,17 @@ STREAMED_USAGE_PATHS = frozenset({endpoints.CHAT, endpoints.COMPLETIONS})
 BILLED_PATHS = TOKEN_ENDPOINTS | frozenset(UNIT_RULES)
 
 
-@dataclass(slots=True)
-class Exchange:
-    """One request's accounting state, from arrival to the last byte."""
-
-    request_id: str
-    method: str
-    path: str
-    started: float = field(default_factory=time.perf_counter)
-    arrived: float = field(default_factory=time.time)
-    caller: Caller | None = None
-    entry: ModelEntry | None = None
-    fields: Mapping[str, Any] = field(default_factory=dict)
-    ticket: Ticket | None = None
-    reservation: Reservation | None = None
-    meter: UsageMeter | None = None
-    status: int = 0
-    outcome: str = "unknown"
-    error_code: str | None = None
-    first_byte: float | None = None
-    upstream_started: float | None = None  # perf_counter() when the request went upstream
-    upstream_answered: float | None = None  # ... and when its response headers arrived
-    retries: int = 0  # upstream attempts beyond the first
-    overhead: float | None = None  # seconds of the gateway's own time before the response started
-    usage: Usage | None = None
-    cost: float | None = None
-    upstream_status: int | None = None  # the upstream's answer, when one arrived
-    unmetered: bool = False  # the answer came in an encoding the meter cannot read
-    finished: bool = False
-
-    def mark_response_start(self) -> float:
-        """Record the gateway's own time until now (upstream wait excluded); returns it in seconds."""
-        now = time.perf_counter()
-        upstream = 0.0
-        if self.upstream_started is not None:
-            upstream = (self.upstream_answered or now) - self.upstream_started
-        self.overhead = now - self.started - upstream
-        return self.overhead
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
 class Accounting:
     def __init__(
         self,
-        limiter: RateLimiter,
-        budgets: Budgets,
-        ledger: Ledger | None,
+        store: StateStore,
         *,
         include_usage: bool,
         stream_cost: bool,
         access_log: bool,
         on_finish: Callable[[Exchange], None] | None = None,
     ) -> None:
-        self._limiter = limiter
-        self._budgets = budgets
-        self._ledger = ledger
+        self._store = store
         self._include_usage = include_usage
         self._stream_cost = stream_cost
         self._access_log = access_log
@@ -103,26 +55,21 @@ class Accounting:
         caller, entry = exchange.caller, exchange.entry
         if caller is None or entry is None:
             return []
-        has_budget = caller.budget_usd_daily is not None or caller.budget_usd_monthly is not None
-        if caller.tpm is None and not has_budget:
-            exchange.ticket = self._limiter.admit(caller, 0, requested_tokens)
-            return exchange.ticket.headers if exchange.ticket else []
-        # Counting the prompt's words costs a pass over it: only for keys with token limits or budgets.
-        prompt_lower_bound = prompt_tokens_lower_bound(exchange.path, exchange.fields)
-        exchange.ticket = self._limiter.admit(caller, prompt_lower_bound, requested_tokens)
-        try:
-            minimum = min_cost_usd(entry, exchange.path, exchange.fields, prompt_lower_bound)
-            exchange.reservation = await self._budgets.admit(caller, minimum)
-        except BaseException:
-            self._limiter.settle(exchange.ticket, 0)
-            exchange.ticket = None
-            raise
-        return exchange.ticket.headers if exchange.ticket else []
+        budgeted = caller.budget_usd_daily is not None or caller.budget_usd_monthly is not None
+        if caller.tpm is None and not budgeted:
+            claim = Claim(caller, 0, requested_tokens, None, budgeted=False)
+        else:
+            # Counting the prompt's words costs a pass over it: only for keys with token limits or budgets.
+            lower_bound = prompt_tokens_lower_bound(exchange.path, exchange.fields)
+            minimum = min_cost_usd(entry, exchange.path, exchange.fields, lower_bound) if budgeted else None
+            claim = Claim(caller, lower_bound, requested_tokens, minimum, budgeted=budgeted)
+        exchange.hold = await self._store.admit(claim)
+        return exchange.hold.headers
 
     @property
     def ledger_dropped(self) -> int:
         """Usage records the ledger dropped (0 without a ledger)."""
-        return 0 if self._ledger is None else self._ledger.dropped
+        return self._store.records_dropped
 
     def request_body(self, exchange: Exchange, body: bytes) -> tuple[bytes, bool]:
         """The body to forward, and whether the gateway asked for usage the client did not."""
@@ -177,15 +124,14 @@ class Accounting:
             exchange.cost = _cost(exchange)
         usage = exchange.usage
         tokens = usage.total_tokens if usage else 0
-        if exchange.unmetered and exchange.ticket is not None:
-            tokens = max(tokens, exchange.ticket.reserved)  # unreadable usage: at least the estimate
-        self._limiter.settle(exchange.ticket, tokens)
-        self._budgets.settle(exchange.reservation, exchange.cost)
+        if exchange.unmetered and exchange.hold is not None:
+            tokens = max(tokens, exchange.hold.reserved_tokens)  # unreadable usage: at least the estimate
+        self._store.settle(exchange.hold, tokens, exchange.cost)
         latency_ms = (time.perf_counter() - exchange.started) * 1000
         ttfb_ms = None if exchange.first_byte is None else (exchange.first_byte - exchange.started) * 1000
         caller, entry = exchange.caller, exchange.entry
-        if self._ledger is not None and entry is not None:
-            self._ledger.record(
+        if entry is not None:
+            self._store.record(
                 UsageRecord(
                     ts=exchange.arrived,
                     request_id=exchange.request_id,
@@ -199,7 +145,7 @@ class Accounting:
                     total_tokens=usage.total_tokens if usage else 0,
                     cost_usd=exchange.cost,
                     outcome=exchange.outcome,
-                    cut=exchange.outcome == "client_disconnected",
+                    cut=exchange.outcome is Outcome.CLIENT_DISCONNECTED,
                     latency_ms=latency_ms,
                     ttfb_ms=ttfb_ms,
                 )

@@ -1,0 +1,198 @@
+"""The settings schema: frozen section dataclasses whose field types and bounds are the rules.
+
+Each ``[section]`` of the TOML file is one dataclass below and ``Settings`` holds them all; a field's
+type (including the ``Literal`` choices) and its ``_bounded`` metadata are what the loader
+(``gateway.config.loader``) checks every value against. Nothing here reads a file or the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+AuthMode = Literal["passthrough", "open", "keys"]
+ValidationMode = Literal["enforce", "warn", "off"]
+UpstreamClient = Literal["aiohttp", "httpx"]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+TracingExporter = Literal["otlp", "console"]
+
+# What to run when [tracing] is on but OpenTelemetry is not installed.
+TRACING_INSTALL = "pip install 'flexai-gateway[tracing]'"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or invalid; the message names the key."""
+
+
+def _bounded(
+    default: float | None, *, gt: float | None = None, ge: float | None = None, le: float | None = None
+) -> Any:
+    return field(default=default, metadata={"gt": gt, "ge": ge, "le": le})
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = "https://tokens.flex.ai"
+    # The HTTP client behind the upstream seam: "aiohttp" (fastest, the default) or "httpx".
+    client: UpstreamClient = "aiohttp"
+    api_key: str = field(default="", repr=False)
+    connect_timeout: float = _bounded(10.0, gt=0)
+    first_byte_timeout: float = _bounded(600.0, gt=0)
+    idle_timeout: float = _bounded(300.0, gt=0)
+    write_timeout: float = _bounded(60.0, gt=0)
+    max_connections: int = _bounded(512, ge=1)
+    max_keepalive_connections: int = _bounded(128, ge=0)
+    keepalive_expiry: float = _bounded(30.0, ge=0)
+    # Extra attempts for a request that certainly did not reach the upstream (connection failures)
+    # or that it refused with 429/503 and a Retry-After of at most retry_max_wait seconds.
+    retries: int = _bounded(2, ge=0)
+    retry_max_wait: float = _bounded(2.0, ge=0)
+    # The gateway's own cap on requests to the upstream (0: none): at once, and per minute. A request
+    # waits up to queue_timeout seconds for room, then gets 429 upstream_capacity.
+    concurrency: int = _bounded(0, ge=0)
+    rpm: int = _bounded(0, ge=0)
+    queue_timeout: float = _bounded(5.0, ge=0)
+    # Circuit breaker per model: open after this many consecutive upstream failures (0: off) ...
+    breaker_failures: int = _bounded(5, ge=0)
+    # ... for this many seconds, then let one probe request through.
+    breaker_cooldown: float = _bounded(30.0, gt=0)
+    # Send the client's address upstream as X-Forwarded-For (and X-Forwarded-Proto). The client's own
+    # Forwarded / X-Forwarded-* / X-Real-IP headers are never relayed either way.
+    forward_client_ip: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSettings:
+    ttl: float = _bounded(60.0, gt=0)
+    fetch_timeout: float = _bounded(5.0, gt=0)
+    max_staleness: float = _bounded(86400.0, ge=0)
+    unknown_model_refresh_interval: float = _bounded(5.0, ge=0)
+    refresh_backoff_max: float = _bounded(60.0, gt=0)
+    routable_health: tuple[str, ...] = field(default=("healthy", "degraded"), metadata={"lower": True})
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    max_body_bytes: int = _bounded(32 * 1024 * 1024, ge=1)
+    # Requests relayed at once; beyond it an immediate 503 "overloaded" (0: no cap).
+    max_in_flight: int = _bounded(1000, ge=0)
+    # Connection limits (gateway.server.protocol), before the app sees a request. The header block
+    # (request line and headers): its size and number of headers (431 beyond either).
+    max_header_bytes: int = _bounded(64 * 1024, ge=1024)
+    max_headers: int = _bounded(100, ge=1)
+    # Seconds to send the whole header block, and a request body's longest stall (408 for both).
+    header_timeout: float = _bounded(10.0, gt=0)
+    body_timeout: float = _bounded(30.0, gt=0)
+    # Open client connections per process; beyond it an immediate 503 "too_many_connections" (0: no cap).
+    max_connections: int = _bounded(2048, ge=0)
+    # Seconds an idle kept-alive connection stays open, and requests per connection (0: no cap).
+    keepalive_timeout: float = _bounded(5.0, gt=0)
+    max_keepalive_requests: int = _bounded(1000, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    # Seconds in-flight requests and streams may take to finish after SIGTERM before they are stopped
+    # (gateway.ops.drain: meanwhile /readyz answers 503 and new requests are refused).
+    shutdown_grace: int = _bounded(30, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationSettings:
+    """Per check: "enforce" (refuse with 400), "warn" (forward, flag in a header and the log), "off"."""
+
+    shape: ValidationMode = "enforce"
+    tools: ValidationMode = "enforce"
+    vision: ValidationMode = "enforce"
+    streaming: ValidationMode = "enforce"
+    max_output: ValidationMode = "enforce"
+    context_window: ValidationMode = "enforce"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSettings:
+    # The SQLite usage ledger, made absolute on load (gateway.config.paths); "" turns it off.
+    path: str = "$XDG_STATE_HOME/flexai-gateway/usage.db"
+    # Seconds between batched writes: at most this much is lost on a crash.
+    flush_interval: float = _bounded(1.0, gt=0)
+    # Ask the upstream for usage on streamed chat/completions (the extra chunk is hidden again).
+    include_usage: bool = True
+    # Add the request's cost (usage.cost_usd) to the usage chunk of streams whose client asked for usage.
+    stream_cost: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    # OpenTelemetry spans per proxied request (needs the `tracing` extra). Off: nothing is imported.
+    enabled: bool = False
+    # "otlp": OTLP over HTTP/protobuf to `endpoint`; "console": spans as JSON lines on stderr.
+    exporter: TracingExporter = "otlp"
+    # The collector's traces URL (http://collector:4318/v1/traces); "": the OTel SDK's default and
+    # its OTEL_EXPORTER_OTLP_* environment variables.
+    endpoint: str = ""
+    service_name: str = "flexai-gateway"
+    # Share of new traces recorded; a request that arrives with a traceparent follows its sampled flag.
+    sample_ratio: float = _bounded(1.0, ge=0, le=1)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    # Keys mode: /metrics lists every key's name, tokens and spend, so it answers only an admin key
+    # or the scrape token below. True opens it to anyone who reaches the gateway (other modes: open).
+    public: bool = False
+    # SHA-256 (hex) of a bearer token that may read /metrics and nothing else (for Prometheus).
+    token_sha256: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    """One gateway key: who it is, the SHA-256 of its secret, and its policy ([[keys]] tables)."""
+
+    name: str = ""
+    key_sha256: str = field(default="", repr=False)
+    team: str | None = None
+    models: tuple[str, ...] | None = None  # globs on model_name; None = all
+    categories: tuple[str, ...] | None = None  # None = all
+    rpm: int | None = _bounded(None, ge=1)
+    tpm: int | None = _bounded(None, ge=1)
+    budget_usd_daily: float | None = _bounded(None, gt=0)
+    budget_usd_monthly: float | None = _bounded(None, gt=0)
+    disabled: bool = False
+    expires: datetime | None = None
+    admin: bool = False  # may read /admin/*
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    # None means "choose": passthrough without an upstream key; an upstream key needs an explicit mode.
+    mode: AuthMode | None = None
+    # Seconds between checks of the config file for changed keys (0: only on SIGHUP).
+    reload_interval: float = _bounded(5.0, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = _bounded(8080, ge=0)
+    log_level: LogLevel = "info"
+    # "json" lines, "console" (readable), or "auto": console on a terminal, else json.
+    log_format: LogFormat = "auto"
+    # One line per request on the `gateway.access` logger (never keys or bodies).
+    access_log: bool = True
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    usage: UsageSettings = field(default_factory=UsageSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    keys: tuple[KeySettings, ...] = ()
+
+    @property
+    def auth_mode(self) -> AuthMode:
+        """The effective mode (validated by ``load_settings``)."""
+        return self.auth.mode or "passthrough"

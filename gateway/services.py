@@ -1,0 +1,182 @@
+"""Everything the request path needs, built complete in one async context manager.
+
+``open_services(settings)`` opens the upstream client, starts the catalog's background refresh,
+opens the usage ledger, builds the limits, budgets and accounting, starts tracing and, in keys
+mode with a config file, the key reloader; it yields one ``Services`` whose every attribute is set,
+and closes all of it, in reverse order, on the way out (the ledger writes what is still queued,
+tracing exports what it holds). Nothing is bound later: a part that needs a service is built
+with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from gateway.accounting import Accounting
+from gateway.auth.jobs import JobOwners
+from gateway.auth.keys import KeyRing
+from gateway.auth.reload import KeyReloader
+from gateway.catalog.admission import is_routable
+from gateway.catalog.cache import Catalog
+from gateway.config import Settings
+from gateway.exchange import Exchange
+from gateway.ops.drain import Drain
+from gateway.ops.metrics import Metrics
+from gateway.ops.metrics import Snapshot as MetricsSnapshot
+from gateway.state.budgets import Budgets
+from gateway.state.limits import RateLimiter
+from gateway.state.shaping import UpstreamShaper
+from gateway.state.store import LocalStore, StateStore
+from gateway.upstream.aiohttp_client import AiohttpUpstream
+from gateway.upstream.base import HttpxUpstream, Upstream
+from gateway.upstream.breaker import Breakers
+from gateway.usage.ledger import Ledger
+
+if TYPE_CHECKING:
+    from gateway.ops.tracing import Tracing
+
+CATALOG_PATH = "/api/models"
+
+
+@dataclass(slots=True, eq=False)
+class Services:
+    """The gateway's running parts, all set (see ``open_services``)."""
+
+    settings: Settings
+    upstream: Upstream
+    catalog: Catalog
+    accounting: Accounting
+    metrics: Metrics
+    breakers: Breakers
+    store: StateStore  # limits, budgets, upstream shaping, the ledger
+    drain: Drain
+    jobs: JobOwners  # who created which video job (keys mode)
+    tracing: Tracing | None  # None: tracing is off
+    keys: KeyRing | None  # keys mode's key ring, swapped whole on a reload; None in the other modes
+    open_streams: int = 0  # event streams being relayed now
+    serving: bool = True  # False once shutdown has begun closing the services
+
+    @property
+    def in_flight(self) -> int:
+        """Proxied requests being handled now (the drain tracks them)."""
+        return self.drain.in_flight
+
+
+@contextlib.asynccontextmanager
+async def open_services(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    tracing: Tracing | None = None,
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    store: StateStore | None = None,
+) -> AsyncIterator[Services]:
+    """Open every service, yield them, close them all (see the module docstring).
+
+    ``transport`` replaces the network under the upstream client (and selects the httpx client);
+    ``tracing`` is the app's (built, not started); ``config_path`` with its ``env`` is the file
+    whose keys are reloaded in keys mode; ``store`` replaces the in-process state store (its
+    ledger is then the store's business).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        upstream: Upstream = (
+            HttpxUpstream(settings.upstream, transport)
+            if transport is not None or settings.upstream.client == "httpx"
+            else AiohttpUpstream(settings.upstream)
+        )
+        stack.push_async_callback(upstream.aclose)
+        catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
+        catalog.start()
+        stack.push_async_callback(catalog.aclose)
+        usage = settings.usage
+        ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval) if usage.path else None
+        if ledger is not None:
+            await ledger.start()
+            stack.push_async_callback(ledger.aclose)  # writes what is still queued
+        services: Services | None = None
+
+        def metrics_state() -> MetricsSnapshot | None:  # read at scrape time, once the services exist
+            return _metrics_snapshot(services) if services is not None and services.serving else None
+
+        metrics = Metrics(metrics_state)
+        up = settings.upstream
+        store = store or LocalStore(
+            RateLimiter(),
+            Budgets(ledger.spend_usd if ledger else None),
+            UpstreamShaper(up.concurrency, up.rpm, up.queue_timeout),
+            ledger,
+        )
+        accounting = Accounting(
+            store,
+            include_usage=usage.include_usage,
+            stream_cost=usage.stream_cost,
+            access_log=settings.access_log,
+            # Each request's outcome goes to the metrics, and with tracing on onto its span too.
+            on_finish=metrics.observe if tracing is None else _both(metrics.observe, tracing.finished),
+        )
+        if tracing is not None:
+            tracing.start()
+            stack.push_async_callback(tracing.aclose)  # exports the spans still queued
+        services = Services(
+            settings=settings,
+            upstream=upstream,
+            catalog=catalog,
+            accounting=accounting,
+            metrics=metrics,
+            breakers=Breakers(up.breaker_failures, up.breaker_cooldown),
+            store=store,
+            drain=Drain(settings.server.shutdown_grace),
+            jobs=JobOwners(),
+            tracing=tracing,
+            keys=KeyRing(settings.keys) if settings.auth_mode == "keys" else None,
+        )
+        if services.keys is not None and config_path is not None:
+            reloader = KeyReloader(config_path, env if env is not None else {}, settings, services)
+            watcher = asyncio.create_task(reloader.watch(settings.auth.reload_interval))
+            stack.push_async_callback(_stop, watcher)
+        try:
+            yield services
+        finally:
+            services.serving = False  # readiness and metrics stop reading what is being closed
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _both(first: Callable[[Exchange], None], then: Callable[[Exchange], None]) -> Callable[[Exchange], None]:
+    def both(exchange: Exchange) -> None:
+        first(exchange)
+        then(exchange)
+
+    return both
+
+
+def _metrics_snapshot(services: Services) -> MetricsSnapshot:
+    """What the metrics read at scrape time."""
+    catalog, snapshot = services.catalog, services.catalog.snapshot
+    routable = services.settings.catalog.routable_health
+    entries = snapshot.entries.values() if snapshot else ()
+    return MetricsSnapshot(
+        catalog_loaded=snapshot is not None,
+        catalog_age=catalog.age(),
+        catalog_models=len(entries),
+        catalog_routable=sum(1 for e in entries if is_routable(e, routable)),
+        catalog_refreshes=catalog.refreshes,
+        catalog_refresh_failures=catalog.refresh_failures,
+        in_flight=services.in_flight,
+        open_streams=services.open_streams,
+        upstream_connections=services.upstream.connections(),
+        open_circuits=services.breakers.open_circuits(),
+        tasks=len(asyncio.all_tasks()),
+        ledger_dropped=services.accounting.ledger_dropped,
+    )
