@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from gateway import endpoints
 from gateway.catalog.bounds import prompt_tokens_lower_bound
 from gateway.exchange import Exchange, Outcome
-from gateway.headers import Header, content_encoding
+from gateway.headers import content_encoding
 from gateway.state.store import Claim, StateStore
+from gateway.types import Header
 from gateway.usage.ledger import UsageRecord
 from gateway.usage.meter import DECODABLE_ENCODINGS, UsageMeter
 from gateway.usage.model import Usage

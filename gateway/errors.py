@@ -11,13 +11,12 @@ This module imports nothing else from the gateway.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 import orjson
 
+from gateway.types import Send
+
 Headers = list[tuple[bytes, bytes]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 

@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
-Header = tuple[bytes, bytes]
+from gateway.types import Header
 
 HOP_BY_HOP = frozenset(
     {

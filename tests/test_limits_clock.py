@@ -6,8 +6,8 @@ import pytest
 
 from gateway.auth.keys import Caller
 from gateway.errors import RateLimited
-from gateway.headers import Header
 from gateway.state.limits import DEFAULT_COMPLETION_RESERVE, RateLimiter, Ticket
+from gateway.types import Header
 
 T0 = 1000.0
 

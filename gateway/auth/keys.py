@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from gateway.catalog.entries import ModelEntry
 from gateway.config import KeySettings
 from gateway.errors import AuthenticationFailed, ModelNotAllowed
-from gateway.headers import Header
+from gateway.types import Header
 
 KEY_PREFIX = "sk-gw-"
 

@@ -15,17 +15,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.auth.keys import Caller, KeyRing, bearer_token
 from gateway.errors import AuthenticationFailed, GatewayError, send_error
-
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+from gateway.types import ASGIApp, Receive, Send
 
 PROTECTED_PREFIXES = ("/v1/", "/admin/")
 METRICS_PATH = "/metrics"

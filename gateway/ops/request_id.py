@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 from gateway.headers import REQUEST_ID, request_id
-
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
-]
+from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class RequestIdMiddleware:
@@ -29,12 +25,7 @@ class RequestIdMiddleware:
     def _fresh(self) -> bytes:
         return f"{self._prefix}{next(self._counter):08x}".encode()
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Message]],
-        send: Callable[[Message], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

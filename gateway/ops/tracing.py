@@ -22,16 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from gateway import endpoints
 from gateway.config import TRACING_INSTALL, SettingsError, TracingSettings
 from gateway.errors import UpstreamError
 from gateway.ops.request_id import scope_request_id
+from gateway.types import ASGIApp, Header, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -44,12 +45,6 @@ if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from gateway.upstream.base import UpstreamResponse
 
-Header = tuple[bytes, bytes]
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 UpstreamSend = Callable[[str, str, Sequence[Header], bytes], Awaitable["UpstreamResponse"]]
 
 TRACE_HEADERS = (b"traceparent", b"tracestate")

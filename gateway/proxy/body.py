@@ -5,7 +5,6 @@ The bytes read here are the bytes forwarded upstream: parsing only looks.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +13,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.errors import BodyTooLarge, InvalidRequest, UnsupportedMediaType
-
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+from gateway.types import Receive
 
 # Text fields of a multipart form longer than this are not needed for admission and not kept.
 _MAX_FORM_FIELD = 64 * 1024

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,14 +24,11 @@ import orjson
 from gateway.cancellation import take_back_cancellation
 from gateway.errors import ShuttingDown, UpstreamTimeout, UpstreamUnavailable, send_error
 from gateway.exchange import Outcome
-from gateway.headers import Header, client_response_headers
+from gateway.headers import client_response_headers
+from gateway.types import Header, Receive, Send
 from gateway.upstream.base import UpstreamResponse, UpstreamStreamError
 
 logger = logging.getLogger("gateway.proxy.relay")
-
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class Shutdown(Protocol):

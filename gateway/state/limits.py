@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from gateway.auth.keys import Caller
 from gateway.errors import RateLimited
-from gateway.headers import Header
+from gateway.types import Header
 
 WINDOW = 60.0
 # Tokens reserved for the completion of a request without max_tokens, before the key has history.

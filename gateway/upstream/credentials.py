@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gateway.config import Settings
-from gateway.headers import Header
+from gateway.types import Header
 
 
 class UpstreamAuth:

@@ -14,7 +14,8 @@ import zlib
 from collections.abc import Sequence
 from typing import Final
 
-from gateway.headers import Header, content_encoding
+from gateway.headers import content_encoding
+from gateway.types import Header
 
 REDACTED: Final = b"[redacted]"
 # Prefixes and suffixes shorter than this are not searched (too likely to occur by chance).
