@@ -65,6 +65,27 @@ class RelayResult:
     first_byte: float | None  # perf_counter() when the first body byte went to the client
     status: int | None = None  # when the relay answered another status than the upstream's
     done_sent: bool = False  # an event stream's `data: [DONE]` went to the client
+    started: bool = False  # the response's headers went to the client
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOptions:
+    """How to relay one response.
+
+    ``event_stream``: the response is SSE (a break then ends it with an error event).
+    ``meter`` sees every chunk and returns what to send on (``length_may_change`` when it may drop or
+    rewrite bytes: Content-Length is then not relayed). ``whole_body``, for bodies that are not
+    streamed: the body is read whole first (up to MAX_LATE_HEADERS_BODY) and the headers and body
+    it returns are sent instead (headers computed from the body, a redaction); a larger body is
+    relayed as it comes, without it (and fed to ``meter``). ``shutdown``: a cancellation while it
+    says ``expired`` ends the response cleanly.
+    """
+
+    event_stream: bool = False
+    meter: Meter | None = None
+    whole_body: WholeBody | None = None
+    length_may_change: bool = False
+    shutdown: Shutdown | None = None
 
 
 async def relay(
@@ -72,23 +93,11 @@ async def relay(
     receive: Receive,
     send: Send,
     extra_headers: list[Header],
-    *,
-    event_stream: bool = False,
-    meter: Meter | None = None,
-    whole_body: WholeBody | None = None,
-    length_may_change: bool = False,
-    shutdown: Shutdown | None = None,
+    options: RelayOptions = RelayOptions(),
 ) -> RelayResult:
-    """Relay and close ``response``.
-
-    ``event_stream``: the response is SSE (a break then ends it with an error event).
-    ``meter`` sees every chunk and returns what to send on (``length_may_change`` when it may drop or
-    rewrite bytes: Content-Length is then not relayed). ``whole_body``, for bodies that are
-    not streamed: the body is read whole first (up to MAX_LATE_HEADERS_BODY) and the headers and
-    body it returns are sent instead (headers computed from the body, a redaction); a larger body
-    is relayed as it comes, without it (and fed to ``meter``).
-    A cancellation while ``shutdown.expired`` ends the response cleanly: an error answer if nothing
-    was sent yet, else an error event for a stream, else an unfinished body.
+    """Relay and close ``response``: the whole-body path when asked and the body is small, else the
+    streaming path. A cancellation at the end of the shutdown grace ends the response cleanly: an
+    error answer if nothing was sent yet, else an error event for a stream, else an unfinished body.
     """
     task = asyncio.current_task()
     assert task is not None
@@ -96,48 +105,19 @@ async def relay(
     watch = _DisconnectWatch(receive, task, active=size is None or size > MAX_UNWATCHED_BODY)
     result = RelayResult(Outcome.COMPLETED, None)
     headers = client_response_headers(response.headers, extra_headers)
-    if length_may_change:  # the meter may drop or rewrite bytes: the upstream's length would be wrong
+    if options.length_may_change:  # the meter may drop or rewrite bytes: the upstream's length would be wrong
         headers = [(name, value) for name, value in headers if name != b"content-length"]
     chunks = response.iter_raw()
-    started = False
     try:
         pending = b""
-        if whole_body is not None:
-            try:
-                whole, pending = await _read_whole(chunks, MAX_LATE_HEADERS_BODY)
-            except UpstreamStreamError as exc:
-                # Nothing has been sent yet: the client can still get a proper error answer.
-                logger.warning("upstream body broke before its end: %s", exc)
-                watch.stand_down()
-                error = (UpstreamTimeout if exc.timed_out else UpstreamUnavailable)(
-                    f"The upstream's answer broke off: {exc}."
-                )
-                await send_error(send, error, extra_headers)
-                result.outcome, result.status = Outcome.UPSTREAM_BROKEN, error.status
-                return result
+        if options.whole_body is not None:
+            whole, pending = await _read_whole_or_refuse(chunks, send, extra_headers, watch, result)
+            if result.outcome is Outcome.UPSTREAM_BROKEN:
+                return result  # answered with an error: nothing had been sent
             if whole is not None:
-                headers, whole = whole_body(headers, whole)  # (it has read the body: no meter below)
-                await send({"type": "http.response.start", "status": response.status, "headers": headers})
-                started = True
-                if whole:
-                    result.first_byte = time.perf_counter()
-                # One message for the whole body: still watched while it is written (a disconnect
-                # cancels the send); uvicorn reports a disconnect only once the body is complete, and
-                # the watcher is stood down before the relay next waits (in ``finally``).
-                await send({"type": "http.response.body", "body": whole, "more_body": False})
+                await _send_whole(send, response.status, *options.whole_body(headers, whole), result)
                 return result
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        started = True
-        if pending:
-            await _send_chunk(send, meter.feed(pending) if meter else pending, result)
-        async for chunk in chunks:
-            if event_stream and not result.done_sent and SSE_DONE in chunk:
-                result.done_sent = True
-            await _send_chunk(send, meter.feed(chunk) if meter else chunk, result)
-        if meter is not None:
-            await _send_chunk(send, meter.flush(), result)
-        watch.stand_down()  # uvicorn reports a disconnect once the response is complete
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await _send_stream(send, response.status, headers, pending, chunks, options, watch, result)
         return result
     except asyncio.CancelledError:
         if watch.disconnected:
@@ -145,16 +125,16 @@ async def relay(
             # A client that hangs up after the stream's [DONE] (as the SDKs do) received all of it.
             result.outcome = Outcome.COMPLETED if result.done_sent else Outcome.CLIENT_DISCONNECTED
             return result
-        if shutdown is None or not shutdown.expired:
+        if options.shutdown is None or not options.shutdown.expired:
             raise  # cancelled from outside: let it propagate
         take_back_cancellation()  # the grace is over: end the response cleanly
         watch.stand_down()
         result.outcome = Outcome.SHUT_DOWN
-        if not started:
+        if not result.started:
             stopped = ShuttingDown()
             await send_error(send, stopped, extra_headers)
             result.status = stopped.status
-        elif event_stream:
+        elif options.event_stream:
             message = "The gateway is shutting down and ended the stream before its end"
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": _stream_error_event(message, "shutting_down"),
@@ -165,7 +145,7 @@ async def relay(
         logger.warning("upstream stream broke mid-response: %s", exc)
         watch.stand_down()
         result.outcome = Outcome.UPSTREAM_BROKEN
-        if not event_stream:
+        if not options.event_stream:
             # Leave the body unfinished: the server then closes the connection without the final
             # chunk (or short of Content-Length), so the client sees a truncated body, never a whole one.
             return result
@@ -178,6 +158,61 @@ async def relay(
     finally:
         watch.stand_down()
         await response.aclose()
+
+
+async def _read_whole_or_refuse(
+    chunks: AsyncIterator[bytes], send: Send, extra_headers: list[Header], watch: _DisconnectWatch, result: RelayResult
+) -> tuple[bytes | None, bytes]:
+    """(the whole body, b"") or (None, what was read of a longer one); a body that breaks before
+    its end is answered with an error (nothing was sent yet) and the result says UPSTREAM_BROKEN."""
+    try:
+        return await _read_whole(chunks, MAX_LATE_HEADERS_BODY)
+    except UpstreamStreamError as exc:
+        logger.warning("upstream body broke before its end: %s", exc)
+        watch.stand_down()
+        error = (UpstreamTimeout if exc.timed_out else UpstreamUnavailable)(f"The upstream's answer broke off: {exc}.")
+        await send_error(send, error, extra_headers)
+        result.outcome, result.status = Outcome.UPSTREAM_BROKEN, error.status
+        return None, b""
+
+
+async def _send_whole(send: Send, status: int, headers: list[Header], body: bytes, result: RelayResult) -> None:
+    """The whole-body path: headers, then the body in one message."""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    result.started = True
+    if body:
+        result.first_byte = time.perf_counter()
+    # One message for the whole body: still watched while it is written (a disconnect cancels the
+    # send); uvicorn reports a disconnect only once the body is complete, and the watcher is stood
+    # down before the relay next waits.
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_stream(
+    send: Send,
+    status: int,
+    headers: list[Header],
+    pending: bytes,
+    chunks: AsyncIterator[bytes],
+    options: RelayOptions,
+    watch: _DisconnectWatch,
+    result: RelayResult,
+) -> None:
+    """The streaming path: headers, then each chunk as it arrives (through the meter), then the end."""
+    meter = options.meter
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    result.started = True
+    if pending:
+        await _send_chunk(send, meter.feed(pending) if meter else pending, result)
+    event_stream = options.event_stream
+    async for chunk in chunks:
+        if event_stream and not result.done_sent and SSE_DONE in chunk:
+            result.done_sent = True
+        await _send_chunk(send, meter.feed(chunk) if meter else chunk, result)
+    if meter is not None:
+        await _send_chunk(send, meter.flush(), result)
+    watch.stand_down()  # uvicorn reports a disconnect once the response is complete
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _stream_error_event(message: str, code: str) -> bytes:

@@ -18,7 +18,7 @@ from gateway.auth.jobs import created_job_id
 from gateway.config import Settings
 from gateway.exchange import Exchange
 from gateway.headers import is_event_stream
-from gateway.proxy.relay import MAX_LATE_HEADERS_BODY, WholeBody, relay
+from gateway.proxy.relay import MAX_LATE_HEADERS_BODY, RelayOptions, WholeBody, relay
 from gateway.services import Services
 from gateway.types import Header, Receive, Send
 from gateway.upstream.base import UpstreamResponse
@@ -54,17 +54,14 @@ class Responder:
         if event_stream:
             services.open_streams += 1
         try:
-            result = await relay(
-                response,
-                receive,
-                send,
-                headers,
+            options = RelayOptions(
                 event_stream=event_stream,
                 meter=exchange.meter,
                 whole_body=whole_body,
                 length_may_change=exchange.meter is not None and exchange.meter.rewrites,
                 shutdown=services.drain,
             )
+            result = await relay(response, receive, send, headers, options)
         finally:
             if event_stream:
                 services.open_streams -= 1
