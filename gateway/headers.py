@@ -65,11 +65,9 @@ _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 def request_id(client_headers: Iterable[Header], fresh: Callable[[], bytes] | None = None) -> bytes:
     """The client's X-Request-ID when it is a sane token, else a fresh one."""
-    for name, value in client_headers:
-        if name == REQUEST_ID:
-            if _VALID_REQUEST_ID.fullmatch(value):
-                return value
-            break
+    value = header_value(client_headers, REQUEST_ID)
+    if value is not None and _VALID_REQUEST_ID.fullmatch(value):
+        return value
     return fresh() if fresh is not None else uuid.uuid4().hex.encode()
 
 
@@ -181,7 +179,7 @@ def header_safe(text: str, limit: int = 256) -> bytes:
     return bytes(c if 0x20 <= c < 0x7F else 0x3F for c in text.encode("utf-8", "replace")[:limit])
 
 
-def header_value(headers: Sequence[Header], name: bytes) -> bytes | None:
+def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:
     """The first value of ``name`` (lower-case), whatever the case of the headers' names; None when absent."""
     size = len(name)
     for key, value in headers:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from gateway.catalog.entries import ModelEntry
 from gateway.config import KeySettings
 from gateway.errors import AuthenticationFailed, ModelNotAllowed
+from gateway.headers import header_value
 from gateway.types import Header
 
 KEY_PREFIX = "sk-gw-"
@@ -100,12 +101,12 @@ class KeyRing:
 
 def bearer_token(headers: Iterable[Header]) -> bytes | None:
     """The token of ``Authorization: Bearer <token>``, or None."""
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.strip().partition(b" ")
-            token = token.strip()
-            return token if scheme.lower() == b"bearer" and token else None
-    return None
+    value = header_value(headers, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    token = token.strip()
+    return token if scheme.lower() == b"bearer" and token else None
 
 
 def new_key() -> tuple[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gateway.config import Settings
+from gateway.headers import header_value
 from gateway.types import Header
 
 
@@ -24,7 +25,4 @@ class UpstreamAuth:
     def upstream_authorization(self, client_headers: Iterable[Header]) -> bytes | None:
         if self._gateway_key is not None:
             return self._gateway_key
-        for name, value in client_headers:
-            if name == b"authorization":
-                return value
-        return None
+        return header_value(client_headers, b"authorization")
