@@ -201,3 +201,16 @@ def test_settling_below_the_reservation_frees_tokens_at_once(clock: FakeClock, l
     assert rate(admitted(limiter, key, prompt=0, requested=100).headers, "tokens") == ("1000", "800", "0s")
     clock.at(64.75)  # the 100 used at 5 are still in the window
     assert rate(admitted(limiter, key, prompt=0, requested=800).headers, "tokens") == ("1000", "0", "0.25s")
+
+
+def test_a_cancelled_admission_uses_nothing_of_the_limits() -> None:
+    """A request refused after the limiter counted it (by its budget) gives its place back."""
+    clock = FakeClock()
+    limiter = RateLimiter(clock)
+    alice = caller(rpm=1, tpm=1000)
+    ticket = limiter.admit(alice, 10, 100)
+    limiter.cancel(ticket)
+    again = limiter.admit(alice, 10, 100)  # the one request a minute is still free
+    assert again is not None
+    assert dict(again.headers)[b"x-ratelimit-remaining-requests"] == b"0"
+    assert dict(again.headers)[b"x-ratelimit-remaining-tokens"] == b"890"

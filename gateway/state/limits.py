@@ -85,6 +85,7 @@ class Ticket:
     key: str
     reserved: int
     headers: list[Header]
+    admitted_at: float = 0.0  # the limiter's clock when the request was counted
     settled: bool = False
 
 
@@ -133,7 +134,18 @@ class RateLimiter:
             remaining = room - state.tokens.total
             reset = state.tokens.seconds_until_below(now, max(room, 1)) if remaining <= 0 else 0.0
             headers += _headers("tokens", caller.tpm, remaining, reset)
-        return Ticket(caller.name, estimate, headers)
+        return Ticket(caller.name, estimate, headers, now)
+
+    def cancel(self, ticket: Ticket | None) -> None:
+        """Undo an admission whose request was refused by a later check (a budget): neither the
+        request nor its reservation counts, so a refusal uses nothing of the key's limits."""
+        if ticket is None or ticket.settled:
+            return
+        ticket.settled = True
+        state = self._state.get(ticket.key)
+        if state is not None:
+            state.reserved -= ticket.reserved
+            state.requests.remove(ticket.admitted_at, 1)
 
     def settle(self, ticket: Ticket | None, tokens: int) -> None:
         """Replace the reservation with the tokens really used (0 when unknown or failed)."""

@@ -85,7 +85,7 @@ class LocalStore:
             try:
                 reservation = await self._budgets.admit(claim.caller, claim.min_cost)
             except BaseException:
-                self._limiter.settle(ticket, 0)  # all or nothing
+                self._limiter.cancel(ticket)  # all or nothing: a refusal uses nothing
                 raise
         return Hold(ticket, reservation, ticket.headers if ticket is not None else [])
 
