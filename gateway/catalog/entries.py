@@ -8,7 +8,6 @@ reported, never fatal. A body that is not a list of entries is an error (the ref
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -105,11 +104,11 @@ def parse_entry(item: Any) -> tuple[ModelEntry | None, str]:
 
 
 def _positive_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A whole JSON number > 0 (10 or 10.0) as an int, else None (a huge or odd value included)."""
+    number = as_number(value)
+    if number is None or number <= 0 or number != int(number):
         return None
-    if not math.isfinite(value) or value <= 0 or value != int(value):
-        return None
-    return int(value)
+    return int(number)
 
 
 def non_negative(value: Any, *, allow_zero: bool = True) -> float | None:
