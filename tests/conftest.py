@@ -1,12 +1,13 @@
 """Shared fixtures: the simulated upstream and the gateway as real servers on 127.0.0.1.
 
 Each server runs under uvicorn in its own thread (gateway.server.thread), so the tests talk to them
-over real sockets with the official openai SDK (sync client) or httpx, as users do.
+over real sockets with the official openai SDK (sync client) or httpx, as users do. Helpers that
+are not fixtures live in tests/helpers/; test modules import them from there, never from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,13 +16,11 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.config import Settings, load_settings
+from gateway.config import load_settings
 from gateway.demo import DemoState, create_demo_upstream
 from gateway.server.thread import LocalServer, serve_in_thread
-
-StartGateway = Callable[..., LocalServer]
-
-CHAT_MODEL = "Qwen2.5-32B-Instruct-FP8"
+from tests.helpers.clocks import FakeClock
+from tests.helpers.gateway import StartGateway, fresh_demo_state, gateway_env
 
 
 @pytest.fixture(autouse=True)
@@ -34,22 +33,13 @@ def _state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
 @pytest.fixture
 def demo_state() -> DemoState:
     """The simulated upstream's state: its catalog, counters and recorded requests."""
-    return DemoState(token_delay=0.002, video_seconds=0.0)
+    return fresh_demo_state()
 
 
 @pytest.fixture
 def upstream(demo_state: DemoState) -> Iterator[LocalServer]:
     with serve_in_thread(create_demo_upstream(demo_state)) as server:
         yield server
-
-
-def gateway_env(upstream_url: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    # No usage ledger file unless a test asks for one (GATEWAY_USAGE_PATH).
-    return {"GATEWAY_UPSTREAM_URL": upstream_url, "GATEWAY_USAGE_PATH": "", **(env or {})}
-
-
-def gateway_settings(upstream_url: str, env: dict[str, str] | None = None, config: Path | None = None) -> Settings:
-    return load_settings(config, gateway_env(upstream_url, env))
 
 
 @pytest.fixture
@@ -85,3 +75,9 @@ def http(gateway: LocalServer) -> Iterator[httpx.Client]:
     """Plain HTTP to the gateway, for what the SDK does not cover."""
     with httpx.Client(base_url=gateway.url, timeout=15) as c:
         yield c
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock at T0 (tests.helpers.clocks), moved by hand or by the virtual-time loop."""
+    return FakeClock()
