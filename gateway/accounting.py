@@ -19,11 +19,11 @@ from gateway.exchange import Exchange, Outcome
 from gateway.headers import content_encoding
 from gateway.state.store import Claim, StateStore
 from gateway.types import Header
-from gateway.usage.ledger import UsageRecord
 from gateway.usage.meter import DECODABLE_ENCODINGS, UsageMeter
 from gateway.usage.model import Usage
 from gateway.usage.pricing import TOKEN_ENDPOINTS, UNIT_RULES, cost_usd, max_cost_usd, min_cost_usd
 from gateway.usage.rewrite import client_wants_usage, with_include_usage
+from gateway.usage.schema import UsageRecord
 
 access_logger = logging.getLogger("gateway.access")
 

@@ -23,7 +23,7 @@ from gateway.cli_demo import demo as demo_command
 from gateway.cli_serve import discard_stdout, run, uvicorn_options
 from gateway.config import Settings, SettingsError, load_settings, resolve_config_path
 from gateway.endpoints import CATEGORIES
-from gateway.usage.ledger import SUMMARY_GROUPS, summarize
+from gateway.usage.reports import SUMMARY_GROUPS, summarize
 
 # Names read from here by tests and bench/ (they live in gateway.cli_demo and gateway.cli_serve).
 __all__ = ["DEMO_USER", "DEMO_USER_RPM", "EXIT_STDOUT_CLOSED", "DemoLedger", "_demo_banner", "main", "uvicorn_options"]

@@ -1,8 +1,10 @@
-"""Token bounds of a request, read from its parsed body: pure functions, no I/O.
+"""What a request asks for, read from its parsed body: pure functions, no I/O.
 
-What a request certainly needs before any model sees it: a lower bound of its prompt's tokens (for
-the context-window check, rate-limit reservations and the least a request can cost), the number of
-separate prompts it holds, and the completion tokens it asks for at most. This is the one reader of
+How many images or video seconds it asks for (as validation accepts them: pricing and validation
+share these readers), and its token bounds, what it certainly needs before any model sees it: a
+lower bound of its prompt's tokens (for the context-window check, rate-limit reservations and the
+least a request can cost), the number of separate prompts it holds, and the completion tokens it
+asks for at most. This is the one reader of
 ``max_completion_tokens`` / ``max_tokens``: validation, rate limits and pricing all ask here.
 
 The prompt bound: every mainstream tokenizer (tiktoken-style regex pre-tokenization, as in Llama 3,
@@ -128,3 +130,38 @@ def embedding_input_tokens(value: Any) -> list[int] | None:
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+MAX_IMAGES = 10
+# Video clip length in whole seconds (``seconds``, else ``duration``): what the upstream accepts.
+# Without either field the clip is 2 s (FlexAI's documented example, and the simulated upstream's).
+MAX_VIDEO_SECONDS: Final = 60
+VIDEO_DEFAULT_SECONDS: Final = 2
+
+
+def image_count(fields: Mapping[str, Any]) -> int | None:
+    """How many images an images request asks for: ``n`` (1 when absent or null), None when invalid."""
+    n = fields.get("n")
+    if n is None:
+        return 1
+    count = as_int(n)
+    return count if count is not None and 1 <= count <= MAX_IMAGES else None
+
+
+def video_seconds(fields: Mapping[str, Any]) -> int | None:
+    """The clip length a video request asks for: ``seconds``, else ``duration``, else the default
+    (2 s); None when the field it gives is invalid (not a whole number of seconds from 1 to 60)."""
+    for name in ("seconds", "duration"):
+        value = fields.get(name)
+        if value is not None:
+            return clip_seconds(value)
+    return VIDEO_DEFAULT_SECONDS
+
+
+def clip_seconds(value: object) -> int | None:
+    """A video length field as whole seconds within the accepted range, else None."""
+    if isinstance(value, str):  # OpenAI's video API spells seconds as a string ("4")
+        seconds = int(value) if value.isascii() and value.isdigit() and len(value) <= 3 else None
+    else:
+        seconds = as_int(value)
+    return seconds if seconds is not None and 1 <= seconds <= MAX_VIDEO_SECONDS else None

@@ -21,15 +21,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from gateway import endpoints
 from gateway.catalog import admission
 from gateway.catalog.bounds import (
     COMPLETION_CAP_FIELDS,
+    MAX_IMAGES,
+    MAX_VIDEO_SECONDS,
     chars_in_messages,
+    clip_seconds,
     completion_cap,
     embedding_input_tokens,
+    image_count,
     prompt_tokens,
     requested_completion_tokens,
     words_in_messages,
@@ -50,11 +54,6 @@ RANGES: Mapping[str, tuple[float, float]] = {
     "frequency_penalty": (-2.0, 2.0),
 }
 SPEECH_SPEED = (0.25, 4.0)
-MAX_IMAGES = 10
-# Video clip length in whole seconds (``seconds``, else ``duration``): what the upstream accepts.
-# Without either field the clip is 2 s (FlexAI's documented example, and the simulated upstream's).
-MAX_VIDEO_SECONDS: Final = 60
-VIDEO_DEFAULT_SECONDS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +157,7 @@ def _prompted(path: str, fields: Mapping[str, Any]) -> Iterator[Violation]:
         return
     for name in ("seconds", "duration"):
         value = fields.get(name)
-        if value is not None and _clip_seconds(value) is None:
+        if value is not None and clip_seconds(value) is None:
             yield _invalid(
                 name,
                 "invalid_value",
@@ -355,15 +354,6 @@ def _nonempty_str(value: object) -> bool:
     return text is not None and bool(text.strip())
 
 
-def _clip_seconds(value: object) -> int | None:
-    """A video length field as whole seconds within the accepted range, else None."""
-    if isinstance(value, str):  # OpenAI's video API spells seconds as a string ("4")
-        seconds = int(value) if value.isascii() and value.isdigit() and len(value) <= 3 else None
-    else:
-        seconds = as_int(value)
-    return seconds if seconds is not None and 1 <= seconds <= MAX_VIDEO_SECONDS else None
-
-
 def _missing(param: str, what: str) -> Violation:
     return Violation("shape", "missing_required_parameter", f"This endpoint needs {what}.", param)
 
@@ -393,22 +383,3 @@ def alternatives(violation: Violation, path: str, candidates: Iterable[ModelEntr
         if len(found) == limit:
             break
     return found
-
-
-def image_count(fields: Mapping[str, Any]) -> int | None:
-    """How many images an images request asks for: ``n`` (1 when absent or null), None when invalid."""
-    n = fields.get("n")
-    if n is None:
-        return 1
-    count = as_int(n)
-    return count if count is not None and 1 <= count <= MAX_IMAGES else None
-
-
-def video_seconds(fields: Mapping[str, Any]) -> int | None:
-    """The clip length a video request asks for: ``seconds``, else ``duration``, else the default
-    (2 s); None when the field it gives is invalid (not a whole number of seconds from 1 to 60)."""
-    for name in ("seconds", "duration"):
-        value = fields.get(name)
-        if value is not None:
-            return _clip_seconds(value)
-    return VIDEO_DEFAULT_SECONDS

@@ -23,7 +23,7 @@ from gateway.errors import InvalidRequest, ModelNotFound, UnknownPath
 from gateway.exchange import Exchange
 from gateway.ops.request_id import scope_request_id
 from gateway.services import Services
-from gateway.usage.ledger import SUMMARY_GROUPS, SummaryBy, summarize
+from gateway.usage.reports import SUMMARY_GROUPS, SummaryBy, summarize
 
 
 def model_object(entry: ModelEntry) -> dict[str, Any]:

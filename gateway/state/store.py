@@ -26,7 +26,8 @@ from gateway.state.budgets import Budgets, Reservation
 from gateway.state.limits import RateLimiter, Ticket
 from gateway.state.shaping import Slot, UpstreamShaper
 from gateway.types import Header
-from gateway.usage.ledger import Ledger, UsageRecord
+from gateway.usage.ledger import Ledger
+from gateway.usage.schema import UsageRecord
 
 
 @dataclass(frozen=True, slots=True)

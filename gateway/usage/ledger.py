@@ -13,10 +13,7 @@ of the database itself (disk full, locked) keep the batch queued for a retry.
 
 The database is in WAL mode (readers, such as the CLI or ``spend_usd`` at startup, never block the
 writer) with ``synchronous=NORMAL`` (a power loss may lose the last transactions, never corrupt).
-The schema version is ``PRAGMA user_version``; ``MIGRATIONS`` brings a database up to date.
-
-The queries (``summarize``, ``spend_usd``) are plain functions taking a path or a connection,
-usable without an event loop.
+The table and its migrations are ``gateway.usage.schema``; the queries ``gateway.usage.reports``.
 """
 
 from __future__ import annotations
@@ -26,90 +23,17 @@ import contextlib
 import logging
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, date, datetime, time
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Final, Literal, NamedTuple, TypeVar
+from typing import Any, TypeVar
+
+from gateway.usage.reports import spend_usd
+from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, UsageRecord, migrate
 
 logger = logging.getLogger("gateway.usage.ledger")
 
 T = TypeVar("T")
-
-SummaryBy = Literal["key", "team", "model", "day"]
-
-# Migration i brings a database from user_version i to i + 1 (statements run in one transaction).
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """CREATE TABLE usage (
-            id INTEGER PRIMARY KEY,
-            ts REAL NOT NULL,
-            request_id TEXT NOT NULL,
-            key_name TEXT,
-            team TEXT,
-            model TEXT NOT NULL,
-            endpoint TEXT NOT NULL,
-            status INTEGER NOT NULL,
-            prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            total_tokens INTEGER NOT NULL,
-            cost_usd REAL,
-            outcome TEXT NOT NULL,
-            cut INTEGER NOT NULL,
-            latency_ms REAL NOT NULL,
-            ttfb_ms REAL
-        )""",
-        "CREATE INDEX usage_key_ts ON usage (key_name, ts)",
-        "CREATE INDEX usage_team_ts ON usage (team, ts)",
-        "CREATE INDEX usage_ts ON usage (ts)",
-    ),
-)
-SCHEMA_VERSION: Final = len(MIGRATIONS)
-
-_GROUPS: Final[Mapping[str, str]] = MappingProxyType(
-    {"key": "key_name", "team": "team", "model": "model", "day": "date(ts, 'unixepoch')"}
-)
-SUMMARY_GROUPS: Final = tuple(_GROUPS)
-# Rows the gateway answered itself, never sent upstream (an SQL expression): dry runs, and the
-# gateway's own error answers except 502/504, which say that the upstream failed to answer.
-_LOCAL: Final = "(outcome = 'dry_run' OR (outcome = 'refused' AND status NOT IN (502, 504)))"
-_BUSY_TIMEOUT_S: Final = 5.0
-
-
-class LedgerError(Exception):
-    """The database is not a ledger this version can use."""
-
-
-class UsageRecord(NamedTuple):
-    """One request, as the ledger keeps it: a row of the ``usage`` table, its fields in column order
-    (a tuple, so it is cheap to make on the request path and goes to SQLite as it is).
-
-    ``outcome``: "completed", "client_disconnected", "upstream_broken", "refused", ...;
-    ``cut``: the response stream was cut short; ``ttfb_ms``: None when no response byte was sent.
-    """
-
-    ts: float  # unix time the request arrived
-    request_id: str
-    key_name: str | None
-    team: str | None
-    model: str
-    endpoint: str
-    status: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    cost_usd: float | None
-    outcome: str
-    cut: bool
-    latency_ms: float
-    ttfb_ms: float | None
-
-
-# The SQL interpolates constants only (the record's field names, which are the columns); values are bound.
-_INSERT: Final = (
-    f"INSERT INTO usage ({', '.join(UsageRecord._fields)}) VALUES ({', '.join('?' * len(UsageRecord._fields))})"  # noqa: S608
-)
 
 
 class Ledger:
@@ -258,87 +182,9 @@ class Ledger:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema up to ``SCHEMA_VERSION`` (one transaction per step); returns the version."""
-    conn.execute("BEGIN IMMEDIATE")  # one migrator at a time, across processes
-    try:
-        version = _user_version(conn)
-        if version > SCHEMA_VERSION:
-            raise LedgerError(f"the ledger's schema is version {version}, newer than this gateway's ({SCHEMA_VERSION})")
-        for step in range(version, SCHEMA_VERSION):
-            for statement in MIGRATIONS[step]:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {step + 1}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return SCHEMA_VERSION
-
-
-def summarize(
-    source: Path | str | sqlite3.Connection,
-    *,
-    by: SummaryBy,
-    key: str | None = None,
-    since: datetime | date | float | None = None,
-) -> list[dict[str, Any]]:
-    """Totals per key, team, model or day (UTC), oldest day / lowest name first.
-
-    Each row: the group (``key``, ``team``, ``model`` or ``day`` as "YYYY-MM-DD"; None for
-    requests without a key or team), ``requests`` (those that were sent upstream), ``refused``
-    (answered by the gateway itself: refusals, dry runs), ``prompt_tokens``, ``completion_tokens``,
-    ``total_tokens``, ``cost_usd`` (the sum of the known costs; None when none is known) and
-    ``unpriced_requests`` (requests sent upstream whose cost is unknown: no price in the catalog,
-    or no usage in the answer). ``key`` keeps one key's rows only;
-    ``since`` keeps rows from that time on (a date: its midnight UTC; a naive datetime: UTC;
-    a float: unix time).
-    """
-    group = _GROUPS.get(by)
-    if group is None:
-        raise ValueError(f"by must be one of {', '.join(_GROUPS)}, not {by!r}")
-    where: list[str] = []
-    params: list[Any] = []
-    if key is not None:
-        where.append("key_name = ?")
-        params.append(key)
-    if since is not None:
-        where.append("ts >= ?")
-        params.append(_unix(since))
-    sql = (
-        f"SELECT {group} AS grp, SUM({_LOCAL}), SUM(prompt_tokens), SUM(completion_tokens), "  # noqa: S608
-        f"SUM(total_tokens), SUM(cost_usd), SUM(cost_usd IS NULL AND NOT {_LOCAL}), COUNT(*) FROM usage "
-        f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY grp ORDER BY grp"
-    )
-    with _reader(source) as conn:
-        rows = conn.execute(sql, params).fetchall()
-    return [
-        {
-            by: grp,
-            "requests": count - local,
-            "refused": local,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": total,
-            "cost_usd": cost,
-            "unpriced_requests": unpriced,
-        }
-        for grp, local, prompt, completion, total, cost, unpriced, count in rows
-    ]
-
-
-def spend_usd(source: Path | str | sqlite3.Connection, key_name: str, since_ts: float) -> float:
-    """The sum of the key's known costs since ``since_ts`` (unix time), from the index on (key_name, ts)."""
-    with _reader(source) as conn:
-        row = conn.execute(
-            "SELECT TOTAL(cost_usd) FROM usage WHERE key_name = ? AND ts >= ?", (key_name, since_ts)
-        ).fetchone()
-    return float(row[0])
-
-
 def _open_writer(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -355,7 +201,7 @@ def _write(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> Non
     assert conn is not None
     conn.execute("BEGIN")
     try:
-        conn.executemany(_INSERT, batch)  # each record is its row (``cut``, a bool, is stored as 0 or 1)
+        conn.executemany(INSERT, batch)  # each record is its row (``cut``, a bool, is stored as 0 or 1)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -370,7 +216,7 @@ def _write_each(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -
     try:
         for record in batch:
             try:
-                conn.execute(_INSERT, record)
+                conn.execute(INSERT, record)
             except (sqlite3.InterfaceError, sqlite3.IntegrityError, sqlite3.DataError, OverflowError, TypeError):
                 rejected.append(record)
         conn.execute("COMMIT")
@@ -378,34 +224,3 @@ def _write_each(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -
         conn.execute("ROLLBACK")
         raise
     return rejected
-
-
-@contextlib.contextmanager
-def _reader(source: Path | str | sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """The given connection, or a new one on an existing ledger file (closed afterwards)."""
-    if isinstance(source, sqlite3.Connection):
-        yield source
-        return
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"no ledger at {path}")
-    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-    try:
-        version = _user_version(conn)
-        if version != SCHEMA_VERSION:
-            raise LedgerError(f"{path} is not a ledger of schema version {SCHEMA_VERSION} (user_version {version})")
-        yield conn
-    finally:
-        conn.close()
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-def _unix(since: datetime | date | float) -> float:
-    if isinstance(since, datetime):
-        return (since if since.tzinfo is not None else since.replace(tzinfo=UTC)).timestamp()
-    if isinstance(since, date):
-        return datetime.combine(since, time(), tzinfo=UTC).timestamp()
-    return float(since)

@@ -23,9 +23,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-from gateway.catalog.bounds import prompt_count, requested_completion_tokens
+from gateway.catalog.bounds import (
+    MAX_IMAGES,
+    MAX_VIDEO_SECONDS,
+    image_count,
+    prompt_count,
+    requested_completion_tokens,
+    video_seconds,
+)
 from gateway.catalog.entries import ModelEntry, non_negative
-from gateway.catalog.validation import MAX_IMAGES, MAX_VIDEO_SECONDS, image_count, video_seconds
 from gateway.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, SPEECH, TRANSCRIPTIONS, VIDEOS
 from gateway.jsonvalues import as_int, as_text
 from gateway.usage.model import Usage

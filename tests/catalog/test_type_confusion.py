@@ -24,17 +24,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import endpoints
-from gateway.catalog.bounds import prompt_count, prompt_tokens_lower_bound, requested_completion_tokens
-from gateway.catalog.entries import ModelEntry, parse_entry
-from gateway.catalog.validation import (
-    CHECKS,
+from gateway.catalog.bounds import (
     MAX_IMAGES,
     MAX_VIDEO_SECONDS,
-    Violation,
     image_count,
-    validate,
+    prompt_count,
+    prompt_tokens_lower_bound,
+    requested_completion_tokens,
     video_seconds,
 )
+from gateway.catalog.entries import ModelEntry, parse_entry
+from gateway.catalog.validation import CHECKS, Violation, validate
 from gateway.demo import DemoState, default_catalog
 from gateway.errors import InvalidRequest
 from gateway.jsonvalues import as_choice, as_int, as_number, describe

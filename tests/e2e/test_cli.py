@@ -30,7 +30,9 @@ import pytest
 from gateway.cli import DEMO_USER, DEMO_USER_RPM, EXIT_STDOUT_CLOSED, DemoLedger, _demo_banner, main
 from gateway.config import Settings
 from gateway.server.thread import LocalServer
-from gateway.usage.ledger import Ledger, UsageRecord, summarize
+from gateway.usage.ledger import Ledger
+from gateway.usage.reports import summarize
+from gateway.usage.schema import UsageRecord
 from tests.helpers.gateway import CHAT_MODEL, chat_body, key_sha256, wait_until
 from tests.helpers.processes import GATEWAY, clean_env, free_port, running, stop, wait_ready
 from tests.helpers.upstreams import FaultMode, FaultyUpstream

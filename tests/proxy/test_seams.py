@@ -30,7 +30,7 @@ from gateway.state.store import Claim, Hold, LocalStore
 from gateway.types import Header, Scope
 from gateway.upstream.base import UpstreamResponse
 from gateway.upstream.breaker import Pass
-from gateway.usage.ledger import UsageRecord
+from gateway.usage.schema import UsageRecord
 from tests.helpers.gateway import CHAT_MODEL, forwarded, key_secret, key_table, keys_config
 
 

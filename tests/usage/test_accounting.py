@@ -23,7 +23,7 @@ from gateway.cli import main
 from gateway.config import load_settings
 from gateway.demo import DemoState, default_catalog
 from gateway.server.thread import LocalServer, serve_in_thread
-from gateway.usage.ledger import summarize
+from gateway.usage.reports import summarize
 from tests.helpers.gateway import CHAT_MODEL, CHAT_PATH, StartGateway, gateway_env, key_secret, key_table, keys_config
 
 WAIT = 10.0

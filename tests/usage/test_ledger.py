@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway.usage import ledger as ledger_module
-from gateway.usage.ledger import SCHEMA_VERSION, Ledger, LedgerError, UsageRecord, migrate, spend_usd, summarize
+from gateway.usage.ledger import Ledger
+from gateway.usage.reports import spend_usd, summarize
+from gateway.usage.schema import SCHEMA_VERSION, LedgerError, UsageRecord, migrate
 
 DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
 DAY2 = datetime(2025, 3, 2, 8, tzinfo=UTC).timestamp()
