@@ -490,6 +490,11 @@ log_level = "warning"
 [upstream]
 url = "{upstream}"
 
+[usage]
+# Each proxy start its own fresh ledger in the run's directory (the default path is one file in the
+# home directory, which would grow across runs and rows and make them incomparable).
+path = "{workdir / (name + '-usage.db')}"
+
 [catalog]
 ttl = 86400.0
 """
