@@ -482,6 +482,7 @@ def start_paced(workdir: Path, cpus: Cpus, events: int, gap_ms: float) -> tuple[
 
 def gateway_config(workdir: Path, name: str, upstream: str, port: int) -> Path:
     path = workdir / f"{name}.toml"
+    ledger = workdir / f"{name}-usage.db"
     path.write_text(
         f"""host = "{HOST}"
 port = {port}
@@ -493,7 +494,7 @@ url = "{upstream}"
 [usage]
 # Each proxy start its own fresh ledger in the run's directory (the default path is one file in the
 # home directory, which would grow across runs and rows and make them incomparable).
-path = "{workdir / (name + '-usage.db')}"
+path = "{ledger}"
 
 [catalog]
 ttl = 86400.0
