@@ -88,14 +88,8 @@ class AiohttpUpstream:
         )
 
     async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
-        in_use = self._in_use
-        in_use.count += 1
-        try:
-            response = await self._send(method, target, headers, body)
-        except BaseException:
-            in_use.count -= 1
-            raise
-        return _AiohttpResponse(response, self._idle_timeout, self._origin, in_use)
+        response = await self._in_use.counted(self._send(method, target, headers, body))
+        return _AiohttpResponse(response, self._idle_timeout, self._origin, self._in_use)
 
     async def _send(self, method: str, target: str, headers: Headers, body: bytes) -> aiohttp.ClientResponse:
         wire = CIMultiDict((name.decode("latin-1"), value.decode("latin-1")) for name, value in headers)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Protocol, TypeVar
 
 import httpx
 
@@ -81,6 +81,9 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
+T = TypeVar("T")
+
+
 class InUse:
     """The count behind ``Upstream.connections()``: taken when an exchange starts, given back once
     when its response is closed (or when it failed before a response)."""
@@ -89,6 +92,16 @@ class InUse:
 
     def __init__(self) -> None:
         self.count = 0
+
+    async def counted(self, sending: Awaitable[T]) -> T:
+        """``await sending`` with the exchange counted; given back here if it fails (else by the
+        response's ``aclose``)."""
+        self.count += 1
+        try:
+            return await sending
+        except BaseException:
+            self.count -= 1
+            raise
 
 
 class _HttpxResponse:
@@ -144,14 +157,8 @@ class HttpxUpstream:
         self._in_use = InUse()
 
     async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
-        in_use = self._in_use
-        in_use.count += 1
-        try:
-            response = await self._send(method, target, headers, body)
-        except BaseException:
-            in_use.count -= 1
-            raise
-        return _HttpxResponse(response, self._idle_timeout, self._origin, in_use)
+        response = await self._in_use.counted(self._send(method, target, headers, body))
+        return _HttpxResponse(response, self._idle_timeout, self._origin, self._in_use)
 
     async def _send(self, method: str, target: str, headers: Headers, body: bytes) -> httpx.Response:
         request = self._client.build_request(method, self._base + target, headers=list(headers), content=body)
