@@ -196,3 +196,9 @@ class Settings:
     def auth_mode(self) -> AuthMode:
         """The effective mode (validated by ``load_settings``)."""
         return self.auth.mode or "passthrough"
+
+    @property
+    def sends_gateway_key(self) -> bool:
+        """Whether the organisation's upstream key goes upstream (open and keys modes), not the
+        client's: no client credential may follow it, and no answer may show it to a client."""
+        return self.auth_mode in ("open", "keys") and bool(self.upstream.api_key)

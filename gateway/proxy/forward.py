@@ -50,7 +50,7 @@ class Forwarder:
         self._services = services
         self._auth = UpstreamAuth(settings)
         # Open and keys modes send the organisation's key upstream: no client credential may follow it.
-        self._drop_client_credentials = settings.auth_mode in ("open", "keys") and bool(settings.upstream.api_key)
+        self._drop_client_credentials = settings.sends_gateway_key
         self._forward_client_ip = settings.upstream.forward_client_ip
         self._retries = settings.upstream.retries
         self._retry_max_wait = settings.upstream.retry_max_wait

@@ -28,7 +28,6 @@ from gateway.proxy.respond import Responder, send_json
 from gateway.services import Services
 from gateway.state.shaping import Slot
 from gateway.types import Header, Receive, Scope, Send
-from gateway.upstream.base import UpstreamResponse
 from gateway.upstream.breaker import Pass
 
 logger = logging.getLogger("gateway.proxy.handler")
@@ -116,21 +115,9 @@ class Proxy:
                 exchange.fail(internal, Outcome.ERROR)
                 await send_error(send, internal, headers)
                 return
-            await self._respond(response, receive, send, exchange, headers, strip_usage, breaker_pass)
+            await self._responder.respond(response, receive, send, exchange, headers, strip_usage)
+            services.breakers.record(breaker_pass, exchange.outcome is not Outcome.UPSTREAM_BROKEN)
         finally:
             services.breakers.record(breaker_pass, None)  # no verdict on paths that gave none
             if slot is not None:
                 slot.release()
-
-    async def _respond(
-        self,
-        response: UpstreamResponse,
-        receive: Receive,
-        send: Send,
-        exchange: Exchange,
-        headers: list[Header],
-        strip_usage: bool,
-        breaker_pass: Pass | None,
-    ) -> None:
-        await self._responder.respond(response, receive, send, exchange, headers, strip_usage)
-        self._services.breakers.record(breaker_pass, exchange.outcome is not Outcome.UPSTREAM_BROKEN)

@@ -32,8 +32,8 @@ class Responder:
     def __init__(self, settings: Settings, services: Services) -> None:
         self._services = services
         # Open and keys modes send the organisation's key upstream: its error bodies must not show it.
-        gateway_key = settings.auth_mode in ("open", "keys") and bool(settings.upstream.api_key)
-        self._redactor = Redactor(settings.upstream.api_key, MAX_LATE_HEADERS_BODY) if gateway_key else None
+        sends_key = settings.sends_gateway_key
+        self._redactor = Redactor(settings.upstream.api_key, MAX_LATE_HEADERS_BODY) if sends_key else None
 
     async def respond(
         self,

@@ -19,8 +19,7 @@ class UpstreamAuth:
 
     def __init__(self, settings: Settings) -> None:
         # In open and keys modes the gateway's own upstream key goes upstream, never the client's.
-        gateway_key = settings.auth_mode in ("open", "keys")
-        self._gateway_key = b"Bearer " + settings.upstream.api_key.encode() if gateway_key else None
+        self._gateway_key = b"Bearer " + settings.upstream.api_key.encode() if settings.sends_gateway_key else None
 
     def upstream_authorization(self, client_headers: Iterable[Header]) -> bytes | None:
         if self._gateway_key is not None:

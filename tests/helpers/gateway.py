@@ -62,12 +62,13 @@ def gateway_settings(upstream_url: str, env: dict[str, str] | None = None, confi
     return load_settings(config, gateway_env(upstream_url, env))
 
 
-def assert_error_envelope(raw: bytes, *, code: str | None, error_type: str | None = None) -> dict[str, Any]:
-    """``raw`` is the gateway's OpenAI error envelope: exactly message/type/param/code under "error",
-    with the expected code (and type), and no stack trace text. Returns the inner object."""
+def error_object(raw: bytes, *, echoed: str = "") -> dict[str, Any]:
+    """``raw`` is an OpenAI error envelope: exactly message/type/param/code under "error", a
+    non-empty message, a string type, and no stack trace text (unless the client sent that text
+    itself, ``echoed``, and the message quotes it). Returns the inner object."""
     text = raw.decode("utf-8")
     for marker in TRACE_MARKERS:
-        assert marker not in text, f"error body leaks {marker!r}: {text}"
+        assert marker not in text or marker in echoed, f"error body leaks {marker!r}: {text}"
     data = orjson.loads(raw)
     assert isinstance(data, dict), text
     assert set(data) == {"error"}, text
@@ -78,6 +79,14 @@ def assert_error_envelope(raw: bytes, *, code: str | None, error_type: str | Non
     assert error["message"], text
     assert isinstance(error["type"], str), text
     assert error["param"] is None or isinstance(error["param"], str), text
+    return error
+
+
+def assert_error_envelope(raw: bytes, *, code: str | None, error_type: str | None = None) -> dict[str, Any]:
+    """``raw`` is the gateway's OpenAI error envelope (``error_object``) with the expected code (and
+    type). Returns the inner object."""
+    error = error_object(raw)
+    text = raw.decode("utf-8")
     assert error["code"] == code, text
     if error_type is not None:
         assert error["type"] == error_type, text
