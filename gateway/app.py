@@ -43,7 +43,8 @@ from gateway.ops.heap import freeze_startup_heap
 from gateway.ops.logs import configure as configure_logging
 from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.ops.request_id import RequestIdMiddleware
-from gateway.ops.tracing import Tracing, build_tracing, traced
+from gateway.ops.spans import Tracing
+from gateway.ops.tracing import build_tracing, traced
 from gateway.proxy.forward import Source
 from gateway.proxy.handler import Proxy
 from gateway.proxy.local import LocalRoutes, key_refusal_recorder

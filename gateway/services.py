@@ -40,7 +40,7 @@ from gateway.upstream.breaker import Breakers
 from gateway.usage.ledger import Ledger
 
 if TYPE_CHECKING:
-    from gateway.ops.tracing import Tracing
+    from gateway.ops.spans import Tracing
 
 CATALOG_PATH = "/api/models"
 

@@ -2,10 +2,12 @@
 
 Every setting's section, key, type, default, bounds and environment variable come from the schema
 (``gateway.config.Settings`` and its section dataclasses: ``dataclasses.fields()``, their type hints
-and the ``gt``/``ge``/``le`` metadata). Its description comes from the comment above the key in
-``config/gateway.toml``, the commented example of every setting, so the example file and the
-reference say the same thing. A setting without a comment there is an error, so a new setting cannot
-reach the docs undescribed.
+and the ``gt``/``ge``/``le`` metadata; read by ``gateway.config.reference_schema``). Its description
+comes from the comment above the key in ``config/gateway.toml``, the commented example of every
+setting, so the example file and the reference say the same thing (read by
+``gateway.config.reference_comments``). A setting without a comment there is an error, so a new
+setting cannot reach the docs undescribed. This module's job is the Markdown: it renders the page
+from those two, and is the ``python -m`` entry point.
 
 Regenerate with ``make docs`` (``python -m gateway.config.reference > docs/configuration.md``);
 ``tests/test_config_reference.py`` fails when the committed file differs from what this renders.
@@ -13,22 +15,21 @@ Regenerate with ``make docs`` (``python -m gateway.config.reference > docs/confi
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 import sys
-import types
-import typing
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from gateway.config import ENV_PREFIX, Settings
-
-# The commented example of every setting, in a checkout of the repository.
-EXAMPLE_PATH = Path(__file__).resolve().parents[2] / "config" / "gateway.toml"
+from gateway.config import Settings
+from gateway.config.reference_comments import (
+    EXAMPLE_PATH,
+    Comment,
+    ExampleComments,
+    missing_descriptions,
+    parse_example,
+)
+from gateway.config.reference_schema import MissingDescription, Setting, schema_settings
 
 _HEADER = """\
 # Configuration reference
@@ -69,214 +70,7 @@ _KEYS_NOTE = (
     "[usage.md](usage.md#gateway-keys). A key table's fields have no environment variables."
 )
 
-
-class MissingDescription(ValueError):
-    """A setting of the schema has no comment in config/gateway.toml (or the file names an unknown key)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """One setting of the schema, as the reference shows it."""
-
-    section: str | None  # None: a top-level key
-    table_list: bool  # a field of a [[section]] table (no environment variable)
-    key: str
-    type: str
-    default: str
-    bounds: str
-    env: str | None
-
-    @property
-    def label(self) -> str:
-        if self.section is None:
-            return self.key
-        return f"[[{self.section}]] {self.key}" if self.table_list else f"[{self.section}] {self.key}"
-
-
-@dataclass(slots=True)
-class _Comment:
-    """The comment that describes one key, or several consecutive keys under one comment."""
-
-    lines: list[str]
-    keys: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclass(slots=True)
-class ExampleComments:
-    """What config/gateway.toml says: each key's comment, and the comment above each section."""
-
-    by_key: dict[tuple[str | None, str], _Comment] = dataclasses.field(default_factory=dict)
-    sections: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-
-
-def schema_settings(schema: type[Any] = Settings) -> list[Setting]:
-    """Every setting of ``schema``: top-level keys first, then each section in the schema's order."""
-    top: list[Setting] = []
-    nested: list[Setting] = []
-    hints = typing.get_type_hints(schema)
-    for f in dataclasses.fields(schema):
-        hint = hints[f.name]
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            nested.extend(_section(hint, f.name, table_list=False))
-        elif (item := _table_item(hint)) is not None:
-            nested.extend(_section(item, f.name, table_list=True))
-        else:
-            top.append(_setting(f, hint, None, table_list=False))
-    return top + nested
-
-
-def _section(cls: type[Any], name: str, *, table_list: bool) -> Iterator[Setting]:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        yield _setting(f, hints[f.name], name, table_list=table_list)
-
-
-def _table_item(hint: Any) -> type[Any] | None:
-    """The dataclass of a ``tuple[SomeTable, ...]`` hint (a list of ``[[tables]]``), else None."""
-    if typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        if isinstance(item, type) and dataclasses.is_dataclass(item):
-            return item
-    return None
-
-
-def _setting(f: dataclasses.Field[Any], hint: Any, section: str | None, *, table_list: bool) -> Setting:
-    if f.default is not dataclasses.MISSING:
-        default: Any = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:  # pragma: no cover - every setting has a default
-        raise MissingDescription(f"{f.name}: the schema gives no default")
-    env = None if table_list else ENV_PREFIX + (f"{section}_{f.name}" if section else f.name).upper()
-    return Setting(section, table_list, f.name, _type(hint), _toml(default), _bounds(f.metadata), env)
-
-
-def _type(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        (inner,) = [a for a in args if a is not type(None)]
-        return f"{_type(inner)}, or unset"
-    if origin is Literal:
-        return "one of " + ", ".join(f"`{json.dumps(a)}`" for a in args)
-    if origin is tuple:
-        return "list of strings"
-    names: Mapping[Any, str] = {
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        str: "string",
-        datetime: "date or date-time",
-    }
-    return names[hint]
-
-
-def _toml(value: Any) -> str:
-    """A default as it would be written in the TOML file."""
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "`true`" if value else "`false`"
-    if isinstance(value, str):
-        return f"`{json.dumps(value)}`"
-    if isinstance(value, tuple):
-        return "`[" + ", ".join(json.dumps(v) for v in value) + "]`"
-    return f"`{value!r}`"
-
-
-def _bounds(metadata: Mapping[str, Any]) -> str:
-    parts = [
-        f"`{symbol} {metadata[name]}`"
-        for name, symbol in (("gt", ">"), ("ge", ">="), ("le", "<="))
-        if metadata.get(name) is not None
-    ]
-    return ", ".join(parts)
-
-
-_SECTION_LINE = re.compile(r"#?\s*\[(\[?)([A-Za-z0-9_]+)\]?\]")
-_KEY_LINE = re.compile(r"([A-Za-z0-9_]+)\s*=\s*(.*)")
 _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
-
-
-def parse_example(text: str, schema: type[Any] = Settings) -> ExampleComments:
-    """The comments of a commented TOML example: the block of ``#`` lines right above each key.
-
-    A key right below another key, with no comment of its own, shares that key's comment (``host`` and
-    ``port``). A commented-out key (``# api_key = ""``) counts when it names a setting of its section;
-    a comment after a key's value on the same line (the ``[[keys]]`` example) describes that key alone.
-    """
-    fields = _fields_by_section(schema)
-    found = ExampleComments()
-    section: str | None = None
-    pending: list[str] = []
-    group: _Comment | None = None  # the comment of the key on the line just above, to share
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line:
-            pending, group = [], None
-            continue
-        header = _SECTION_LINE.fullmatch(line)
-        if header is not None and header[2] in fields and (not line.startswith("#") or header[1]):
-            section = header[2]
-            if pending:
-                found.sections[section] = pending
-            pending, group = [], None
-            continue
-        key = _KEY_LINE.fullmatch(line.lstrip("#").strip()) if line.startswith("#") else _KEY_LINE.fullmatch(line)
-        if key is not None and (not line.startswith("#") or key[1] in fields.get(section, ())):
-            name, inline = key[1], _inline_comment(key[2])
-            if name not in fields.get(section, ()):
-                where = f"[{section}] {name}" if section else name
-                raise MissingDescription(f"config/gateway.toml sets {where}, which is not a setting of the schema")
-            if pending or inline:
-                group = _Comment(pending + ([inline] if inline else []))
-            elif group is None:
-                group = _Comment([])
-            group.keys.append(name)
-            found.by_key[(section, name)] = group
-            pending = []
-            if inline:
-                group = None  # a comment on the key's own line is that key's alone
-            continue
-        pending.append(_comment_text(raw))
-        group = None
-    return found
-
-
-def _fields_by_section(schema: type[Any]) -> dict[str | None, set[str]]:
-    out: dict[str | None, set[str]] = {}
-    for s in schema_settings(schema):
-        out.setdefault(s.section, set()).add(s.key)
-    return out
-
-
-def _comment_text(raw: str) -> str:
-    """A comment line without its ``#`` and the one space after it (deeper indentation is kept)."""
-    text = raw.strip().removeprefix("#")
-    return text.removeprefix(" ").rstrip()
-
-
-def _inline_comment(value: str) -> str:
-    """The comment after a TOML value on the same line, if any (a ``#`` outside quotes)."""
-    quote: str | None = None
-    for i, char in enumerate(value):
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "\"'":
-            quote = char
-        elif char == "#":
-            return value[i + 1 :].strip()
-    return ""
-
-
-def missing_descriptions(comments: ExampleComments, schema: type[Any] = Settings) -> list[str]:
-    """The settings of the schema that the example file does not describe (should be none)."""
-    return [s.label for s in schema_settings(schema) if not _has_text(comments.by_key.get((s.section, s.key)))]
-
-
-def _has_text(comment: _Comment | None) -> bool:
-    return comment is not None and any(line.strip() for line in comment.lines)
 
 
 def render(example: str | None = None, schema: type[Any] = Settings) -> str:
@@ -320,9 +114,9 @@ def _section_heading(section: str | None, table_list: bool) -> str:
     return f"## `[[{section}]]`" if table_list else f"## `[{section}]`"
 
 
-def _groups(members: Sequence[Setting], comments: ExampleComments) -> list[tuple[list[Setting], _Comment]]:
+def _groups(members: Sequence[Setting], comments: ExampleComments) -> list[tuple[list[Setting], Comment]]:
     """Consecutive settings that share one comment, rendered under one heading."""
-    out: list[tuple[list[Setting], _Comment]] = []
+    out: list[tuple[list[Setting], Comment]] = []
     for s in members:
         comment = comments.by_key[(s.section, s.key)]
         if out and out[-1][1] is comment:

@@ -9,13 +9,8 @@ per ``[limits]``:
 - ``max_header_bytes`` and ``max_headers``: the header block (request line and headers), counted
   while it arrives, so an unfinished header never grows past the bound: 431
   ``request_header_too_large`` / ``too_many_headers``.
-- ``header_timeout``: seconds from the connection's start (then from a request's first byte on a
-  kept-alive connection) to the end of the request's headers: 408 ``request_timeout``, or a
-  plain close when nothing of a request arrived.
-- ``body_timeout``: seconds a request body may stay silent between two pieces: 408
-  ``request_timeout`` (the app, waiting for the body, sees a disconnect). The timer exists only
-  while a body is unfinished at the end of a read, so a body that comes with its headers costs
-  nothing; a pause while uvicorn itself stopped reading (the app is not reading yet) does not count.
+- ``header_timeout`` and ``body_timeout``: how long the headers may take, and a body may stay
+  silent: 408 ``request_timeout`` (the clocks are ``gateway.server.timeouts``').
 - ``max_connections``: open connections per process; beyond it a new connection is answered at
   once with 503 ``too_many_connections`` (Retry-After) without reading its request.
 - ``keepalive_timeout`` (uvicorn's ``timeout_keep_alive``): an idle kept-alive connection is closed;
@@ -23,47 +18,39 @@ per ``[limits]``:
 - ``max_keepalive_requests``: the answer to a connection's last allowed request says
   ``Connection: close``.
 
-A malformed request is answered 400 ``invalid_http_request``. Every answer from here is in the
-OpenAI error envelope and followed by a lingering close: the gateway half-closes, discards what the
-client still sends for ``LINGER_SECONDS`` at most, then closes, so the client reads the answer
-instead of a connection reset. Everything else (pipelining, flow control, graceful shutdown,
-disconnect detection) is uvicorn's.
+A malformed request is answered 400 ``invalid_http_request``. How each refusal is answered (the
+error envelope, then a lingering close) is ``gateway.server.refusal``'s. Everything else
+(pipelining, flow control, graceful shutdown, disconnect detection) is uvicorn's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from asyncio import TimerHandle
-from typing import Any, Final
+from typing import Any
 
 import httptools
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from gateway.config import LimitsSettings
 from gateway.errors import (
-    BodyTimeout,
     GatewayError,
-    HeaderTimeout,
     HeaderTooLarge,
     MalformedRequest,
     TooManyConnections,
     TooManyHeaders,
 )
+from gateway.server.timeouts import TimedHttpToolsProtocol
 
 logger = logging.getLogger("gateway.server")
-
-# Most seconds a refused connection is kept half-closed, its input discarded, before it is closed.
-LINGER_SECONDS: Final = 2.0
 
 
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing a request the limits refuse."""
 
 
-class LimitedHttpToolsProtocol(HttpToolsProtocol):
+class LimitedHttpToolsProtocol(TimedHttpToolsProtocol):
     """uvicorn's httptools protocol with the connection limits of ``[limits]`` (one per connection).
 
     The header block is measured without a callback per header: each chunk of input that begins
@@ -83,17 +70,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         *,
         limits: LimitsSettings,
     ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._limits = limits
+        super().__init__(config, server_state, app_state, _loop, limits=limits)
         self._max_header_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
-        self._header_timer: TimerHandle | None = None
-        self._body_timer: TimerHandle | None = None
-        self._body_seen = 0.0  # loop time of the last read inside an unfinished body
-        self._linger_timer: TimerHandle | None = None
-        # Where the parser is: between requests or in a header block (True), or in a request body.
-        self._in_headers = True
-        self._message_started = False  # some byte of the current request has been parsed
         # The chunk being parsed: its length, and whether a header block ended in it.
         self._chunk_length = 0
         self._block_ended = False
@@ -105,7 +84,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._silent_bytes = 0
         self._requests = 0  # on this connection
         self._refusal: GatewayError | None = None  # set by a callback before it raises _Refused
-        self._refused = False  # answered and closing: input is discarded
 
     # --- connection -----------------------------------------------------------------------------
 
@@ -123,14 +101,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
             return
         self._arm_header_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        self._cancel_body_timer()
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-            self._linger_timer = None
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -236,98 +206,3 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             logger.info("%srefused: more than %d headers", self._peer(), self._max_headers)
             return TooManyHeaders(f"The request has more headers than this gateway accepts ({self._max_headers}).")
         return None
-
-    def _arm_header_timer(self) -> None:
-        self._header_timer = self.loop.call_later(self._limits.header_timeout, self._header_timed_out)
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_timed_out(self) -> None:
-        self._header_timer = None
-        if self._refused or self.transport.is_closing():
-            return
-        if self.flow.read_paused:
-            # uvicorn stopped reading (a pipelined request waits for the one before): not the
-            # client's delay. Check again later.
-            self._arm_header_timer()
-            return
-        if not self._message_started:
-            # Nothing of a request arrived: close, as for an idle kept-alive connection.
-            self._refused = True
-            self.transport.close()
-            return
-        timeout = self._limits.header_timeout
-        logger.info("%srefused: headers not complete within %g s", self._peer(), timeout)
-        self._refuse(HeaderTimeout(f"The request's headers did not arrive within {timeout:g} seconds."))
-
-    def _watch_body(self) -> None:
-        """Note that part of a body arrived now; one timer per unfinished body, moved lazily."""
-        self._body_seen = self.loop.time()
-        if self._body_timer is None:
-            self._body_timer = self.loop.call_later(self._limits.body_timeout, self._body_check)
-
-    def _cancel_body_timer(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-
-    def _body_check(self) -> None:
-        self._body_timer = None
-        if self._refused or self._in_headers or self.transport.is_closing():
-            return
-        timeout = self._limits.body_timeout
-        now = self.loop.time()
-        if self.flow.read_paused:
-            self._body_seen = now  # uvicorn stopped reading (the app is behind): not the client's delay
-        if now - self._body_seen < timeout:
-            self._body_timer = self.loop.call_at(self._body_seen + timeout, self._body_check)
-            return
-        logger.info("%srefused: request body silent for %g s", self._peer(), timeout)
-        self._refuse(BodyTimeout(timeout))
-
-    def _refuse(self, error: GatewayError) -> None:
-        """Answer ``error`` and close the connection (lingering). When a complete earlier request is
-        still being answered, close after that answer instead; when the refused request is one the
-        app already has (its body broke off), the app sees a disconnect and its answer is dropped."""
-        self._refused = True
-        self._cancel_header_timer()
-        self._cancel_body_timer()
-        cycle = self.cycle  # the newest request whose headers were complete
-        if cycle is not None and not cycle.response_complete:
-            if not cycle.more_body:
-                cycle.keep_alive = False  # uvicorn closes once it is answered
-                return
-            if cycle.response_started or self.pipeline:
-                self.transport.close()  # its answer began (or waits behind another): nothing to add
-                return
-            cycle.disconnected = True  # uvicorn's own flag: receive() says so, send() writes nothing
-            cycle.message_event.set()
-        body = error.body()
-        headers = [
-            *self.server_state.default_headers,
-            *error.headers(),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        head = [STATUS_LINE[error.status], *(name + b": " + value + b"\r\n" for name, value in headers), b"\r\n"]
-        self.transport.write(b"".join(head) + body)
-        self._linger()
-
-    def _linger(self) -> None:
-        """Half-close (the client reads the answer, then end of stream) and close for good once the
-        client closes too or after LINGER_SECONDS; closing at once with unread input would reset the
-        connection and could lose the answer."""
-        transport = self.transport
-        if transport.is_closing():
-            return
-        if not transport.can_write_eof():
-            transport.close()
-            return
-        transport.write_eof()
-        self._linger_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
-
-    def _peer(self) -> str:
-        return f"{self.client[0]}:{self.client[1]} - " if self.client else ""

@@ -33,8 +33,9 @@ from gateway.catalog.bounds import (
     requested_completion_tokens,
     video_seconds,
 )
+from gateway.catalog.checks import Violation
 from gateway.catalog.entries import ModelEntry, parse_entry
-from gateway.catalog.validation import CHECKS, Violation, validate
+from gateway.catalog.validation import CHECKS, validate
 from gateway.demo import DemoState, default_catalog
 from gateway.errors import InvalidRequest
 from gateway.jsonvalues import as_choice, as_int, as_number, describe

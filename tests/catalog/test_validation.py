@@ -10,8 +10,9 @@ import openai
 import pytest
 
 from gateway import endpoints
+from gateway.catalog.checks import Violation
 from gateway.catalog.entries import ModelEntry, parse_entry
-from gateway.catalog.validation import Violation, alternatives, validate
+from gateway.catalog.validation import alternatives, validate
 from gateway.demo import DemoState, default_catalog
 from gateway.server.thread import LocalServer
 from tests.helpers.gateway import CHAT_MODEL, StartGateway

@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Settings
-from gateway.config.reference import (
-    EXAMPLE_PATH,
-    MissingDescription,
-    main,
-    missing_descriptions,
-    parse_example,
-    render,
-    schema_settings,
-)
+from gateway.config.reference import main, render
+from gateway.config.reference_comments import EXAMPLE_PATH, missing_descriptions, parse_example
+from gateway.config.reference_schema import MissingDescription, schema_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "configuration.md"
