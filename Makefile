@@ -8,6 +8,8 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP  := $(VENV)/.installed-dev
 # Extra flags for `make demo`, e.g. DEMO_ARGS="--keys" or DEMO_ARGS="--port 9090 --config my.toml".
 DEMO_ARGS ?=
+# Extra flags for `make pytest`, e.g. PYTEST_ARGS="tests/proxy -x" or PYTEST_ARGS="-n 0" (one process).
+PYTEST_ARGS ?=
 
 .PHONY: demo test lint typecheck pytest constraints bench docs clean
 
@@ -36,8 +38,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+## On every CPU (pytest-xdist); one file's tests stay on one worker, so its module fixtures start once.
 pytest: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 ## Re-pin constraints.txt from what is installed in .venv (after changing pyproject.toml).
 constraints: $(STAMP)
