@@ -43,9 +43,12 @@ class Accounting:
         include_usage: bool,
         stream_cost: bool,
         access_log: bool,
+        bill_hits: bool = False,
         on_finish: Callable[[Exchange], None] | None = None,
     ) -> None:
+        """``bill_hits``: an answer from the cache costs its caller the full price (else nothing)."""
         self._store = store
+        self._bill_hits = bill_hits
         self._include_usage = include_usage
         self._stream_cost = stream_cost
         self._access_log = access_log
@@ -96,9 +99,10 @@ class Accounting:
         annotate = None
         if event_stream and not strip and self._stream_cost and exchange.path in STREAMED_USAGE_PATHS:
             path, fields = exchange.path, exchange.fields
+            free = exchange.from_cache and not self._bill_hits
 
             def annotate(usage: Usage) -> dict[str, float] | None:
-                cost = cost_usd(entry, path, usage, fields)
+                cost = 0.0 if free else cost_usd(entry, path, usage, fields)
                 return None if cost is None else {STREAM_COST_MEMBER: round(cost, 10)}
 
         exchange.meter = UsageMeter(event_stream, strip, annotate=annotate, content_encoding=encoding)
@@ -110,7 +114,7 @@ class Accounting:
         exchange.meter.feed(body)
         exchange.usage = exchange.meter.finish()
         exchange.meter = None  # already read: finish() must not count it again
-        exchange.cost = _cost(exchange)
+        exchange.cost = self._cost(exchange)
         return [] if exchange.cost is None else [(COST_HEADER, f"{exchange.cost:.8f}".encode())]
 
     def finish(self, exchange: Exchange) -> None:
@@ -120,11 +124,12 @@ class Accounting:
         exchange.finished = True
         if exchange.meter is not None:
             exchange.usage = exchange.meter.finish()
-            exchange.cost = _cost(exchange)
+            exchange.cost = self._cost(exchange)
         elif exchange.cost is None:
-            exchange.cost = _cost(exchange)
+            exchange.cost = self._cost(exchange)
         usage = exchange.usage
-        tokens = usage.total_tokens if usage else 0
+        # An answer from the cache draws no tokens per minute (the upstream did no work for it).
+        tokens = usage.total_tokens if usage and not exchange.from_cache else 0
         if exchange.unmetered and exchange.hold is not None:
             tokens = max(tokens, exchange.hold.reserved_tokens)  # unreadable usage: at least the estimate
         self._store.settle(exchange.hold, tokens, exchange.cost)
@@ -149,12 +154,23 @@ class Accounting:
                     cut=exchange.outcome is Outcome.CLIENT_DISCONNECTED,
                     latency_ms=latency_ms,
                     ttfb_ms=ttfb_ms,
+                    cache=exchange.cache,
+                    saved_usd=exchange.saved_cost,
                 )
             )
         if self._access_log and access_logger.isEnabledFor(logging.INFO):
             self._log(exchange, latency_ms, ttfb_ms)
         if self._on_finish is not None:
             self._on_finish(exchange)
+
+    def _cost(self, exchange: Exchange) -> float | None:
+        """What the request costs its caller; an answer from the cache also records what it saved."""
+        if not exchange.from_cache:
+            return _cost(exchange)
+        entry = exchange.entry
+        full = None if entry is None else cost_usd(entry, exchange.path, exchange.usage, exchange.fields)
+        exchange.saved_cost = full
+        return full if self._bill_hits else 0.0
 
     @staticmethod
     def _log(exchange: Exchange, latency_ms: float, ttfb_ms: float | None) -> None:
@@ -175,6 +191,7 @@ class Accounting:
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "cost_usd": exchange.cost,
+            "cache": exchange.cache,
         }
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})

@@ -45,7 +45,8 @@ from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.ops.request_id import RequestIdMiddleware
 from gateway.ops.spans import Tracing
 from gateway.ops.tracing import build_tracing, traced
-from gateway.proxy.forward import Source
+from gateway.proxy.cached import CachingSource
+from gateway.proxy.forward import Forwarder, Source
 from gateway.proxy.handler import Proxy
 from gateway.proxy.local import LocalRoutes, key_refusal_recorder
 from gateway.services import CATALOG_PATH, Services, open_services
@@ -149,6 +150,8 @@ def build_stack(settings: Settings, services: Services, *, source: Source | None
     def around(app: ASGIApp) -> ASGIApp:
         return RequestIdMiddleware(traced(KeyAuthMiddleware(app, services, on_refused=on_refused), tracing))
 
+    if source is None and services.cache is not None:
+        source = CachingSource(settings, services.cache, Forwarder(settings, services))
     return Stack(
         proxy=around(Proxy(settings, services, source=source)),
         dry_run=around(Proxy(settings, services, dry_run=True)),  # what would the gateway do? (never forwarded)
@@ -169,6 +172,7 @@ def _local_app(settings: Settings, services: Services) -> ASGIApp:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route(CATALOG_PATH, local.api_models, methods=["GET"]),
         Route("/admin/usage", local.admin_usage, methods=["GET"]),
+        Route("/admin/cache/purge", local.admin_cache_purge, methods=["POST"]),
         Route("/v1/models", local.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", local.retrieve_model, methods=["GET"]),
     ]

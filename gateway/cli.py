@@ -198,7 +198,7 @@ def _usage(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
-    header = (args.by.upper(), "REQUESTS", "PROMPT TOK", "COMPLETION TOK", "COST USD")
+    header = (args.by.upper(), "REQUESTS", "CACHED", "PROMPT TOK", "COMPLETION TOK", "COST USD", "SAVED USD")
     print(
         _format_table(
             header,
@@ -206,9 +206,11 @@ def _usage(args: argparse.Namespace) -> int:
                 (
                     str(r[args.by] if r[args.by] is not None else "-"),
                     str(r["requests"]),
+                    str(r["cached"]),
                     str(r["prompt_tokens"]),
                     str(r["completion_tokens"]),
                     "-" if r["cost_usd"] is None else f"{r['cost_usd']:.4f}",
+                    "-" if r["saved_usd"] is None else f"{r['saved_usd']:.4f}",
                 )
                 for r in rows
             ],

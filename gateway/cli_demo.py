@@ -55,8 +55,9 @@ def demo(args: argparse.Namespace) -> int:
     Only the upstream URL and key are the simulated upstream's; the auth mode is "open" unless
     configured (`--keys`: keys mode with two fresh keys). The ledger is a temporary file, removed
     at exit, unless GATEWAY_USAGE_PATH or `[usage] path` in a file named by --config or
-    GATEWAY_CONFIG sets it. The port is bound before anything is printed; the banner appears once
-    the gateway serves.
+    GATEWAY_CONFIG sets it. The response cache is on unless GATEWAY_CACHE_ENABLED or `[cache]
+    enabled` in such a file says otherwise. The port is bound before anything is printed; the
+    banner appears once the gateway serves.
     """
     from gateway.demo import create_demo_upstream
     from gateway.server.thread import bind_socket, serve_in_thread
@@ -67,7 +68,10 @@ def demo(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         upstream = stack.enter_context(serve_in_thread(create_demo_upstream()))
         env = {**os.environ, "GATEWAY_UPSTREAM_URL": upstream.url, "GATEWAY_UPSTREAM_API_KEY": DEMO_UPSTREAM_KEY}
-        temporary = not _ledger_configured(config_path if named_config else None, env)
+        operator_config = config_path if named_config else None
+        temporary = not _set_by_operator(operator_config, env, "usage", "path")
+        if not _set_by_operator(operator_config, env, "cache", "enabled"):
+            env["GATEWAY_CACHE_ENABLED"] = "true"  # so that a newcomer sees the response cache work
         if temporary:
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-demo-"))
             env["GATEWAY_USAGE_PATH"] = str(Path(directory) / "usage.db")
@@ -95,11 +99,11 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger_configured(named_config: Path | None, env: Mapping[str, str]) -> bool:
-    """Whether the operator chose the ledger's path: GATEWAY_USAGE_PATH, or `[usage] path` in a
-    config file named by --config or GATEWAY_CONFIG (not the config/gateway.toml found by itself,
-    whose example `path` would leave a usage.db in the checkout)."""
-    if "GATEWAY_USAGE_PATH" in env:
+def _set_by_operator(named_config: Path | None, env: Mapping[str, str], section: str, key: str) -> bool:
+    """Whether the operator chose ``[section] key``: its GATEWAY_ variable, or the key in a config
+    file named by --config or GATEWAY_CONFIG (not the config/gateway.toml found by itself, whose
+    example `[usage] path` would leave a usage.db in the checkout)."""
+    if f"GATEWAY_{section}_{key}".upper() in env:
         return True
     if named_config is None:
         return False
@@ -107,8 +111,8 @@ def _ledger_configured(named_config: Path | None, env: Mapping[str, str]) -> boo
         data = tomllib.loads(named_config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False  # load_settings reports it
-    usage = data.get("usage")
-    return isinstance(usage, dict) and "path" in usage
+    table = data.get(section)
+    return isinstance(table, dict) and key in table
 
 
 def _with_demo_keys(settings: Settings) -> tuple[Settings, DemoKeys]:
@@ -183,6 +187,12 @@ def demo_banner(settings: Settings, port: int, keys: DemoKeys | None, ledger: De
         f"  curl -s {base}/v1/chat/completions{auth} {json_type} \\\n"
         """       -d '{"model": "bge-m3", "messages": [{"role": "user", "content": "Hi"}]}'""",
     ]
+    if settings.cache.enabled:
+        lines += [
+            "  # the response cache: run it twice, the second answer says `cache-status: ...; hit`:",
+            f"  curl -si {base}/v1/embeddings{auth} {json_type} \\\n"
+            """       -d '{"model": "bge-m3", "input": "Hello"}' | grep -i '^cache-status'""",
+        ]
     if keys is not None:
         lines += _keys_examples(base, json_type, hello, ledger)
     lines += ["", *_sdk_example(base, sdk_env, sdk_key), ""]

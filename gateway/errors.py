@@ -145,6 +145,12 @@ class AuthenticationFailed(GatewayError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class ModelNotAllowed(GatewayError):
     status = 403
     type = "permission_error"
@@ -218,6 +224,13 @@ class ModelUnavailable(GatewayError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class NotCached(GatewayError):
+    """``Cache-Control: only-if-cached`` and no stored answer fits (RFC 9111 section 5.2.1.7: 504)."""
+
+    status = 504
+    code = "not_cached"
 
 
 async def send_error(send: Send, error: GatewayError, extra_headers: Headers) -> None:

@@ -18,6 +18,7 @@ from gateway.auth.keys import Caller
 from gateway.catalog.entries import ModelEntry
 from gateway.errors import GatewayError
 from gateway.state.store import Hold
+from gateway.types import Header
 from gateway.usage.meter import UsageMeter
 from gateway.usage.model import Usage
 
@@ -27,6 +28,7 @@ class Outcome(enum.StrEnum):
 
     UNKNOWN = "unknown"  # not finished yet
     COMPLETED = "completed"  # the whole answer was relayed (a stream through its [DONE])
+    CACHE_HIT = "cache_hit"  # the whole answer came from the response cache (or an identical request's)
     REFUSED = "refused"  # the gateway answered an error itself (refusals, and the upstream's 502/504)
     DRY_RUN = "dry_run"  # POST /v1/validate/*: the admission report, never forwarded
     CLIENT_DISCONNECTED = "client_disconnected"  # the client went away before the end
@@ -62,6 +64,16 @@ class Exchange:
     upstream_status: int | None = None  # the upstream's answer, when one arrived
     unmetered: bool = False  # the answer came in an encoding the meter cannot read
     finished: bool = False
+    # What the response cache did (None: not consulted): "hit", "collapsed" (served by an identical
+    # request's upstream answer), "miss", "stored", "refresh" (told to go upstream), "bypass".
+    cache: str | None = None
+    cache_headers: tuple[Header, ...] = ()  # Cache-Status, and Age on a hit
+    saved_cost: float | None = None  # what a cached answer would have cost from the upstream
+
+    @property
+    def from_cache(self) -> bool:
+        """The answer did not come from an upstream request of this one's own."""
+        return self.cache == "hit" or self.cache == "collapsed"
 
     def refuse(self, error: GatewayError) -> None:
         """The gateway answers ``error`` itself."""

@@ -23,12 +23,13 @@ from gateway.accounting import Accounting
 from gateway.auth.jobs import JobOwners
 from gateway.auth.keys import KeyRing
 from gateway.auth.reload import KeyReloader
+from gateway.cache.responses import CacheStats, ResponseCache
 from gateway.catalog.admission import is_routable
 from gateway.catalog.cache import Catalog
 from gateway.config import Settings
 from gateway.exchange import Exchange
 from gateway.ops.drain import Drain
-from gateway.ops.metrics import Metrics
+from gateway.ops.metrics import CacheSnapshot, Metrics
 from gateway.ops.metrics import Snapshot as MetricsSnapshot
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
@@ -60,6 +61,7 @@ class Services:
     jobs: JobOwners  # who created which video job (keys mode)
     tracing: Tracing | None  # None: tracing is off
     keys: KeyRing | None  # keys mode's key ring, swapped whole on a reload; None in the other modes
+    cache: ResponseCache | None = None  # the response cache ([cache] enabled)
     open_streams: int = 0  # event streams being relayed now
     serving: bool = True  # False once shutdown has begun closing the services
 
@@ -119,6 +121,7 @@ async def open_services(
             include_usage=usage.include_usage,
             stream_cost=usage.stream_cost,
             access_log=settings.access_log,
+            bill_hits=settings.cache.bill_hits == "full",
             # Each request's outcome goes to the metrics, and with tracing on onto its span too.
             on_finish=metrics.observe if tracing is None else _both(metrics.observe, tracing.finished),
         )
@@ -137,6 +140,7 @@ async def open_services(
             jobs=JobOwners(),
             tracing=tracing,
             keys=KeyRing(settings.keys) if settings.auth_mode == "keys" else None,
+            cache=ResponseCache(settings.cache) if settings.cache.enabled else None,
         )
         if services.keys is not None and config_path is not None:
             reloader = KeyReloader(config_path, env if env is not None else {}, settings, services)
@@ -179,4 +183,9 @@ def _metrics_snapshot(services: Services) -> MetricsSnapshot:
         open_circuits=services.breakers.open_circuits(),
         tasks=len(asyncio.all_tasks()),
         ledger_dropped=services.accounting.ledger_dropped,
+        cache=None if services.cache is None else _cache_snapshot(services.cache.stats()),
     )
+
+
+def _cache_snapshot(stats: CacheStats) -> CacheSnapshot:
+    return CacheSnapshot(stats.bytes, stats.entries, stats.evictions, stats.stores, stats.skips, stats.flights)

@@ -58,7 +58,7 @@ from gateway.catalog.checks import (
 from gateway.catalog.entries import ModelEntry
 from gateway.jsonvalues import as_list, describe
 
-__all__ = ["CHECKS", "Violation", "alternatives", "validate"]
+__all__ = ["CHECKS", "alternatives", "validate"]
 
 CHECKS = ("shape", "tools", "vision", "streaming", "max_output", "context_window")
 

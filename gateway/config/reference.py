@@ -90,7 +90,7 @@ def render(example: str | None = None, schema: type[Any] = Settings) -> str:
         intro = comments.sections.get(section) if section else None
         if intro:
             out.append("\n" + _markdown(intro) + "\n")
-        if members[0].table_list:
+        if section == "keys":
             out.append("\n" + _KEYS_NOTE + "\n")
         for keys, comment in _groups(members, comments):
             out.append("\n### " + ", ".join(f"`{s.key}`" for s in keys) + "\n\n")

@@ -37,7 +37,7 @@ class ExampleComments:
     sections: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
-_SECTION_LINE = re.compile(r"#?\s*\[(\[?)([A-Za-z0-9_]+)\]?\]")
+_SECTION_LINE = re.compile(r"#?\s*\[(\[?)([A-Za-z0-9_.]+)\]?\]")
 _KEY_LINE = re.compile(r"([A-Za-z0-9_]+)\s*=\s*(.*)")
 
 

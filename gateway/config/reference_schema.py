@@ -60,9 +60,17 @@ def schema_settings(schema: type[Any] = Settings) -> list[Setting]:
 
 
 def _section(cls: type[Any], name: str, *, table_list: bool) -> Iterator[Setting]:
+    """A section's settings, then those of the ``[[section.tables]]`` it holds."""
     hints = typing.get_type_hints(cls)
+    tables: list[tuple[str, type[Any]]] = []
     for f in dataclasses.fields(cls):
-        yield _setting(f, hints[f.name], name, table_list=table_list)
+        item = _table_item(hints[f.name])
+        if item is not None:
+            tables.append((f"{name}.{f.name}", item))
+        else:
+            yield _setting(f, hints[f.name], name, table_list=table_list)
+    for table, item in tables:
+        yield from _section(item, table, table_list=True)
 
 
 def _table_item(hint: Any) -> type[Any] | None:

@@ -17,6 +17,9 @@ UpstreamClient = Literal["aiohttp", "httpx"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 TracingExporter = Literal["otlp", "console"]
+CacheMode = Literal["auto", "always", "never"]
+CachePartition = Literal["key", "team", "global"]
+CacheBilling = Literal["free", "full"]
 
 # What to run when [tracing] is on but OpenTelemetry is not installed.
 TRACING_INSTALL = "pip install 'flexai-gateway[tracing]'"
@@ -147,6 +150,33 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheRule:
+    """One ``[[cache.rules]]`` table: the policy for an endpoint and/or a model (first match wins)."""
+
+    endpoint: str = ""  # a /v1 path, e.g. "/v1/chat/completions"; "" = every endpoint
+    model: str = ""  # a catalog model name (a glob); "" = every model
+    # "auto": the built-in rule (embeddings always, chat and completions when deterministic, the
+    # rest on the client's opt-in); "always": every request; "never": none.
+    mode: CacheMode = "auto"
+    ttl: float | None = _bounded(None, gt=0)  # seconds an answer stays fresh (capped by max_ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    enabled: bool = False
+    max_bytes: int = _bounded(128 * 1024 * 1024, ge=0)  # memory for stored answers, in bytes
+    max_entry_bytes: int = _bounded(4 * 1024 * 1024, ge=1)  # a larger answer is relayed, not stored
+    ttl: float = _bounded(3600.0, gt=0)  # default freshness of a stored answer, in seconds
+    max_ttl: float = _bounded(86400.0, gt=0)  # cap on any rule's ttl
+    keep_stale: float = _bounded(300.0, ge=0)  # seconds an expired answer is kept for `max-stale`
+    partition: CachePartition = "key"  # keys mode: whose answers a caller may receive
+    collapse: bool = True  # identical requests in flight wait for the first one's answer
+    collapse_timeout: float = _bounded(30.0, gt=0)  # ... at most this long for its headers
+    bill_hits: CacheBilling = "free"  # what a cached answer costs its caller (budgets, cost header)
+    rules: tuple[CacheRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class KeySettings:
     """One gateway key: who it is, the SHA-256 of its secret, and its policy ([[keys]] tables)."""
 
@@ -190,6 +220,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     keys: tuple[KeySettings, ...] = ()
 
     @property

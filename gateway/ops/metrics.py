@@ -27,6 +27,18 @@ UPSTREAM_ERROR_CODES = {"upstream_unavailable": "unavailable", "upstream_timeout
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSnapshot:
+    """The response cache's state and counters (``gateway.cache.responses.CacheStats``)."""
+
+    bytes: int
+    entries: int
+    evictions: int
+    stores: int
+    skips: dict[str, int]
+    flights: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """What the collector reads at scrape time."""
 
@@ -42,6 +54,7 @@ class Snapshot:
     open_circuits: dict[str, float]
     tasks: int
     ledger_dropped: int = 0  # usage records the ledger could not write
+    cache: CacheSnapshot | None = None  # None: the response cache is off
 
 
 class _StateCollector(Collector):
@@ -84,6 +97,22 @@ class _StateCollector(Collector):
         for model in state.open_circuits:
             circuits.add_metric([model], 1)
         yield circuits
+        if state.cache is not None:
+            yield from _cache_families(state.cache)
+
+
+def _cache_families(cache: CacheSnapshot) -> Iterator[Metric]:
+    yield _gauge("gateway_cache_bytes", "Bytes of answers the response cache holds.", cache.bytes)
+    yield _gauge("gateway_cache_entries", "Answers the response cache holds.", cache.entries)
+    yield _gauge("gateway_cache_flights", "Cacheable requests in flight that identical ones may join.", cache.flights)
+    yield CounterMetricFamily(
+        "gateway_cache_evictions", "Answers removed to make room (not expiry or purges).", value=cache.evictions
+    )
+    yield CounterMetricFamily("gateway_cache_stores", "Answers stored.", value=cache.stores)
+    skips = CounterMetricFamily("gateway_cache_skips", "Answers not stored, by reason.", labels=["reason"])
+    for reason, count in sorted(cache.skips.items()):
+        skips.add_metric([reason], count)
+    yield skips
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -183,6 +212,15 @@ class Metrics:
         )
         self.tokens = _Counter("gateway_usage_tokens", "Tokens used.", ["model", "key", "kind"])
         self.cost = _Counter("gateway_usage_cost_usd", "Cost in USD.", ["model", "key"])
+        self.cache = _Counter(
+            "gateway_cache_requests",
+            "What the response cache did per request: hit, collapsed, miss, refresh, bypass.",
+            ["endpoint", "result"],
+        )
+        self.saved_tokens = _Counter(
+            "gateway_cache_saved_tokens", "Tokens served from the cache instead of the upstream.", ["model", "kind"]
+        )
+        self.saved_cost = _Counter("gateway_cache_saved_usd", "What answers from the cache would have cost.", ["model"])
         self.registry = CollectorRegistry()
         self.registry.register(
             _RequestCollector(
@@ -197,6 +235,9 @@ class Metrics:
                     self.ttfb,
                     self.tokens,
                     self.cost,
+                    self.cache,
+                    self.saved_tokens,
+                    self.saved_cost,
                 ]
             )
         )
@@ -226,6 +267,16 @@ class Metrics:
             self.tokens.inc((model, key, "completion"), exchange.usage.completion_tokens)
         if exchange.cost:
             self.cost.inc((model, key), exchange.cost)
+        if exchange.cache is not None:
+            self._observe_cache(exchange, endpoint[0], model)
+
+    def _observe_cache(self, exchange: Exchange, endpoint: str, model: str) -> None:
+        self.cache.inc((endpoint, exchange.cache or ""))
+        if exchange.from_cache and exchange.usage is not None:
+            self.saved_tokens.inc((model, "prompt"), exchange.usage.prompt_tokens)
+            self.saved_tokens.inc((model, "completion"), exchange.usage.completion_tokens)
+        if exchange.saved_cost:
+            self.saved_cost.inc((model,), exchange.saved_cost)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

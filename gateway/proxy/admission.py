@@ -16,8 +16,9 @@ from gateway import endpoints
 from gateway.auth.middleware import scope_caller
 from gateway.catalog.admission import admit
 from gateway.catalog.bounds import requested_completion_tokens
+from gateway.catalog.checks import Violation
 from gateway.catalog.entries import ModelEntry
-from gateway.catalog.validation import CHECKS, Violation, alternatives, validate
+from gateway.catalog.validation import CHECKS, alternatives, validate
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, JobNotFound, MethodNotAllowed
 from gateway.exchange import Exchange

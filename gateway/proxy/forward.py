@@ -4,7 +4,9 @@
 client credential) and the headers (``gateway.headers`` rules, the credential of the auth mode,
 only meterable encodings), then sends, retrying only what certainly did not reach the upstream
 (connection failures) or what it refused with a short Retry-After (429/503). Nothing has reached
-the client yet, so every failure here can still be a clean error answer.
+the client yet, so every failure here can still be a clean error answer. The gateway's own upstream
+shaping is taken here, so only what goes upstream draws on it: the slot is held until the answer
+is closed.
 
 ``Source`` is the seam in front of it: what gives the proxy a request's answer. ``Forwarder`` is the
 upstream; a layer in front of it (a response cache) can answer without the upstream, returning an
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any, Protocol
@@ -29,6 +31,7 @@ from gateway.errors import UpstreamError
 from gateway.exchange import Exchange
 from gateway.headers import header_value, upstream_accept_encoding, upstream_request_headers
 from gateway.services import Services
+from gateway.state.shaping import Slot
 from gateway.types import Header, Scope
 from gateway.upstream.base import UpstreamResponse
 from gateway.upstream.breaker import Pass
@@ -62,33 +65,39 @@ class Forwarder:
         services = self._services
         target = self._target(scope, endpoint)
         upstream_headers = self._headers(scope, exchange)
+        # The gateway's own shaping: a slot held until the answer is closed (only what goes upstream).
+        slot = await services.store.upstream_slot()
         send = services.upstream.send
         tracing = services.tracing
         if tracing is not None:
             tracing.admitted()  # admission ends: the request goes upstream now
             send = partial(tracing.send_upstream, send)
         exchange.upstream_started = time.perf_counter()
-        for attempt in range(self._retries + 1):
-            last = attempt == self._retries
-            try:
-                response = await send(scope["method"], target, upstream_headers, body)
-            except UpstreamError as error:
-                if error.retryable and not last:
+        try:
+            for attempt in range(self._retries + 1):
+                last = attempt == self._retries
+                try:
+                    response = await send(scope["method"], target, upstream_headers, body)
+                except UpstreamError as error:
+                    if error.retryable and not last:
+                        exchange.retries += 1
+                        await asyncio.sleep(backoff(attempt))
+                        continue
+                    services.breakers.record(breaker_pass, False)
+                    raise
+                wait = retry_after(response) if response.status in (429, 503) else None
+                if wait is not None and wait <= self._retry_max_wait and not last:
+                    await response.aclose()
                     exchange.retries += 1
-                    await asyncio.sleep(backoff(attempt))
+                    await asyncio.sleep(wait + backoff(attempt))
                     continue
-                services.breakers.record(breaker_pass, False)
-                raise
-            wait = retry_after(response) if response.status in (429, 503) else None
-            if wait is not None and wait <= self._retry_max_wait and not last:
-                await response.aclose()
-                exchange.retries += 1
-                await asyncio.sleep(wait + backoff(attempt))
-                continue
-            exchange.upstream_answered = time.perf_counter()
-            if response.status >= 500:
-                services.breakers.record(breaker_pass, False)
-            return response
+                exchange.upstream_answered = time.perf_counter()
+                if response.status >= 500:
+                    services.breakers.record(breaker_pass, False)
+                return response if slot.free else _Slotted(response, slot)
+        except BaseException:
+            slot.release()
+            raise
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     def _target(self, scope: Scope, endpoint: endpoints.Endpoint) -> str:
@@ -113,11 +122,36 @@ class Forwarder:
             self._auth.upstream_authorization(headers),
             exchange.request_id.encode(),
             accept_encoding=upstream_accept_encoding(
-                header_value(headers, b"accept-encoding"), _streamed(exchange.fields)
+                header_value(headers, b"accept-encoding"), streamed(exchange.fields)
             ),
             drop_api_key=self._drop_client_credentials,
             forwarded=forwarded,
         )
+
+
+class _Slotted:
+    """An upstream answer that gives its shaping slot back when it is closed (a stream holds it
+    while it streams)."""
+
+    __slots__ = ("_response", "_slot", "headers", "status")
+
+    def __init__(self, response: UpstreamResponse, slot: Slot) -> None:
+        self._response = response
+        self._slot = slot
+        self.status = response.status
+        self.headers = response.headers
+
+    def iter_raw(self) -> AsyncIterator[bytes]:
+        return self._response.iter_raw()
+
+    def arrived_size(self) -> int | None:
+        return self._response.arrived_size()
+
+    async def aclose(self) -> None:
+        try:
+            await self._response.aclose()
+        finally:
+            self._slot.release()
 
 
 def backoff(attempt: int) -> float:
@@ -141,7 +175,7 @@ def retry_after(response: UpstreamResponse) -> float | None:
         return None
 
 
-def _streamed(fields: Mapping[str, Any]) -> bool:
+def streamed(fields: Mapping[str, Any]) -> bool:
     """Whether the request asks for a stream (``"stream": true``, or ``stream=true`` in a form)."""
     stream = fields.get("stream")
     return stream is True or (isinstance(stream, str) and stream.strip().lower() == "true")

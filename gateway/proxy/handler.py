@@ -26,7 +26,6 @@ from gateway.proxy.body import ClientDisconnected
 from gateway.proxy.forward import Forwarder, Source
 from gateway.proxy.respond import Responder, send_json
 from gateway.services import Services
-from gateway.state.shaping import Slot
 from gateway.types import Header, Receive, Scope, Send
 from gateway.upstream.breaker import Pass
 
@@ -78,7 +77,6 @@ class Proxy:
         services = self._services
         headers: list[Header] = []  # what every answer to this request carries, once known
         breaker_pass: Pass | None = None
-        slot: Slot | None = None
         try:
             try:
                 admission = await self._admitter.admit(scope, receive, exchange)
@@ -91,7 +89,6 @@ class Proxy:
                     breaker_pass = services.breakers.allow(admission.entry.model_name)
                 headers = headers + await services.accounting.admit(exchange, admission.requested_tokens)
                 body, strip_usage = services.accounting.request_body(exchange, admission.body)
-                slot = await services.store.upstream_slot()
                 response = await self._source.forward(scope, admission.endpoint, body, exchange, breaker_pass)
             except GatewayError as error:
                 exchange.refuse(error)
@@ -116,8 +113,7 @@ class Proxy:
                 await send_error(send, internal, headers)
                 return
             await self._responder.respond(response, receive, send, exchange, headers, strip_usage)
-            services.breakers.record(breaker_pass, exchange.outcome is not Outcome.UPSTREAM_BROKEN)
+            if not exchange.from_cache:  # an answer from the cache says nothing of the model's health
+                services.breakers.record(breaker_pass, exchange.outcome is not Outcome.UPSTREAM_BROKEN)
         finally:
             services.breakers.record(breaker_pass, None)  # no verdict on paths that gave none
-            if slot is not None:
-                slot.release()

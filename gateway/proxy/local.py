@@ -19,7 +19,7 @@ from gateway.catalog.cache import Snapshot
 from gateway.catalog.entries import ModelEntry
 from gateway.config import Settings
 from gateway.endpoints import CATEGORIES
-from gateway.errors import InvalidRequest, ModelNotFound, UnknownPath
+from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied, UnknownPath
 from gateway.exchange import Exchange
 from gateway.ops.request_id import scope_request_id
 from gateway.services import Services
@@ -50,6 +50,11 @@ def model_object(entry: ModelEntry) -> dict[str, Any]:
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _from_loopback(request: Request) -> bool:
+    client = request.client
+    return client is not None and client.host in ("127.0.0.1", "::1", "localhost")
 
 
 def _filter_values(request: Request, name: str) -> set[str]:
@@ -115,6 +120,28 @@ class LocalRoutes:
         group = cast(SummaryBy, by)
         rows = await asyncio.to_thread(summarize, self._usage_path, by=group, key=params.get("key"), since=since)
         return _json({"object": "list", "by": by, "data": rows})
+
+    async def admin_cache_purge(self, request: Request) -> Response:
+        """POST /admin/cache/purge {"model": M, "namespace": N} (both optional; neither: everything).
+        Keys mode: an admin key; the other modes: from the gateway's own host (loopback) only."""
+        cache = self._runtime.cache
+        if cache is None:
+            raise UnknownPath("/admin/cache/purge needs the response cache ([cache] enabled = true).")
+        if self._runtime.keys is None and not _from_loopback(request):
+            raise PermissionDenied("Without gateway keys, /admin/cache/purge answers the gateway's own host only.")
+        raw = await request.body()
+        try:
+            fields = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("The body must be a JSON object.", code="invalid_json") from None
+        if not isinstance(fields, dict) or set(fields) - {"model", "namespace"}:
+            raise InvalidRequest('The body takes "model" and "namespace" (strings), both optional.')
+        model, namespace = fields.get("model"), fields.get("namespace")
+        for name, value in (("model", model), ("namespace", namespace)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequest(f"`{name}` must be a string.", param=name)
+        purged = cache.purge(model=model, namespace=namespace)
+        return _json({"object": "cache.purge", "purged": purged, "model": model, "namespace": namespace})
 
     async def healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})

@@ -1,10 +1,11 @@
 """The response: the upstream's answer relayed to the client, metered, with the gateway's headers.
 
 ``Responder.respond`` opens the usage meter (``Accounting.start_response``), adds the gateway's
-own headers (its overhead, ``X-Accel-Buffering: no`` on event streams), decides what is done to a
-whole non-streamed body before it goes out (its cost header, the owner of a video job it creates,
-the organisation's key redacted from an error) and hands everything to ``relay``. What the relay
-did is recorded on the exchange.
+own headers (its overhead, the cache's ``Cache-Status`` and ``Age``, ``X-Accel-Buffering: no`` on
+event streams), decides what is done to a whole non-streamed body before it goes out (its cost
+header, the owner of a video job it creates, the organisation's key redacted from an error) and
+hands everything to ``relay``. What the relay did is recorded on the exchange; an answer the cache
+gave ends as ``Outcome.CACHE_HIT``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import orjson
 from gateway import endpoints
 from gateway.auth.jobs import created_job_id
 from gateway.config import Settings
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, Outcome
 from gateway.headers import is_event_stream
 from gateway.proxy.relay import MAX_LATE_HEADERS_BODY, RelayOptions, WholeBody, relay
 from gateway.services import Services
@@ -49,7 +50,9 @@ class Responder:
         event_stream = is_event_stream(response.headers)
         services.accounting.start_response(exchange, response.status, response.headers, event_stream, strip_usage)
         overhead = (OVERHEAD, f"{exchange.mark_response_start() * 1000:.2f}".encode())
-        headers = [*headers, overhead, SSE_NO_BUFFERING] if event_stream else [*headers, overhead]
+        headers = [*headers, *exchange.cache_headers, overhead]
+        if event_stream:
+            headers.append(SSE_NO_BUFFERING)
         whole_body = None if event_stream else self._whole_body_step(exchange, response.status)
         if event_stream:
             services.open_streams += 1
@@ -65,7 +68,10 @@ class Responder:
         finally:
             if event_stream:
                 services.open_streams -= 1
-        exchange.relayed(result.outcome, result.first_byte, result.status)
+        outcome = result.outcome
+        if outcome is Outcome.COMPLETED and exchange.from_cache:
+            outcome = Outcome.CACHE_HIT
+        exchange.relayed(outcome, result.first_byte, result.status)
 
     def _whole_body_step(self, exchange: Exchange, status: int) -> WholeBody | None:
         """What to do with a whole non-streamed body before it goes out: its cost header (from its

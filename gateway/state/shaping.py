@@ -29,6 +29,11 @@ class Slot:
     def __init__(self, release: Callable[[], None] | None) -> None:
         self._release = release
 
+    @property
+    def free(self) -> bool:
+        """Nothing to give back (shaping is off, or it was given back already)."""
+        return self._release is None
+
     def release(self) -> None:
         if self._release is not None:
             release, self._release = self._release, None

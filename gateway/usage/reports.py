@@ -25,6 +25,8 @@ SUMMARY_GROUPS: Final = tuple(_GROUPS)
 # Rows the gateway answered itself, never sent upstream (an SQL expression): dry runs, and the
 # gateway's own error answers except 502/504, which say that the upstream failed to answer.
 _LOCAL: Final = "(outcome = 'dry_run' OR (outcome = 'refused' AND status NOT IN (502, 504)))"
+# Rows answered from the response cache (or collapsed onto an identical request's upstream answer).
+_CACHED: Final = "(cache IS NOT NULL AND cache IN ('hit', 'collapsed'))"
 
 
 def summarize(
@@ -38,8 +40,10 @@ def summarize(
 
     Each row: the group (``key``, ``team``, ``model`` or ``day`` as "YYYY-MM-DD"; None for
     requests without a key or team), ``requests`` (those that were sent upstream), ``refused``
-    (answered by the gateway itself: refusals, dry runs), ``prompt_tokens``, ``completion_tokens``,
-    ``total_tokens``, ``cost_usd`` (the sum of the known costs; None when none is known) and
+    (answered by the gateway itself: refusals, dry runs), ``cached`` (answered from the response
+    cache), ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` (served, cached answers
+    included), ``cost_usd`` (the sum of the known costs; None when none is known), ``saved_usd``
+    (what the cached answers would have cost from the upstream; None when there were none) and
     ``unpriced_requests`` (requests sent upstream whose cost is unknown: no price in the catalog,
     or no usage in the answer). ``key`` keeps one key's rows only;
     ``since`` keeps rows from that time on (a date: its midnight UTC; a naive datetime: UTC;
@@ -57,8 +61,9 @@ def summarize(
         where.append("ts >= ?")
         params.append(_unix(since))
     sql = (
-        f"SELECT {group} AS grp, SUM({_LOCAL}), SUM(prompt_tokens), SUM(completion_tokens), "  # noqa: S608
-        f"SUM(total_tokens), SUM(cost_usd), SUM(cost_usd IS NULL AND NOT {_LOCAL}), COUNT(*) FROM usage "
+        f"SELECT {group} AS grp, SUM({_LOCAL}), SUM({_CACHED}), SUM(prompt_tokens), "  # noqa: S608
+        f"SUM(completion_tokens), SUM(total_tokens), SUM(cost_usd), SUM(saved_usd), "
+        f"SUM(cost_usd IS NULL AND NOT {_LOCAL}), COUNT(*) FROM usage "
         f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY grp ORDER BY grp"
     )
     with _reader(source) as conn:
@@ -66,15 +71,17 @@ def summarize(
     return [
         {
             by: grp,
-            "requests": count - local,
+            "requests": count - local - cached,
             "refused": local,
+            "cached": cached,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": total,
             "cost_usd": cost,
+            "saved_usd": saved,
             "unpriced_requests": unpriced,
         }
-        for grp, local, prompt, completion, total, cost, unpriced, count in rows
+        for grp, local, cached, prompt, completion, total, cost, saved, unpriced, count in rows
     ]
 
 

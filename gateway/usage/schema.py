@@ -34,6 +34,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX usage_team_ts ON usage (team, ts)",
         "CREATE INDEX usage_ts ON usage (ts)",
     ),
+    (
+        # What the response cache did ("hit", "collapsed", "stored", ...; NULL: not consulted) and
+        # what an answer from it would have cost from the upstream.
+        "ALTER TABLE usage ADD COLUMN cache TEXT",
+        "ALTER TABLE usage ADD COLUMN saved_usd REAL",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # Seconds a connection waits for a lock held by another (a reader, another process).
@@ -46,10 +52,12 @@ class LedgerError(Exception):
 
 class UsageRecord(NamedTuple):
     """One request, as the ledger keeps it: a row of the ``usage`` table, its fields in column order
-    (a tuple, so it is cheap to make on the request path and goes to SQLite as it is).
+        (a tuple, so it is cheap to make on the request path and goes to SQLite as it is).
 
-    ``outcome``: "completed", "client_disconnected", "upstream_broken", "refused", ...;
-    ``cut``: the response stream was cut short; ``ttfb_ms``: None when no response byte was sent.
+        ``outcome``: "completed", "client_disconnected", "upstream_broken", "refused", ...;
+        ``cut``: the response stream was cut short; ``ttfb_ms``: None when no response byte was sent;
+    ``cache``: "hit" or "collapsed" (the answer came from the cache: ``outcome`` "cache_hit", tokens
+    served but none drawn upstream), "stored", "miss", "refresh", "bypass", or None.
     """
 
     ts: float  # unix time the request arrived
@@ -67,6 +75,8 @@ class UsageRecord(NamedTuple):
     cut: bool
     latency_ms: float
     ttfb_ms: float | None
+    cache: str | None = None  # what the response cache did (None: not consulted)
+    saved_usd: float | None = None  # an answer from the cache: what it would have cost upstream
 
 
 # The SQL interpolates constants only (the record's field names, which are the columns); values are bound.

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,18 +20,24 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "configuration.md"
 
 
-def _schema_fields() -> set[tuple[str | None, str]]:
-    """Every (section, key) of the schema, walked here independently of the generator."""
+def _table(hint: Any) -> Any:
+    """The dataclass of a section or of a list of tables (``tuple[Table, ...]``), else None."""
+    if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        hint = typing.get_args(hint)[0]
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def _schema_fields(cls: Any = Settings, section: str | None = None) -> set[tuple[str | None, str]]:
+    """Every (section, key) of the schema, walked here independently of the generator; tables
+    within a section (``[[cache.rules]]``) are sections of their own."""
     out: set[tuple[str | None, str]] = set()
-    hints = typing.get_type_hints(Settings)
-    for f in dataclasses.fields(Settings):
-        hint = hints[f.name]
-        if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
-            hint = typing.get_args(hint)[0]
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            out.update((f.name, sub.name) for sub in dataclasses.fields(hint))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        table = _table(hints[f.name])
+        if table is None:
+            out.add((section, f.name))
         else:
-            out.add((None, f.name))
+            out.update(_schema_fields(table, f"{section}.{f.name}" if section else f.name))
     return out
 
 

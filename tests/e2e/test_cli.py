@@ -99,10 +99,16 @@ def test_demo_prints_examples_and_serves_the_simulated_upstream(tmp_path: Path) 
             json={"model": "bge-m3", "messages": [{"role": "user", "content": "x"}]},
         )
         assert refused.json()["error"]["code"] == "model_endpoint_mismatch"
+        # The demo has the response cache on: the banner's embeddings example, sent twice, is a hit.
+        embed = {"model": "bge-m3", "input": "Hello"}
+        statuses = [httpx.post(url + "/v1/embeddings", json=embed).headers["cache-status"] for _ in range(2)]
+        assert statuses[0] == "flexai-gateway; fwd=miss; stored"
+        assert statuses[1].startswith("flexai-gateway; hit; ttl=")
         code, out = stop(proc, signal.SIGTERM)
     assert code == 0
     assert f"curl -s {url}/v1/chat/completions" in out
     assert f'base_url="{url}/v1"' in out
+    assert """-d '{"model": "bge-m3", "input": "Hello"}' | grep -i '^cache-status'""" in out
 
 
 def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -512,7 +518,7 @@ def test_usage_in_keys_mode_reads_the_ledger_without_the_upstream_key(tmp_path: 
     )
     assert ran.returncode == 0, ran.stderr
     assert ran.stderr == ""
-    assert ran.stdout.splitlines()[1].split() == ["alice", "2", "6", "8", "0.0020"]
+    assert ran.stdout.splitlines()[1].split() == ["alice", "2", "0", "6", "8", "0.0020", "-"]
 
 
 def test_usage_piped_into_head_ends_quietly(tmp_path: Path) -> None:
@@ -532,7 +538,8 @@ def test_usage_piped_into_head_ends_quietly(tmp_path: Path) -> None:
     usage.stdout.close()  # head alone reads it now
     first, _ = head.communicate(timeout=START_TIMEOUT)
     _, errors = usage.communicate(timeout=START_TIMEOUT)
-    assert first.split() == [b"KEY", b"REQUESTS", b"PROMPT", b"TOK", b"COMPLETION", b"TOK", b"COST", b"USD"]
+    assert first.split() == [b"KEY", b"REQUESTS", b"CACHED", b"PROMPT", b"TOK", b"COMPLETION", b"TOK", b"COST", b"USD",
+                             b"SAVED", b"USD"]  # fmt: skip
     assert errors == b""
     assert usage.returncode == EXIT_STDOUT_CLOSED
 

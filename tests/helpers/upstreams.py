@@ -611,3 +611,71 @@ def held_stream_upstream(control: StreamControl) -> Starlette:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return Starlette(routes=[Route("/api/models", catalog), Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+# --------------------------------------------------------------------------- gated upstream
+
+
+@dataclass
+class Gate:
+    """Holds the gated stand-in's answers until ``release`` is set, and counts what it served."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+    calls: int = 0  # answers started (embeddings and chat)
+    completed: int = 0  # answers sent to their end
+    cancelled: int = 0  # streams the gateway abandoned before their end
+
+
+GATED_WAIT = 10.0  # seconds: how long a gated answer waits for its release at most
+GATED_USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def gated_upstream(gate: Gate) -> Starlette:
+    """Embeddings answered, and chat streams continued after their first event, only once
+    ``gate.release`` is set (bounded by GATED_WAIT); a stream ends with a usage chunk when asked."""
+    import anyio
+
+    async def catalog(request: Request) -> Response:
+        return Response(CATALOG_JSON, media_type="application/json")
+
+    async def held() -> None:
+        for _ in range(int(GATED_WAIT / 0.01)):
+            if gate.release.is_set():
+                return
+            await anyio.sleep(0.01)
+
+    async def embeddings(request: Request) -> Response:
+        await request.body()
+        gate.calls += 1
+        await held()
+        gate.completed += 1
+        return Response(EMBEDDING_PAYLOAD, media_type="application/json")
+
+    async def chat(request: Request) -> StreamingResponse:
+        body = orjson.loads(await request.body())
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        gate.calls += 1
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield _chunk_event("first ")
+                await held()
+                yield _chunk_event("second ")
+                yield _chunk_event("third", finish="stop")
+                if usage:
+                    yield b"data: " + orjson.dumps({"choices": [], "usage": GATED_USAGE}) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                gate.completed += 1
+            except BaseException:
+                gate.cancelled += 1
+                raise
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return Starlette(
+        routes=[
+            Route("/api/models", catalog),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+        ]
+    )

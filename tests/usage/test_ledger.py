@@ -14,7 +14,7 @@ import pytest
 from gateway.usage import ledger as ledger_module
 from gateway.usage.ledger import Ledger
 from gateway.usage.reports import spend_usd, summarize
-from gateway.usage.schema import SCHEMA_VERSION, LedgerError, UsageRecord, migrate
+from gateway.usage.schema import MIGRATIONS, SCHEMA_VERSION, LedgerError, UsageRecord, migrate
 
 DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
 DAY2 = datetime(2025, 3, 2, 8, tzinfo=UTC).timestamp()
@@ -31,6 +31,8 @@ def rec(
     tokens: tuple[int, int] = (10, 5),
     status: int = 200,
     outcome: str = "completed",
+    cache: str | None = None,
+    saved: float | None = None,
 ) -> UsageRecord:
     return UsageRecord(
         ts=ts,
@@ -48,6 +50,8 @@ def rec(
         cut=False,
         latency_ms=12.5,
         ttfb_ms=3.0,
+        cache=cache,
+        saved_usd=saved,
     )
 
 
@@ -97,7 +101,7 @@ async def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "usage_key_ts" in indexes
         plan = conn.execute(
@@ -184,10 +188,12 @@ async def test_summaries(tmp_path: Path) -> None:
         "key": "alice",
         "requests": 2,
         "refused": 3,
+        "cached": 0,
         "prompt_tokens": 30,
         "completion_tokens": 3,
         "total_tokens": 33,
         "cost_usd": 1.0,
+        "saved_usd": None,
         "unpriced_requests": 1,
     }
     assert by_key[0]["cost_usd"] is None
@@ -203,10 +209,12 @@ async def test_summaries(tmp_path: Path) -> None:
             "model": "m1",
             "requests": 2,
             "refused": 0,
+            "cached": 0,
             "prompt_tokens": 30,
             "completion_tokens": 3,
             "total_tokens": 33,
             "cost_usd": 0.25,
+            "saved_usd": None,
             "unpriced_requests": 1,
         }
     ]
@@ -251,11 +259,31 @@ def test_queries_refuse_a_missing_or_foreign_database(tmp_path: Path) -> None:
         spend_usd(foreign, "alice", 0)
 
 
+async def test_a_version_1_ledger_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("COMMIT")
+        old = rec(1)[: len(UsageRecord._fields) - 2]  # a row as version 1 wrote it (no cache columns)
+        conn.execute(f"INSERT INTO usage VALUES (NULL, {', '.join('?' * len(old))})", old)  # noqa: S608
+    finally:
+        conn.close()
+    async with Ledger(path, flush_interval=0.01) as ledger:
+        ledger.record(rec(2, cost=0.0, cache="hit", saved=0.5, outcome="cache_hit"))
+    alice = summarize(path, by="key")[0]
+    assert (alice["requests"], alice["cached"], alice["cost_usd"], alice["saved_usd"]) == (1, 1, 0.5, 0.5)
+    assert alice["total_tokens"] == 30  # the tokens served, the cached answer's included
+
+
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "usage.db"
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        assert migrate(conn) == 1
+        assert migrate(conn) == SCHEMA_VERSION
         conn.execute("PRAGMA user_version = 99")
     finally:
         conn.close()
