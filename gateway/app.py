@@ -151,7 +151,7 @@ def build_stack(settings: Settings, services: Services, *, source: Source | None
         return RequestIdMiddleware(traced(KeyAuthMiddleware(app, services, on_refused=on_refused), tracing))
 
     if source is None and services.cache is not None:
-        source = CachingSource(settings, services.cache, Forwarder(settings, services))
+        source = CachingSource(settings, services.cache, Forwarder(settings, services), services.tracing)
     return Stack(
         proxy=around(Proxy(settings, services, source=source)),
         dry_run=around(Proxy(settings, services, dry_run=True)),  # what would the gateway do? (never forwarded)

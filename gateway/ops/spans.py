@@ -206,6 +206,10 @@ class Tracing:
             attributes["gateway.cost_usd"] = exchange.cost
         if exchange.retries:
             attributes["gateway.upstream.retries"] = exchange.retries
+        if exchange.cache is not None:  # what the response cache did: hit, collapsed, miss, ...
+            attributes["gateway.cache"] = exchange.cache
+            if exchange.saved_cost is not None:
+                attributes["gateway.cache.saved_usd"] = exchange.saved_cost
         request.server.set_attributes(attributes)
         if exchange.outcome in FAILED_OUTCOMES:
             request.failed = True

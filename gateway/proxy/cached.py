@@ -19,6 +19,7 @@ the cache did is written on the exchange (``cache``, ``cache_headers``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from python_multipart.multipart import parse_options_header
 
@@ -40,15 +41,20 @@ from gateway.types import Header, Scope
 from gateway.upstream.base import Headers, UpstreamResponse
 from gateway.upstream.breaker import Pass
 
+if TYPE_CHECKING:
+    from gateway.ops.spans import Tracing
+
 CACHE_STATUS = b"cache-status"
 NAMESPACE_HEADER = b"x-gateway-cache-namespace"
 MAX_NAMESPACE_CHARS = 128
 
 
 class CachingSource:
-    def __init__(self, settings: Settings, cache: ResponseCache, inner: Source) -> None:
+    def __init__(self, settings: Settings, cache: ResponseCache, inner: Source, tracing: Tracing | None = None) -> None:
+        """``tracing``: told when admission ends for a request the cache answers itself."""
         self._cache = cache
         self._inner = inner
+        self._tracing = tracing
         self._policy = Policy(settings.cache)
         self._auth_mode = settings.auth_mode
         self._partition = settings.cache.partition
@@ -91,6 +97,7 @@ class CachingSource:
             if stored is not None and _acceptable(stored, headers):
                 age = self._cache.now() - stored.stored_at
                 if usable(age, stored.ttl, directives):
+                    self._admitted()
                     return _hit(stored, age, exchange)
         if directives.only_if_cached:
             raise NotCached(
@@ -122,7 +129,10 @@ class CachingSource:
     async def _follow(self, key: str) -> FlightReader | None:
         """A reader of the identical request in flight, or None (none, not shared, or too slow)."""
         flight = self._cache.joinable(key)
-        if flight is None or not await flight.wait_ready(self._collapse_timeout):
+        if flight is None:
+            return None
+        self._admitted()  # waiting for the answer is not admission
+        if not await flight.wait_ready(self._collapse_timeout):
             return None
         return flight.reader() if flight.capturing else None  # past the capture limit: its start is gone
 
@@ -158,6 +168,10 @@ class CachingSource:
         reader = await _share(flight, response, self._max_entry_bytes)
         exchange.cache_headers = ((CACHE_STATUS, cache_status(hit=False, fwd=fwd, stored=flight.stored)),)
         return reader
+
+    def _admitted(self) -> None:
+        if self._tracing is not None:
+            self._tracing.admitted()
 
     def _material(self, endpoint: endpoints.Endpoint, headers: list[Header], body: bytes, exchange: Exchange) -> bytes:
         if endpoint.body == "multipart":

@@ -517,3 +517,23 @@ def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Compl
         timeout=60,
         check=False,
     )
+
+
+def test_an_answer_from_the_cache_is_traced_without_an_upstream_call(
+    start_traced: StartTraced, demo_state: DemoState
+) -> None:
+    gateway = start_traced({"GATEWAY_CACHE_ENABLED": "true"})
+    body = {**CHAT_BODY, "temperature": 0}
+    first, hit = gateway.chat(body), gateway.chat(body)
+    assert hit.headers["cache-status"].startswith("flexai-gateway; hit")
+    missed, served = gateway.spans_of(first), gateway.spans_of(hit)
+    assert attrs(missed.server)["gateway.cache"] == "miss"
+    assert len(missed.upstream) == 1
+    found = attrs(served.server)
+    assert (found["gateway.cache"], found["gateway.outcome"]) == ("hit", "cache_hit")
+    assert found["gateway.cache.saved_usd"] > 0
+    assert served.upstream == []  # nothing went upstream
+    assert served.admission is not None
+    assert "error.type" not in attrs(served.admission)
+    assert len(requests_on(demo_state, CHAT_PATH)) == 1
+    assert_no_secret(served)
