@@ -28,7 +28,14 @@ from tests.helpers.gateway import (
     requests_on,
     wait_until,
 )
-from tests.helpers.upstreams import FaultyUpstream, Gate, StatusAnswer, gated_upstream
+from tests.helpers.upstreams import (
+    FaultyUpstream,
+    Gate,
+    InlineUpstreamState,
+    StatusAnswer,
+    create_inline_upstream,
+    gated_upstream,
+)
 
 CACHE_ON = {"GATEWAY_CACHE_ENABLED": "true"}
 EMBEDDINGS = "/v1/embeddings"
@@ -392,3 +399,46 @@ def test_a_namespace_separates_entries_and_a_bad_one_is_refused(cached: LocalSer
     assert_error_envelope(bad.content, code="invalid_cache_namespace")
     assert len(requests_on(demo_state, EMBEDDINGS)) == 2
     assert httpx.post(cached.url + "/admin/cache/purge", json={"namespace": "tenant-b"}).json()["purged"] == 1
+
+
+# ----------------------------------------------------- unfinished streams, billing, content codings
+
+
+def test_a_stream_without_its_done_event_is_relayed_but_not_stored(start_gateway: StartGateway) -> None:
+    with FaultyUpstream("truncated_sse") as faulty:
+        gateway = start_gateway(CACHE_ON, upstream_url=faulty.url)
+        body = deterministic_chat("unfinished", stream=True)
+        for _ in range(2):
+            answer = post(gateway, CHAT, body)
+            assert answer.status_code == 200
+            assert "hit" not in answer.headers["cache-status"]
+        assert len([r for r in faulty.received if r.startswith("POST")]) == 2
+        metrics = httpx.get(gateway.url + "/metrics").text
+        assert 'gateway_cache_skips_total{reason="unfinished"} 2.0' in metrics
+
+
+def test_bill_hits_full_charges_a_hit_the_upstream_price(start_gateway: StartGateway) -> None:
+    gateway = start_gateway({**CACHE_ON, "GATEWAY_CACHE_BILL_HITS": "full"})
+    with sdk(gateway) as client:
+        first = client.embeddings.with_raw_response.create(model=EMBEDDING_MODEL, input="billed")
+        hit = client.embeddings.with_raw_response.create(model=EMBEDDING_MODEL, input="billed")
+    assert hit.headers["cache-status"].startswith("flexai-gateway; hit")
+    assert float(hit.headers["x-gateway-cost-usd"]) == float(first.headers["x-gateway-cost-usd"]) > 0
+
+
+def test_a_gzip_entry_is_served_only_to_clients_that_accept_gzip(start_gateway: StartGateway) -> None:
+    state = InlineUpstreamState()
+    with serve_in_thread(create_inline_upstream(state)) as upstream:
+        gateway = start_gateway(CACHE_ON, upstream_url=upstream.url)
+        body = {"model": EMBEDDING_MODEL, "input": "coded"}
+        gzipped = post(gateway, EMBEDDINGS, body, **{"accept-encoding": "gzip"})
+        assert gzipped.headers["content-encoding"] == "gzip"
+        assert gzipped.headers["cache-status"] == "flexai-gateway; fwd=miss; stored"
+        hit = post(gateway, EMBEDDINGS, body, **{"accept-encoding": "gzip, br"})
+        assert hit.headers["cache-status"].startswith("flexai-gateway; hit")
+        assert hit.json() == gzipped.json()  # httpx decodes both
+        plain = post(gateway, EMBEDDINGS, body, **{"accept-encoding": "identity"})
+        assert "content-encoding" not in plain.headers
+        assert plain.headers["cache-status"].startswith("flexai-gateway; fwd=miss")  # went upstream
+        assert plain.json() == gzipped.json()
+        assert len(state.accept_encodings) == 2
