@@ -34,6 +34,7 @@ from gateway.ops.metrics import Snapshot as MetricsSnapshot
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
 from gateway.state.shaping import UpstreamShaper
+from gateway.state.shared import open_shared_store
 from gateway.state.store import LocalStore, StateStore
 from gateway.upstream.aiohttp_client import AiohttpUpstream
 from gateway.upstream.base import HttpxUpstream, Upstream
@@ -110,12 +111,18 @@ async def open_services(
 
         metrics = Metrics(metrics_state)
         up = settings.upstream
-        store = store or LocalStore(
-            RateLimiter(),
-            Budgets(ledger.spend_usd if ledger else None),
-            UpstreamShaper(up.concurrency, up.rpm, up.queue_timeout),
-            ledger,
-        )
+        if store is None:
+            store = LocalStore(
+                RateLimiter(),
+                Budgets(ledger.spend_usd if ledger else None),
+                UpstreamShaper(up.concurrency, up.rpm, up.queue_timeout),
+                ledger,
+            )
+            if settings.shared.redis_url:
+                shared = open_shared_store(settings.shared, store)
+                await shared.start()
+                stack.push_async_callback(shared.aclose)  # settlements in flight get their timeout
+                store = shared
         accounting = Accounting(
             store,
             include_usage=usage.include_usage,
@@ -183,6 +190,7 @@ def _metrics_snapshot(services: Services) -> MetricsSnapshot:
         open_circuits=services.breakers.open_circuits(),
         tasks=len(asyncio.all_tasks()),
         ledger_dropped=services.accounting.ledger_dropped,
+        shared_store=services.store.shared_state(),
         cache=None if services.cache is None else _cache_snapshot(services.cache.stats()),
     )
 

@@ -21,6 +21,7 @@ from gateway.demo import DemoState, create_demo_upstream
 from gateway.server.thread import LocalServer, serve_in_thread
 from tests.helpers.clocks import FakeClock
 from tests.helpers.gateway import StartGateway, fresh_demo_state, gateway_env
+from tests.helpers.redis import RedisServer, redis_server
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +76,13 @@ def http(gateway: LocalServer) -> Iterator[httpx.Client]:
     """Plain HTTP to the gateway, for what the SDK does not cover."""
     with httpx.Client(base_url=gateway.url, timeout=15) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server per test session (per worker); tests keep apart by key prefix."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture

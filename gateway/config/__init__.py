@@ -5,6 +5,7 @@ The rest of the code imports the public names from here: ``from gateway.config i
 
 from gateway.config.loader import DEFAULT_CONFIG_PATH, ENV_PREFIX, load_settings, resolve_config_path
 from gateway.config.schema import (
+    SHARED_INSTALL,
     TRACING_INSTALL,
     AuthMode,
     AuthSettings,
@@ -19,6 +20,7 @@ from gateway.config.schema import (
     ServerSettings,
     Settings,
     SettingsError,
+    SharedSettings,
     TracingExporter,
     TracingSettings,
     UpstreamClient,
@@ -31,6 +33,7 @@ from gateway.config.schema import (
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
+    "SHARED_INSTALL",
     "TRACING_INSTALL",
     "AuthMode",
     "AuthSettings",
@@ -45,6 +48,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "SharedSettings",
     "TracingExporter",
     "TracingSettings",
     "UpstreamClient",

@@ -20,9 +20,12 @@ TracingExporter = Literal["otlp", "console"]
 CacheMode = Literal["auto", "always", "never"]
 CachePartition = Literal["key", "team", "global"]
 CacheBilling = Literal["free", "full"]
+SharedFallback = Literal["local", "open", "closed"]
 
 # What to run when [tracing] is on but OpenTelemetry is not installed.
 TRACING_INSTALL = "pip install 'flexai-gateway[tracing]'"
+# ... and when [shared] redis_url is set but redis-py is not installed.
+SHARED_INSTALL = "pip install 'flexai-gateway[shared]'"
 
 
 class SettingsError(ValueError):
@@ -150,6 +153,18 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedSettings:
+    redis_url: str = field(default="", repr=False)  # may hold a password
+    key_prefix: str = "gw"
+    timeout: float = _bounded(0.05, gt=0)  # seconds for one Redis call, connecting included
+    fallback: SharedFallback = "local"
+    breaker_failures: int = _bounded(3, ge=1)
+    breaker_cooldown: float = _bounded(5.0, gt=0)
+    reservation_deadline: float = _bounded(3600.0, gt=0)
+    heartbeat_interval: float = _bounded(2.0, gt=0)
+
+
+@dataclass(frozen=True, slots=True)
 class CacheRule:
     """One ``[[cache.rules]]`` table: the policy for an endpoint and/or a model (first match wins)."""
 
@@ -221,6 +236,7 @@ class Settings:
     tracing: TracingSettings = field(default_factory=TracingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    shared: SharedSettings = field(default_factory=SharedSettings)
     keys: tuple[KeySettings, ...] = ()
 
     @property

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from gateway import endpoints
 from gateway.exchange import Exchange
+from gateway.state.store import SharedState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -55,6 +56,7 @@ class Snapshot:
     tasks: int
     ledger_dropped: int = 0  # usage records the ledger could not write
     cache: CacheSnapshot | None = None  # None: the response cache is off
+    shared_store: SharedState | None = None  # None: no shared state store ([shared] redis_url)
 
 
 class _StateCollector(Collector):
@@ -99,6 +101,15 @@ class _StateCollector(Collector):
         yield circuits
         if state.cache is not None:
             yield from _cache_families(state.cache)
+        shared = state.shared_store
+        if shared is not None:
+            yield _gauge("gateway_shared_store_up", "1 while the shared state store (Redis) answers.", int(shared.up))
+            yield _gauge("gateway_shared_store_replicas", "Replicas seen alive by the shared store.", shared.replicas)
+            yield CounterMetricFamily(
+                "gateway_shared_store_fallbacks",
+                "Admissions decided by the [shared] fallback policy while Redis did not answer.",
+                value=shared.fallbacks,
+            )
 
 
 def _cache_families(cache: CacheSnapshot) -> Iterator[Metric]:

@@ -26,7 +26,7 @@ from gateway.types import Header
 WINDOW = 60.0
 # Tokens reserved for the completion of a request without max_tokens, before the key has history.
 DEFAULT_COMPLETION_RESERVE = 256
-_EWMA_WEIGHT = 0.2
+EWMA_WEIGHT = 0.2
 
 
 class SlidingWindow:
@@ -115,12 +115,14 @@ class RateLimiter:
             estimate = prompt_tokens + DEFAULT_COMPLETION_RESERVE
         if caller.rpm is not None and state.requests.total + 1 > caller.rpm:
             reset = state.requests.seconds_until_below(now, caller.rpm)
-            raise self._refusal(caller, "requests", caller.rpm, reset, _headers("requests", caller.rpm, 0, reset))
+            raise refusal(caller, "requests", caller.rpm, reset, ratelimit_headers("requests", caller.rpm, 0, reset))
         if caller.tpm is not None and state.tokens.total + state.reserved >= caller.tpm:
             reset = state.tokens.seconds_until_below(now, max(caller.tpm - state.reserved, 1))
-            headers = _headers("requests", caller.rpm, caller.rpm - state.requests.total, 0.0) if caller.rpm else []
-            headers += _headers("tokens", caller.tpm, 0, reset)
-            raise self._refusal(caller, "tokens", caller.tpm, max(reset, 1.0), headers)
+            headers = (
+                ratelimit_headers("requests", caller.rpm, caller.rpm - state.requests.total, 0.0) if caller.rpm else []
+            )
+            headers += ratelimit_headers("tokens", caller.tpm, 0, reset)
+            raise refusal(caller, "tokens", caller.tpm, max(reset, 1.0), headers)
         # Admitted: count it first, so that the headers describe the window with this request in it.
         state.requests.add(now, 1)
         state.reserved += estimate
@@ -128,12 +130,12 @@ class RateLimiter:
         if caller.rpm is not None:
             remaining = caller.rpm - state.requests.total
             reset = state.requests.seconds_until_below(now, caller.rpm)
-            headers += _headers("requests", caller.rpm, remaining, reset)
+            headers += ratelimit_headers("requests", caller.rpm, remaining, reset)
         if caller.tpm is not None:
             room = caller.tpm - state.reserved
             remaining = room - state.tokens.total
             reset = state.tokens.seconds_until_below(now, max(room, 1)) if remaining <= 0 else 0.0
-            headers += _headers("tokens", caller.tpm, remaining, reset)
+            headers += ratelimit_headers("tokens", caller.tpm, remaining, reset)
         return Ticket(caller.name, estimate, headers, now)
 
     def cancel(self, ticket: Ticket | None) -> None:
@@ -161,26 +163,27 @@ class RateLimiter:
             if state.average_tokens == 0:
                 state.average_tokens = float(tokens)
             else:
-                state.average_tokens += _EWMA_WEIGHT * (tokens - state.average_tokens)
-
-    @staticmethod
-    def _refusal(caller: Caller, what: str, limit: int, reset: float, headers: list[Header]) -> RateLimited:
-        return RateLimited(
-            f"Rate limit reached for key {caller.name!r}: {limit} {what} per minute. Retry in {_duration(reset)}.",
-            retry_after=reset,
-            headers=headers,
-        )
+                state.average_tokens += EWMA_WEIGHT * (tokens - state.average_tokens)
 
 
-def _headers(what: str, limit: int, remaining: float, reset: float) -> list[Header]:
+def refusal(caller: Caller, what: str, limit: int, reset: float, headers: list[Header]) -> RateLimited:
+    """The 429 of a key over its ``limit`` of ``what`` per minute, ``reset`` seconds from room."""
+    return RateLimited(
+        f"Rate limit reached for key {caller.name!r}: {limit} {what} per minute. Retry in {duration(reset)}.",
+        retry_after=reset,
+        headers=headers,
+    )
+
+
+def ratelimit_headers(what: str, limit: int, remaining: float, reset: float) -> list[Header]:
     return [
         (f"x-ratelimit-limit-{what}".encode(), str(limit).encode()),
         (f"x-ratelimit-remaining-{what}".encode(), str(max(0, int(remaining))).encode()),
-        (f"x-ratelimit-reset-{what}".encode(), _duration(reset).encode()),
+        (f"x-ratelimit-reset-{what}".encode(), duration(reset).encode()),
     ]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """OpenAI's reset format: "0s", "1.5s", "2m3s"."""
     if seconds < 60:
         return f"{round(seconds, 3):g}s"

@@ -24,6 +24,7 @@ from typing import Protocol
 from gateway.auth.keys import Caller
 from gateway.state.budgets import Budgets, Reservation
 from gateway.state.limits import RateLimiter, Ticket
+from gateway.state.redis_limits import SharedTicket
 from gateway.state.shaping import Slot, UpstreamShaper
 from gateway.types import Header
 from gateway.usage.ledger import Ledger
@@ -42,11 +43,21 @@ class Claim:
     budgeted: bool
 
 
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """A shared backend's health, for the metrics: whether it answers, how many admissions its
+    fallback policy decided, how many replicas it sees."""
+
+    up: bool
+    fallbacks: int
+    replicas: int
+
+
 @dataclass(slots=True)
 class Hold:
     """What ``admit`` reserved for one request; ``settle`` releases it once."""
 
-    ticket: Ticket | None
+    ticket: Ticket | SharedTicket | None
     reservation: Reservation | None
     headers: list[Header]
 
@@ -67,6 +78,10 @@ class StateStore(Protocol):
     @property
     def records_dropped(self) -> int:
         """Usage records that could not be kept (exported as ``gateway_ledger_dropped_total``)."""
+        ...
+
+    def shared_state(self) -> SharedState | None:
+        """A shared backend's health (None: in-process, nothing shared)."""
         ...
 
 
@@ -93,7 +108,8 @@ class LocalStore:
     def settle(self, hold: Hold | None, tokens: int, cost: float | None) -> None:
         if hold is None:
             return
-        self._limiter.settle(hold.ticket, tokens)
+        ticket = hold.ticket
+        self._limiter.settle(ticket if isinstance(ticket, Ticket) else None, tokens)
         self._budgets.settle(hold.reservation, cost)
 
     def record(self, record: UsageRecord) -> None:
@@ -106,3 +122,6 @@ class LocalStore:
     @property
     def records_dropped(self) -> int:
         return 0 if self._ledger is None else self._ledger.dropped
+
+    def shared_state(self) -> SharedState | None:
+        return None

@@ -26,7 +26,7 @@ from gateway.services import open_services
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
 from gateway.state.shaping import Slot, UpstreamShaper
-from gateway.state.store import Claim, Hold, LocalStore
+from gateway.state.store import Claim, Hold, LocalStore, SharedState
 from gateway.types import Header, Scope
 from gateway.upstream.base import UpstreamResponse
 from gateway.upstream.breaker import Pass
@@ -194,6 +194,9 @@ class RecordingStore:
     @property
     def records_dropped(self) -> int:
         return 0
+
+    def shared_state(self) -> SharedState | None:
+        return None
 
 
 async def test_limits_budgets_shaping_and_the_ledger_go_through_the_state_store(

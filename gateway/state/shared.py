@@ -1,0 +1,272 @@
+"""The state store shared by every replica (``[shared] redis_url``): per-key rate limits in Redis.
+
+``SharedStore`` is a ``StateStore`` (``gateway.state.store``): the request path does not know
+which one it talks to. What is shared so far: each key's requests and tokens per minute
+(``gateway.state.redis_limits``: one script to admit, one to settle, idempotent). Budgets, the
+upstream shaping and the ledger are still this replica's (the in-process ``LocalStore`` it wraps).
+
+When Redis is slow or down, each call gives up after ``timeout``; after ``breaker_failures``
+failures in a row the store stops asking for ``breaker_cooldown`` seconds, then tries one request.
+Meanwhile the ``fallback`` policy decides: ``local`` (each replica enforces its share of each
+limit: the limit divided by the replicas seen alive in the last heartbeats, so the fleet stays at
+or under it), ``open`` (no rate limit), ``closed`` (503 ``shared_state_unavailable``). One log line
+per change of state, never one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from gateway.auth.keys import Caller
+from gateway.config import SHARED_INSTALL, SettingsError, SharedSettings
+from gateway.errors import GatewayError
+from gateway.state.redis_limits import (
+    ADMIT,
+    SETTLE,
+    SharedTicket,
+    admit_args,
+    admitted,
+    limit_keys,
+    settle_args,
+)
+from gateway.state.shaping import Slot
+from gateway.state.store import Claim, Hold, LocalStore, SharedState
+from gateway.usage.schema import UsageRecord
+
+logger = logging.getLogger("gateway.state.shared")
+
+# Lua: this replica is alive (a score of server time), and how many are.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class SharedStateUnavailable(GatewayError):
+    status = 503
+    code = "shared_state_unavailable"
+
+
+class Script(Protocol):
+    """A registered Lua script (redis-py's ``AsyncScript``): run by digest, loaded on first miss."""
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any: ...
+
+
+class RedisClient(Protocol):
+    def register_script(self, script: str) -> Script: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SharedStore:
+    def __init__(
+        self,
+        client: RedisClient,
+        settings: SharedSettings,
+        local: LocalStore,
+        *,
+        errors: tuple[type[Exception], ...],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``errors``: what the client raises when Redis is unreachable (redis-py's RedisError)."""
+        self._client = client
+        self._settings = settings
+        self._local = local
+        self._errors: tuple[type[Exception], ...] = (*errors, TimeoutError, OSError)
+        self._clock = clock
+        self._admit = client.register_script(ADMIT)
+        self._settle = client.register_script(SETTLE)
+        self._heartbeat = client.register_script(HEARTBEAT)
+        self._replica = uuid.uuid4().hex
+        self.replicas = 1  # replicas seen alive at the last heartbeat (this one included)
+        self.up = True  # the last call to Redis succeeded
+        self.fallbacks = 0  # admissions decided by the fallback policy
+        self._failures = 0
+        self._open_until = 0.0
+        self._pending: set[asyncio.Task[None]] = set()
+        self._beat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Begin the heartbeat (it also tells whether Redis answers at start-up)."""
+        await self._beat_once()
+        self._beat = asyncio.create_task(self._beat_forever())
+
+    async def aclose(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            await asyncio.gather(self._beat, return_exceptions=True)
+        if self._pending:  # settlements still in flight: give them their timeout, then go
+            await asyncio.wait(set(self._pending), timeout=self._settings.timeout * 4)
+        with contextlib.suppress(*self._errors):
+            await self._client.aclose()
+
+    # ------------------------------------------------------------------------------ the store
+
+    async def admit(self, claim: Claim) -> Hold:
+        caller = claim.caller
+        if caller.rpm is None and caller.tpm is None:
+            return await self._local.admit(claim)
+        if self._available():
+            request_id = uuid.uuid4().hex
+            keys = limit_keys(self._settings.key_prefix, caller.name)
+            args = admit_args(request_id, caller, claim.prompt_tokens, claim.requested_tokens,
+                              self._settings.reservation_deadline)  # fmt: skip
+            try:
+                async with asyncio.timeout(self._settings.timeout):
+                    reply = await self._admit(keys=keys, args=args)
+            except self._errors as exc:
+                self._failed(exc)
+            else:
+                self._succeeded()
+                ticket = admitted(caller, request_id, reply)  # raises RateLimited
+                return await self._with_budget(claim, ticket)
+        return await self._fallback(claim)
+
+    def settle(self, hold: Hold | None, tokens: int, cost: float | None) -> None:
+        if hold is None:
+            return
+        ticket = hold.ticket
+        if isinstance(ticket, SharedTicket):
+            self._release(ticket, tokens, cancel=False)
+            self._local.settle(dataclasses.replace(hold, ticket=None), tokens, cost)
+        else:
+            self._local.settle(hold, tokens, cost)
+
+    def record(self, record: UsageRecord) -> None:
+        self._local.record(record)
+
+    async def upstream_slot(self) -> Slot:
+        return await self._local.upstream_slot()
+
+    @property
+    def records_dropped(self) -> int:
+        return self._local.records_dropped
+
+    def shared_state(self) -> SharedState:
+        return SharedState(self.up, self.fallbacks, self.replicas)
+
+    # ------------------------------------------------------------------------------ internals
+
+    async def _with_budget(self, claim: Claim, ticket: SharedTicket) -> Hold:
+        """The key's budgets (still this replica's), all or nothing with the shared admission."""
+        try:
+            hold = await self._local.admit(dataclasses.replace(claim, caller=_unlimited(claim.caller)))
+        except BaseException:
+            self._release(ticket, 0, cancel=True)
+            raise
+        return Hold(ticket, hold.reservation, ticket.headers)
+
+    async def _fallback(self, claim: Claim) -> Hold:
+        self.fallbacks += 1
+        policy = self._settings.fallback
+        if policy == "closed":
+            raise SharedStateUnavailable(
+                "The gateway's shared rate-limit store is unavailable; retry shortly.",
+                retry_after=self._settings.breaker_cooldown,
+            )
+        caller = _unlimited(claim.caller) if policy == "open" else _share(claim.caller, self.replicas)
+        return await self._local.admit(dataclasses.replace(claim, caller=caller))
+
+    def _release(self, ticket: SharedTicket, tokens: int, *, cancel: bool) -> None:
+        if ticket.settled:
+            return
+        ticket.settled = True
+        task = asyncio.get_running_loop().create_task(self._settle_remote(ticket, tokens, cancel))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle_remote(self, ticket: SharedTicket, tokens: int, cancel: bool) -> None:
+        keys = limit_keys(self._settings.key_prefix, ticket.key)
+        args = settle_args(ticket.request_id, tokens, self._settings.reservation_deadline, cancel=cancel)
+        try:
+            async with asyncio.timeout(self._settings.timeout * 4):  # off the request path: a little longer
+                await self._settle(keys=keys, args=args)
+        except self._errors as exc:
+            # The reservation is released at its deadline; the tokens of this request are lost to the window.
+            self._failed(exc)
+        else:
+            self._succeeded()
+
+    def _available(self) -> bool:
+        return self._failures < self._settings.breaker_failures or self._clock() >= self._open_until
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        if self._failures >= self._settings.breaker_failures:
+            self._open_until = self._clock() + self._settings.breaker_cooldown
+        if self.up:
+            self.up = False
+            logger.warning(
+                "shared state store unreachable (%s): fallback policy %r until it answers again",
+                type(exc).__name__,
+                self._settings.fallback,
+            )
+
+    def _succeeded(self) -> None:
+        self._failures = 0
+        if not self.up:
+            self.up = True
+            logger.warning("shared state store answers again: limits are shared across replicas")
+
+    async def _beat_once(self) -> None:
+        key = f"{self._settings.key_prefix}:replicas"
+        horizon = self._settings.heartbeat_interval * 3
+        try:
+            async with asyncio.timeout(self._settings.timeout * 4):
+                count = await self._heartbeat(keys=[key], args=[self._replica, horizon])
+        except self._errors as exc:
+            self._failed(exc)
+        else:
+            self._succeeded()
+            self.replicas = max(1, int(count))
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_interval)
+            await self._beat_once()
+
+
+def open_shared_store(
+    settings: SharedSettings, local: LocalStore, clock: Callable[[], float] = time.monotonic
+) -> SharedStore:
+    """A ``SharedStore`` on redis-py's asyncio client (imported here: only when configured)."""
+    try:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+    except ImportError as exc:
+        raise SettingsError(f"[shared] redis_url: redis-py is not installed ({exc}): {SHARED_INSTALL}") from exc
+    client = aioredis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.timeout * 4,
+        socket_connect_timeout=settings.timeout * 4,
+        retry=Retry(NoBackoff(), 0),  # the store's own timeout, breaker and fallback decide
+    )
+    return SharedStore(client, settings, local, errors=(RedisError,), clock=clock)
+
+
+def _unlimited(caller: Caller) -> Caller:
+    return dataclasses.replace(caller, rpm=None, tpm=None)
+
+
+def _share(caller: Caller, replicas: int) -> Caller:
+    """This replica's share of the key's limits: the fleet stays at or under them."""
+
+    def part(limit: int | None) -> int | None:
+        return None if limit is None else max(1, math.floor(limit / replicas))
+
+    return dataclasses.replace(caller, rpm=part(caller.rpm), tpm=part(caller.tpm))
