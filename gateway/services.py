@@ -119,7 +119,7 @@ async def open_services(
                 ledger,
             )
             if settings.shared.redis_url:
-                shared = open_shared_store(settings.shared, store)
+                shared = open_shared_store(settings.shared, store, ledger.spend_usd if ledger else None)
                 await shared.start()
                 stack.push_async_callback(shared.aclose)  # settlements in flight get their timeout
                 store = shared

@@ -44,6 +44,17 @@ class Reservation:
     periods: tuple[Period, ...]
 
 
+def budget_refusal(caller: Caller, period: Period, budget: float, remaining: float, now: float) -> BudgetExceeded:
+    """The 402 of a key whose ``period`` budget cannot cover a request (``remaining`` USD left)."""
+    reset = datetime.fromtimestamp(period.end, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return BudgetExceeded(
+        f"The {period.kind} budget of key {caller.name!r} (${budget:.2f}) "
+        + ("is used up" if remaining <= 0 else f"cannot cover this request (${remaining:.4f} left)")
+        + f"; it resets at {reset}.",
+        retry_after=period.end - now,
+    )
+
+
 class Budgets:
     def __init__(self, spend_since: SpendSince | None, clock: Callable[[], float] = time.time) -> None:
         self._spend_since = spend_since
@@ -64,13 +75,7 @@ class Budgets:
             spent = await self._spent_in(caller.name, period)
             remaining = budget - spent
             if remaining <= 0 or (min_cost is not None and min_cost > remaining):
-                reset = datetime.fromtimestamp(period.end, UTC).strftime("%Y-%m-%d %H:%M UTC")
-                raise BudgetExceeded(
-                    f"The {period.kind} budget of key {caller.name!r} (${budget:.2f}) "
-                    + ("is used up" if remaining <= 0 else f"cannot cover this request (${remaining:.4f} left)")
-                    + f"; it resets at {reset}.",
-                    retry_after=period.end - now,
-                )
+                raise budget_refusal(caller, period, budget, remaining, now)
         amount = min_cost or 0.0
         self._add(caller.name, active, amount)
         return Reservation(caller, amount, active)

@@ -1,9 +1,10 @@
-"""The state store shared by every replica (``[shared] redis_url``): per-key rate limits in Redis.
+"""The state store shared by every replica (``[shared] redis_url``): per-key limits and budgets in Redis.
 
 ``SharedStore`` is a ``StateStore`` (``gateway.state.store``): the request path does not know
-which one it talks to. What is shared so far: each key's requests and tokens per minute
-(``gateway.state.redis_limits``: one script to admit, one to settle, idempotent). Budgets, the
-upstream shaping and the ledger are still this replica's (the in-process ``LocalStore`` it wraps).
+which one it talks to. What is shared so far: each key's requests and tokens per minute and its
+day and month budgets (``gateway.state.redis_limits``: one script to admit, one to settle,
+idempotent). The upstream shaping and the ledger are still this replica's (the in-process
+``LocalStore`` it wraps).
 
 When Redis is slow or down, each call gives up after ``timeout``; after ``breaker_failures``
 failures in a row the store stops asking for ``breaker_cooldown`` seconds, then tries one request.
@@ -22,19 +23,23 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from gateway.auth.keys import Caller
 from gateway.config import SHARED_INSTALL, SettingsError, SharedSettings
 from gateway.errors import GatewayError
+from gateway.state.budgets import SpendSince, periods
 from gateway.state.redis_limits import (
     ADMIT,
     SETTLE,
+    Admission,
     SharedTicket,
     admit_args,
     admitted,
+    budget_ttl,
     limit_keys,
+    micro,
     settle_args,
 )
 from gateway.state.shaping import Slot
@@ -68,6 +73,8 @@ class Script(Protocol):
 class RedisClient(Protocol):
     def register_script(self, script: str) -> Script: ...
 
+    def set(self, name: str, value: int, *, ex: int, nx: bool) -> Awaitable[Any]: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -79,7 +86,9 @@ class SharedStore:
         local: LocalStore,
         *,
         errors: tuple[type[Exception], ...],
+        spend_since: SpendSince | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``errors``: what the client raises when Redis is unreachable (redis-py's RedisError)."""
         self._client = client
@@ -87,6 +96,9 @@ class SharedStore:
         self._local = local
         self._errors: tuple[type[Exception], ...] = (*errors, TimeoutError, OSError)
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._spend_since = spend_since  # the ledger's spend, to seed a period's shared counter
+        self._seeded: set[str] = set()
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
         self._heartbeat = client.register_script(HEARTBEAT)
@@ -117,22 +129,27 @@ class SharedStore:
 
     async def admit(self, claim: Claim) -> Hold:
         caller = claim.caller
-        if caller.rpm is None and caller.tpm is None:
+        if caller.rpm is None and caller.tpm is None and not claim.budgeted:
             return await self._local.admit(claim)
         if self._available():
-            request_id = uuid.uuid4().hex
-            keys = limit_keys(self._settings.key_prefix, caller.name)
-            args = admit_args(request_id, caller, claim.prompt_tokens, claim.requested_tokens,
-                              self._settings.reservation_deadline)  # fmt: skip
+            now = self._wall_clock()
+            admission = Admission(caller, uuid.uuid4().hex, claim.prompt_tokens, claim.requested_tokens,
+                                  claim.min_cost if claim.budgeted else None, periods(now), now)  # fmt: skip
+            prefix = self._settings.key_prefix
+            keys = limit_keys(prefix, caller.name, admission.periods)
             try:
                 async with asyncio.timeout(self._settings.timeout):
-                    reply = await self._admit(keys=keys, args=args)
+                    if claim.budgeted:
+                        await self._seed_budgets(admission, keys)
+                    reply = await self._admit(
+                        keys=keys, args=admit_args(admission, self._settings.reservation_deadline)
+                    )
             except self._errors as exc:
                 self._failed(exc)
             else:
                 self._succeeded()
-                ticket = admitted(caller, request_id, reply)  # raises RateLimited
-                return await self._with_budget(claim, ticket)
+                ticket = admitted(admission, reply, prefix)  # raises RateLimited or BudgetExceeded
+                return Hold(ticket, None, ticket.headers)
         return await self._fallback(claim)
 
     def settle(self, hold: Hold | None, tokens: int, cost: float | None) -> None:
@@ -140,8 +157,7 @@ class SharedStore:
             return
         ticket = hold.ticket
         if isinstance(ticket, SharedTicket):
-            self._release(ticket, tokens, cancel=False)
-            self._local.settle(dataclasses.replace(hold, ticket=None), tokens, cost)
+            self._release(ticket, tokens, cost, cancel=False)
         else:
             self._local.settle(hold, tokens, cost)
 
@@ -160,14 +176,16 @@ class SharedStore:
 
     # ------------------------------------------------------------------------------ internals
 
-    async def _with_budget(self, claim: Claim, ticket: SharedTicket) -> Hold:
-        """The key's budgets (still this replica's), all or nothing with the shared admission."""
-        try:
-            hold = await self._local.admit(dataclasses.replace(claim, caller=_unlimited(claim.caller)))
-        except BaseException:
-            self._release(ticket, 0, cancel=True)
-            raise
-        return Hold(ticket, hold.reservation, ticket.headers)
+    async def _seed_budgets(self, admission: Admission, keys: list[str]) -> None:
+        """Start a period's shared spend from the ledger, once per counter (the first replica wins)."""
+        caller = admission.caller
+        budgets = (caller.budget_usd_daily, caller.budget_usd_monthly)
+        for period, key, budget in zip(admission.periods, keys[6:], budgets, strict=True):
+            if budget is None or key in self._seeded:
+                continue
+            spent = await self._spend_since(caller.name, period.start) if self._spend_since else 0.0
+            await self._client_set_nx(key, micro(spent), budget_ttl(period, admission.now))
+            self._seeded.add(key)
 
     async def _fallback(self, claim: Claim) -> Hold:
         self.fallbacks += 1
@@ -180,17 +198,17 @@ class SharedStore:
         caller = _unlimited(claim.caller) if policy == "open" else _share(claim.caller, self.replicas)
         return await self._local.admit(dataclasses.replace(claim, caller=caller))
 
-    def _release(self, ticket: SharedTicket, tokens: int, *, cancel: bool) -> None:
+    def _release(self, ticket: SharedTicket, tokens: int, cost: float | None, *, cancel: bool) -> None:
         if ticket.settled:
             return
         ticket.settled = True
-        task = asyncio.get_running_loop().create_task(self._settle_remote(ticket, tokens, cancel))
+        task = asyncio.get_running_loop().create_task(self._settle_remote(ticket, tokens, cost, cancel))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _settle_remote(self, ticket: SharedTicket, tokens: int, cancel: bool) -> None:
-        keys = limit_keys(self._settings.key_prefix, ticket.key)
-        args = settle_args(ticket.request_id, tokens, self._settings.reservation_deadline, cancel=cancel)
+    async def _settle_remote(self, ticket: SharedTicket, tokens: int, cost: float | None, cancel: bool) -> None:
+        keys = [*limit_keys(self._settings.key_prefix, ticket.key)[:6], *ticket.budget_keys]
+        args = settle_args(ticket, tokens, cost, self._settings.reservation_deadline, cancel=cancel)
         try:
             async with asyncio.timeout(self._settings.timeout * 4):  # off the request path: a little longer
                 await self._settle(keys=keys, args=args)
@@ -199,6 +217,9 @@ class SharedStore:
             self._failed(exc)
         else:
             self._succeeded()
+
+    async def _client_set_nx(self, key: str, value: int, ttl: int) -> None:
+        await self._client.set(key, value, ex=ttl, nx=True)
 
     def _available(self) -> bool:
         return self._failures < self._settings.breaker_failures or self._clock() >= self._open_until
@@ -240,7 +261,11 @@ class SharedStore:
 
 
 def open_shared_store(
-    settings: SharedSettings, local: LocalStore, clock: Callable[[], float] = time.monotonic
+    settings: SharedSettings,
+    local: LocalStore,
+    spend_since: SpendSince | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
 ) -> SharedStore:
     """A ``SharedStore`` on redis-py's asyncio client (imported here: only when configured)."""
     try:
@@ -256,7 +281,7 @@ def open_shared_store(
         socket_connect_timeout=settings.timeout * 4,
         retry=Retry(NoBackoff(), 0),  # the store's own timeout, breaker and fallback decide
     )
-    return SharedStore(client, settings, local, errors=(RedisError,), clock=clock)
+    return SharedStore(client, settings, local, errors=(RedisError,), spend_since=spend_since, clock=clock)
 
 
 def _unlimited(caller: Caller) -> Caller:

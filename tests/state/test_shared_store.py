@@ -17,7 +17,7 @@ import pytest
 
 from gateway.auth.keys import Caller
 from gateway.config import SharedSettings
-from gateway.errors import RateLimited
+from gateway.errors import BudgetExceeded, RateLimited
 from gateway.server.thread import LocalServer
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
@@ -87,7 +87,8 @@ async def test_tokens_per_minute_count_what_was_used_and_settling_twice_counts_o
     assert isinstance(ticket, SharedTicket)
     # The same settlement replayed on the server (a retried call): counted once.
     keys = limit_keys(store._settings.key_prefix, who.name)
-    assert await store._settle(keys=keys, args=settle_args(ticket.request_id, 60, 3600, cancel=False)) == 0
+    replayed = settle_args(ticket, 60, None, 3600, cancel=False)
+    assert await store._settle(keys=keys, args=replayed) == 0
     after = await store.admit(claim(who, prompt=5, requested=5))
     assert (b"x-ratelimit-remaining-tokens", b"30") in after.headers  # 100 - 60 used - 10 reserved
 
@@ -128,7 +129,7 @@ async def test_a_stalled_redis_falls_back_by_policy_and_recovers(
         breaker_cooldown=5.0,
         fallback=policy,  # type: ignore[arg-type]
     )
-    store = open_shared_store(settings, local_store(), clock)
+    store = open_shared_store(settings, local_store(), clock=clock)
     await store.start()
     store.replicas = 3  # as if the heartbeats had seen three replicas
     who = caller(rpm=9)
@@ -217,3 +218,54 @@ def _sees_replicas(url: str, headers: dict[str, str], count: int) -> bool:
 
 def _metrics(url: str, headers: dict[str, str]) -> str:
     return httpx.get(url + "/metrics", headers=headers, timeout=5).text
+
+
+def budgeted(daily: float | None = None, monthly: float | None = None) -> Caller:
+    return Caller("spender", None, None, None, None, None, daily, monthly, admin=False)
+
+
+async def test_two_replicas_draw_on_one_budget_and_refuse_like_one_process(redis: RedisServer) -> None:
+    settings = SharedSettings(redis_url=redis.url, key_prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.5)
+    one, two = (open_shared_store(settings, local_store()) for _ in range(2))
+    await one.start()
+    await two.start()
+    try:
+        who = budgeted(daily=1.0)
+        hold = await one.admit(Claim(who, 0, 0, 0.4, budgeted=True))
+        one.settle(hold, 10, 0.6)
+        other = await two.admit(Claim(who, 0, 0, 0.3, budgeted=True))
+        two.settle(other, 10, 0.3)
+        await asyncio.sleep(0.05)  # settlements run off the request path
+        with pytest.raises(BudgetExceeded) as refused:
+            await one.admit(Claim(who, 0, 0, 0.2, budgeted=True))  # 0.1 left of 1.0: not enough
+        local = Budgets(None)
+        await local.admit(who, 0.9)
+        with pytest.raises(BudgetExceeded) as in_process:
+            await local.admit(who, 0.2)
+        assert refused.value.message == in_process.value.message  # "... cannot cover this request ($0.1000 left)"
+        assert refused.value.status == 402
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_a_period_starts_from_the_ledgers_spend_and_a_refusal_reserves_nothing(redis: RedisServer) -> None:
+    settings = SharedSettings(redis_url=redis.url, key_prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.5)
+
+    async def spent(key: str, since: float) -> float:
+        return 4.5  # what this replica's ledger says the key spent this month
+
+    store = open_shared_store(settings, local_store(), spent)
+    await store.start()
+    try:
+        who = Caller("spender", None, None, None, 2, None, None, 5.0, admin=False)
+        hold = await store.admit(Claim(who, 0, 0, 0.3, budgeted=True))
+        with pytest.raises(BudgetExceeded, match="monthly"):
+            await store.admit(Claim(who, 0, 0, 0.3, budgeted=True))  # 0.2 left: refused ...
+        store.settle(hold, 0, 0.1)
+        await asyncio.sleep(0.05)
+        # ... and the refusal took neither a request of the rpm nor money: 0.4 left, one request left.
+        last = await store.admit(Claim(who, 0, 0, 0.35, budgeted=True))
+        assert (b"x-ratelimit-remaining-requests", b"0") in last.headers
+    finally:
+        await store.aclose()
