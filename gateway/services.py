@@ -23,6 +23,7 @@ from gateway.accounting import Accounting
 from gateway.auth.jobs import JobOwners
 from gateway.auth.keys import KeyRing
 from gateway.auth.reload import KeyReloader
+from gateway.cache.redis_tier import RedisTier
 from gateway.cache.responses import CacheStats, ResponseCache
 from gateway.catalog.admission import is_routable
 from gateway.catalog.cache import Catalog
@@ -34,7 +35,7 @@ from gateway.ops.metrics import Snapshot as MetricsSnapshot
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
 from gateway.state.shaping import UpstreamShaper
-from gateway.state.shared import open_shared_store
+from gateway.state.shared import open_shared_store, redis_client
 from gateway.state.store import LocalStore, StateStore
 from gateway.upstream.aiohttp_client import AiohttpUpstream
 from gateway.upstream.base import HttpxUpstream, Upstream
@@ -147,7 +148,7 @@ async def open_services(
             jobs=JobOwners(),
             tracing=tracing,
             keys=KeyRing(settings.keys) if settings.auth_mode == "keys" else None,
-            cache=ResponseCache(settings.cache) if settings.cache.enabled else None,
+            cache=await _response_cache(settings, stack) if settings.cache.enabled else None,
         )
         if services.keys is not None and config_path is not None:
             reloader = KeyReloader(config_path, env if env is not None else {}, settings, services)
@@ -157,6 +158,16 @@ async def open_services(
             yield services
         finally:
             services.serving = False  # readiness and metrics stop reading what is being closed
+
+
+async def _response_cache(settings: Settings, stack: contextlib.AsyncExitStack) -> ResponseCache:
+    """The response cache, with its Redis tier when ``[shared] redis_url`` is set."""
+    remote = None
+    if settings.shared.redis_url:
+        client, errors = redis_client(settings.shared)
+        remote = RedisTier(client, errors, settings.shared, settings.cache.keep_stale)
+        stack.push_async_callback(remote.aclose)
+    return ResponseCache(settings.cache, remote=remote)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -196,4 +207,5 @@ def _metrics_snapshot(services: Services) -> MetricsSnapshot:
 
 
 def _cache_snapshot(stats: CacheStats) -> CacheSnapshot:
-    return CacheSnapshot(stats.bytes, stats.entries, stats.evictions, stats.stores, stats.skips, stats.flights)
+    return CacheSnapshot(stats.bytes, stats.entries, stats.evictions, stats.stores, stats.skips, stats.flights,
+                         stats.remote_up, stats.remote_hits)  # fmt: skip

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.cache.flights import Flight, Flights
+from gateway.cache.redis_tier import RedisTier
 from gateway.cache.store import Entry, MemoryStore
 from gateway.config import CacheSettings
 from gateway.headers import is_event_stream
@@ -44,11 +45,17 @@ class CacheStats:
     stores: int
     skips: dict[str, int]
     flights: int
+    remote_up: bool | None = None  # the Redis tier answers (None: no such tier)
+    remote_hits: int = 0  # answers found in the Redis tier (not in memory)
 
 
 class ResponseCache:
-    def __init__(self, settings: CacheSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: CacheSettings, *, remote: RedisTier | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        """``remote``: the second tier in Redis (``[shared] redis_url``), None without."""
         self.settings = settings
+        self.remote = remote
         self._clock = clock
         self._store = MemoryStore(settings.max_bytes, clock=clock, stale_grace=settings.keep_stale)
         self._flights = Flights()
@@ -60,6 +67,15 @@ class ResponseCache:
 
     def lookup(self, key: str) -> Entry | None:
         return self._store.get(key)
+
+    async def lookup_remote(self, key: str) -> Entry | None:
+        """The second tier's entry for ``key`` (kept in memory too), or None (a miss, or Redis down)."""
+        if self.remote is None:
+            return None
+        entry = await self.remote.get(key)
+        if entry is not None:
+            self._store.put(key, entry)
+        return entry
 
     def joinable(self, key: str) -> Flight | None:
         return self._flights.joinable(key)
@@ -100,6 +116,8 @@ class ResponseCache:
             )
             if self._store.put(key, entry):
                 self._stores += 1
+                if self.remote is not None:
+                    self.remote.put(key, entry)
                 return True
             reason = "too-large"
         self._skips[reason] += 1
@@ -112,10 +130,17 @@ class ResponseCache:
     def purge(self, *, model: str | None = None, namespace: str | None = None) -> int:
         return self._store.purge(model=model, namespace=namespace)
 
+    async def purge_remote(self, *, model: str | None = None, namespace: str | None = None) -> int | None:
+        """Purge the second tier too (None when there is none)."""
+        if self.remote is None:
+            return None
+        return await self.remote.purge(model=model, namespace=namespace)
+
     def stats(self) -> CacheStats:
-        store = self._store
+        store, remote = self._store, self.remote
         return CacheStats(store.bytes, store.entries, store.evictions, self._stores, dict(self._skips),
-                          len(self._flights))  # fmt: skip
+                          len(self._flights), None if remote is None else remote.up,
+                          0 if remote is None else remote.hits)  # fmt: skip
 
     def _unstorable(self, status: int, body: bytes, event_stream: bool) -> str | None:
         if status != 200:

@@ -37,6 +37,8 @@ class CacheSnapshot:
     stores: int
     skips: dict[str, int]
     flights: int
+    remote_up: bool | None = None
+    remote_hits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,11 @@ def _cache_families(cache: CacheSnapshot) -> Iterator[Metric]:
     for reason, count in sorted(cache.skips.items()):
         skips.add_metric([reason], count)
     yield skips
+    if cache.remote_up is not None:
+        yield _gauge("gateway_cache_remote_up", "1 while the cache's Redis tier answers.", int(cache.remote_up))
+        yield CounterMetricFamily(
+            "gateway_cache_remote_hits", "Answers found in the Redis tier (not in memory).", value=cache.remote_hits
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -94,6 +94,8 @@ class CachingSource:
         refresh = directives.no_cache or directives.max_age == 0  # go upstream, store the new answer
         if not refresh:
             stored = self._cache.lookup(key)
+            if stored is None and self._cache.remote is not None:
+                stored = await self._cache.lookup_remote(key)
             if stored is not None and _acceptable(stored, headers):
                 age = self._cache.now() - stored.stored_at
                 if usable(age, stored.ttl, directives):

@@ -141,7 +141,11 @@ class LocalRoutes:
             if value is not None and not isinstance(value, str):
                 raise InvalidRequest(f"`{name}` must be a string.", param=name)
         purged = cache.purge(model=model, namespace=namespace)
-        return _json({"object": "cache.purge", "purged": purged, "model": model, "namespace": namespace})
+        answer = {"object": "cache.purge", "purged": purged, "model": model, "namespace": namespace}
+        shared = await cache.purge_remote(model=model, namespace=namespace)
+        if shared is not None:
+            answer["purged_shared"] = shared  # from the Redis tier
+        return _json(answer)
 
     async def healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})

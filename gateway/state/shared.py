@@ -30,6 +30,7 @@ from gateway.auth.keys import Caller
 from gateway.config import SHARED_INSTALL, SettingsError, SharedSettings
 from gateway.errors import GatewayError
 from gateway.state.budgets import SpendSince, periods
+from gateway.state.guard import Guard
 from gateway.state.redis_limits import (
     ADMIT,
     SETTLE,
@@ -104,10 +105,15 @@ class SharedStore:
         self._heartbeat = client.register_script(HEARTBEAT)
         self._replica = uuid.uuid4().hex
         self.replicas = 1  # replicas seen alive at the last heartbeat (this one included)
-        self.up = True  # the last call to Redis succeeded
         self.fallbacks = 0  # admissions decided by the fallback policy
-        self._failures = 0
-        self._open_until = 0.0
+        self._guard = Guard(
+            "shared state store",
+            logger,
+            failures=settings.breaker_failures,
+            cooldown=settings.breaker_cooldown,
+            clock=clock,
+            while_down=f": fallback policy {settings.fallback!r} until it answers again",
+        )
         self._pending: set[asyncio.Task[None]] = set()
         self._beat: asyncio.Task[None] | None = None
 
@@ -131,7 +137,7 @@ class SharedStore:
         caller = claim.caller
         if caller.rpm is None and caller.tpm is None and not claim.budgeted:
             return await self._local.admit(claim)
-        if self._available():
+        if self._guard.available():
             now = self._wall_clock()
             admission = Admission(caller, uuid.uuid4().hex, claim.prompt_tokens, claim.requested_tokens,
                                   claim.min_cost if claim.budgeted else None, periods(now), now)  # fmt: skip
@@ -145,9 +151,9 @@ class SharedStore:
                         keys=keys, args=admit_args(admission, self._settings.reservation_deadline)
                     )
             except self._errors as exc:
-                self._failed(exc)
+                self._guard.failed(exc)
             else:
-                self._succeeded()
+                self._guard.succeeded()
                 ticket = admitted(admission, reply, prefix)  # raises RateLimited or BudgetExceeded
                 return Hold(ticket, None, ticket.headers)
         return await self._fallback(claim)
@@ -171,8 +177,13 @@ class SharedStore:
     def records_dropped(self) -> int:
         return self._local.records_dropped
 
+    @property
+    def up(self) -> bool:
+        """The last call to Redis succeeded."""
+        return self._guard.up
+
     def shared_state(self) -> SharedState:
-        return SharedState(self.up, self.fallbacks, self.replicas)
+        return SharedState(self._guard.up, self.fallbacks, self.replicas)
 
     # ------------------------------------------------------------------------------ internals
 
@@ -214,33 +225,12 @@ class SharedStore:
                 await self._settle(keys=keys, args=args)
         except self._errors as exc:
             # The reservation is released at its deadline; the tokens of this request are lost to the window.
-            self._failed(exc)
+            self._guard.failed(exc)
         else:
-            self._succeeded()
+            self._guard.succeeded()
 
     async def _client_set_nx(self, key: str, value: int, ttl: int) -> None:
         await self._client.set(key, value, ex=ttl, nx=True)
-
-    def _available(self) -> bool:
-        return self._failures < self._settings.breaker_failures or self._clock() >= self._open_until
-
-    def _failed(self, exc: BaseException) -> None:
-        self._failures += 1
-        if self._failures >= self._settings.breaker_failures:
-            self._open_until = self._clock() + self._settings.breaker_cooldown
-        if self.up:
-            self.up = False
-            logger.warning(
-                "shared state store unreachable (%s): fallback policy %r until it answers again",
-                type(exc).__name__,
-                self._settings.fallback,
-            )
-
-    def _succeeded(self) -> None:
-        self._failures = 0
-        if not self.up:
-            self.up = True
-            logger.warning("shared state store answers again: limits are shared across replicas")
 
     async def _beat_once(self) -> None:
         key = f"{self._settings.key_prefix}:replicas"
@@ -249,9 +239,9 @@ class SharedStore:
             async with asyncio.timeout(self._settings.timeout * 4):
                 count = await self._heartbeat(keys=[key], args=[self._replica, horizon])
         except self._errors as exc:
-            self._failed(exc)
+            self._guard.failed(exc)
         else:
-            self._succeeded()
+            self._guard.succeeded()
             self.replicas = max(1, int(count))
 
     async def _beat_forever(self) -> None:
@@ -260,14 +250,9 @@ class SharedStore:
             await self._beat_once()
 
 
-def open_shared_store(
-    settings: SharedSettings,
-    local: LocalStore,
-    spend_since: SpendSince | None = None,
-    *,
-    clock: Callable[[], float] = time.monotonic,
-) -> SharedStore:
-    """A ``SharedStore`` on redis-py's asyncio client (imported here: only when configured)."""
+def redis_client(settings: SharedSettings) -> tuple[Any, tuple[type[Exception], ...]]:
+    """redis-py's asyncio client for ``settings.redis_url`` (imported here: only when configured),
+    and the errors it raises when Redis is unreachable."""
     try:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
@@ -279,9 +264,21 @@ def open_shared_store(
         settings.redis_url,
         socket_timeout=settings.timeout * 4,
         socket_connect_timeout=settings.timeout * 4,
-        retry=Retry(NoBackoff(), 0),  # the store's own timeout, breaker and fallback decide
+        retry=Retry(NoBackoff(), 0),  # the callers' own timeout, breaker and fallback decide
     )
-    return SharedStore(client, settings, local, errors=(RedisError,), spend_since=spend_since, clock=clock)
+    return client, (RedisError,)
+
+
+def open_shared_store(
+    settings: SharedSettings,
+    local: LocalStore,
+    spend_since: SpendSince | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> SharedStore:
+    """A ``SharedStore`` on its own redis-py client."""
+    client, errors = redis_client(settings)
+    return SharedStore(client, settings, local, errors=errors, spend_since=spend_since, clock=clock)
 
 
 def _unlimited(caller: Caller) -> Caller:
