@@ -34,8 +34,9 @@ from gateway.ops.metrics import CacheSnapshot, Metrics
 from gateway.ops.metrics import Snapshot as MetricsSnapshot
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
+from gateway.state.redis_client import redis_client
 from gateway.state.shaping import UpstreamShaper
-from gateway.state.shared import open_shared_store, redis_client
+from gateway.state.shared import open_shared_store
 from gateway.state.store import LocalStore, StateStore
 from gateway.upstream.aiohttp_client import AiohttpUpstream
 from gateway.upstream.base import HttpxUpstream, Upstream
@@ -120,7 +121,9 @@ async def open_services(
                 ledger,
             )
             if settings.shared.redis_url:
-                shared = open_shared_store(settings.shared, store, ledger.spend_usd if ledger else None)
+                shaping = (up.concurrency, up.rpm, up.queue_timeout)
+                spend = ledger.spend_usd if ledger else None
+                shared = open_shared_store(settings.shared, store, spend, shaping=shaping)
                 await shared.start()
                 stack.push_async_callback(shared.aclose)  # settlements in flight get their timeout
                 store = shared

@@ -27,6 +27,7 @@ from typing import Any, Final
 from gateway.auth.keys import Caller
 from gateway.state.budgets import Period, budget_refusal
 from gateway.state.limits import DEFAULT_COMPLETION_RESERVE, EWMA_WEIGHT, WINDOW, ratelimit_headers, refusal
+from gateway.state.redis_client import text
 from gateway.types import Header
 
 # Lua: the window's expiry and the reservations' deadlines, shared by both scripts.
@@ -248,15 +249,15 @@ def admitted(admission: Admission, reply: list[Any], prefix: str) -> SharedTicke
     """The ticket of an ``ADMIT`` reply, or the refusal (429 RateLimited, 402 BudgetExceeded) with
     the same headers and message as the in-process limiter's and budgets'."""
     caller = admission.caller
-    ok, what = int(reply[0]), _text(reply[1])
+    ok, what = int(reply[0]), text(reply[1])
     estimate, requests, tokens, reserved = (int(reply[i]) for i in range(2, 6))
-    requests_reset, tokens_reset = float(_text(reply[6])), float(_text(reply[7]))
+    requests_reset, tokens_reset = float(text(reply[6])), float(text(reply[7]))
     if not ok:
         if what in ("daily", "monthly"):
             period = admission.periods[0 if what == "daily" else 1]
             budget = caller.budget_usd_daily if what == "daily" else caller.budget_usd_monthly
             assert budget is not None
-            raise budget_refusal(caller, period, budget, float(_text(reply[8])) / MICRO, admission.now)
+            raise budget_refusal(caller, period, budget, float(text(reply[8])) / MICRO, admission.now)
         if what == "requests":
             assert caller.rpm is not None
             raise refusal(caller, "requests", caller.rpm, requests_reset,
@@ -276,7 +277,3 @@ def admitted(admission: Admission, reply: list[Any], prefix: str) -> SharedTicke
     reserved_micro = micro(admission.min_cost) if any(budgeted) else 0
     return SharedTicket(caller.name, admission.request_id, estimate, headers, (keys[6], keys[7]), budgeted,
                         reserved_micro)  # fmt: skip
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,10 +1,10 @@
 """The state store shared by every replica (``[shared] redis_url``): per-key limits and budgets in Redis.
 
 ``SharedStore`` is a ``StateStore`` (``gateway.state.store``): the request path does not know
-which one it talks to. What is shared so far: each key's requests and tokens per minute and its
-day and month budgets (``gateway.state.redis_limits``: one script to admit, one to settle,
-idempotent). The upstream shaping and the ledger are still this replica's (the in-process
-``LocalStore`` it wraps).
+which one it talks to. What is shared: each key's requests and tokens per minute and its day and
+month budgets (``gateway.state.redis_limits``: one script to admit, one to settle, idempotent),
+and the upstream shaping (``gateway.state.redis_shaping``: leases with deadlines). The ledger is
+still this replica's (the in-process ``LocalStore`` it wraps).
 
 When Redis is slow or down, each call gives up after ``timeout``; after ``breaker_failures``
 failures in a row the store stops asking for ``breaker_cooldown`` seconds, then tries one request.
@@ -20,17 +20,16 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from gateway.auth.keys import Caller
-from gateway.config import SHARED_INSTALL, SettingsError, SharedSettings
-from gateway.errors import GatewayError
+from gateway.config import SharedSettings
 from gateway.state.budgets import SpendSince, periods
 from gateway.state.guard import Guard
+from gateway.state.redis_client import RedisClient, SharedStateUnavailable, part, redis_client
 from gateway.state.redis_limits import (
     ADMIT,
     SETTLE,
@@ -43,6 +42,7 @@ from gateway.state.redis_limits import (
     micro,
     settle_args,
 )
+from gateway.state.redis_shaping import SharedShaper
 from gateway.state.shaping import Slot
 from gateway.state.store import Claim, Hold, LocalStore, SharedState
 from gateway.usage.schema import UsageRecord
@@ -60,25 +60,6 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
-class SharedStateUnavailable(GatewayError):
-    status = 503
-    code = "shared_state_unavailable"
-
-
-class Script(Protocol):
-    """A registered Lua script (redis-py's ``AsyncScript``): run by digest, loaded on first miss."""
-
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any: ...
-
-
-class RedisClient(Protocol):
-    def register_script(self, script: str) -> Script: ...
-
-    def set(self, name: str, value: int, *, ex: int, nx: bool) -> Awaitable[Any]: ...
-
-    async def aclose(self) -> None: ...
-
-
 class SharedStore:
     def __init__(
         self,
@@ -87,6 +68,7 @@ class SharedStore:
         local: LocalStore,
         *,
         errors: tuple[type[Exception], ...],
+        shaping: tuple[int, int, float] = (0, 0, 0.0),
         spend_since: SpendSince | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -114,6 +96,8 @@ class SharedStore:
             clock=clock,
             while_down=f": fallback policy {settings.fallback!r} until it answers again",
         )
+        self._shaper = SharedShaper(client, settings, shaping, self._guard, self._errors, self._spawn,
+                                    lambda: self.replicas, clock)  # fmt: skip
         self._pending: set[asyncio.Task[None]] = set()
         self._beat: asyncio.Task[None] | None = None
 
@@ -171,7 +155,7 @@ class SharedStore:
         self._local.record(record)
 
     async def upstream_slot(self) -> Slot:
-        return await self._local.upstream_slot()
+        return await self._shaper.slot()
 
     @property
     def records_dropped(self) -> int:
@@ -198,6 +182,12 @@ class SharedStore:
             await self._client_set_nx(key, micro(spent), budget_ttl(period, admission.now))
             self._seeded.add(key)
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` off the request path; ``aclose`` gives what is still running its timeout."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     async def _fallback(self, claim: Claim) -> Hold:
         self.fallbacks += 1
         policy = self._settings.fallback
@@ -213,9 +203,7 @@ class SharedStore:
         if ticket.settled:
             return
         ticket.settled = True
-        task = asyncio.get_running_loop().create_task(self._settle_remote(ticket, tokens, cost, cancel))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._spawn(self._settle_remote(ticket, tokens, cost, cancel))
 
     async def _settle_remote(self, ticket: SharedTicket, tokens: int, cost: float | None, cancel: bool) -> None:
         keys = [*limit_keys(self._settings.key_prefix, ticket.key)[:6], *ticket.budget_keys]
@@ -250,35 +238,17 @@ class SharedStore:
             await self._beat_once()
 
 
-def redis_client(settings: SharedSettings) -> tuple[Any, tuple[type[Exception], ...]]:
-    """redis-py's asyncio client for ``settings.redis_url`` (imported here: only when configured),
-    and the errors it raises when Redis is unreachable."""
-    try:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
-    except ImportError as exc:
-        raise SettingsError(f"[shared] redis_url: redis-py is not installed ({exc}): {SHARED_INSTALL}") from exc
-    client = aioredis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.timeout * 4,
-        socket_connect_timeout=settings.timeout * 4,
-        retry=Retry(NoBackoff(), 0),  # the callers' own timeout, breaker and fallback decide
-    )
-    return client, (RedisError,)
-
-
 def open_shared_store(
     settings: SharedSettings,
     local: LocalStore,
     spend_since: SpendSince | None = None,
     *,
+    shaping: tuple[int, int, float] = (0, 0, 0.0),
     clock: Callable[[], float] = time.monotonic,
 ) -> SharedStore:
     """A ``SharedStore`` on its own redis-py client."""
     client, errors = redis_client(settings)
-    return SharedStore(client, settings, local, errors=errors, spend_since=spend_since, clock=clock)
+    return SharedStore(client, settings, local, errors=errors, shaping=shaping, spend_since=spend_since, clock=clock)
 
 
 def _unlimited(caller: Caller) -> Caller:
@@ -287,8 +257,6 @@ def _unlimited(caller: Caller) -> Caller:
 
 def _share(caller: Caller, replicas: int) -> Caller:
     """This replica's share of the key's limits: the fleet stays at or under them."""
-
-    def part(limit: int | None) -> int | None:
-        return None if limit is None else max(1, math.floor(limit / replicas))
-
-    return dataclasses.replace(caller, rpm=part(caller.rpm), tpm=part(caller.tpm))
+    rpm = None if caller.rpm is None else part(caller.rpm, replicas)
+    tpm = None if caller.tpm is None else part(caller.tpm, replicas)
+    return dataclasses.replace(caller, rpm=rpm, tpm=tpm)

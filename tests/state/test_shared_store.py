@@ -21,9 +21,10 @@ from gateway.errors import BudgetExceeded, RateLimited
 from gateway.server.thread import LocalServer
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
+from gateway.state.redis_client import SharedStateUnavailable
 from gateway.state.redis_limits import SharedTicket, limit_keys, settle_args
-from gateway.state.shaping import UpstreamShaper
-from gateway.state.shared import SharedStateUnavailable, SharedStore, open_shared_store
+from gateway.state.shaping import UpstreamCapacity, UpstreamShaper
+from gateway.state.shared import SharedStore, open_shared_store
 from gateway.state.store import Claim, LocalStore
 from tests.helpers.clocks import FakeClock
 from tests.helpers.gateway import CHAT_BODY, key_secret, key_table, keys_config, wait_until
@@ -269,3 +270,40 @@ async def test_a_period_starts_from_the_ledgers_spend_and_a_refusal_reserves_not
         assert (b"x-ratelimit-remaining-requests", b"0") in last.headers
     finally:
         await store.aclose()
+
+
+async def test_the_upstream_concurrency_cap_holds_across_replicas_and_a_lease_comes_back(
+    redis: RedisServer,
+) -> None:
+    settings = SharedSettings(redis_url=redis.url, key_prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.5)
+    one, two = (open_shared_store(settings, local_store(), shaping=(2, 0, 0.2)) for _ in range(2))
+    await one.start()
+    await two.start()
+    try:
+        first, second = await one.upstream_slot(), await two.upstream_slot()
+        with pytest.raises(UpstreamCapacity, match="concurrency cap"):
+            await one.upstream_slot()  # two held fleet-wide: the third waits queue_timeout, then 429
+        first.release()
+        third = await two.upstream_slot()  # the lease came back (released off the request path)
+        second.release()
+        third.release()
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_the_upstream_rate_cap_holds_across_replicas(redis: RedisServer) -> None:
+    settings = SharedSettings(redis_url=redis.url, key_prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.5)
+    one, two = (open_shared_store(settings, local_store(), shaping=(0, 3, 0.1)) for _ in range(2))
+    await one.start()
+    await two.start()
+    try:
+        for store in (one, two, one):
+            await store.upstream_slot()
+        with pytest.raises(UpstreamCapacity, match="3 per minute") as refused:
+            await two.upstream_slot()
+        assert refused.value.retry_after is not None
+        assert refused.value.retry_after > 50
+    finally:
+        await one.aclose()
+        await two.aclose()

@@ -1,0 +1,61 @@
+"""The Redis side of the shared state: redis-py's asyncio client (imported only when configured),
+the shapes the stores use of it, and the answers shared by everything that depends on it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from gateway.config import SHARED_INSTALL, SettingsError, SharedSettings
+from gateway.errors import GatewayError
+
+
+class SharedStateUnavailable(GatewayError):
+    """The ``closed`` fallback policy's answer while Redis does not answer."""
+
+    status = 503
+    code = "shared_state_unavailable"
+
+
+class Script(Protocol):
+    """A registered Lua script (redis-py's ``AsyncScript``): run by digest, loaded on first miss."""
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any: ...
+
+
+class RedisClient(Protocol):
+    def register_script(self, script: str) -> Script: ...
+
+    def set(self, name: str, value: int, *, ex: int, nx: bool) -> Awaitable[Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def redis_client(settings: SharedSettings) -> tuple[Any, tuple[type[Exception], ...]]:
+    """redis-py's asyncio client for ``settings.redis_url`` (imported here: only when configured),
+    and the errors it raises when Redis is unreachable."""
+    try:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+    except ImportError as exc:
+        raise SettingsError(f"[shared] redis_url: redis-py is not installed ({exc}): {SHARED_INSTALL}") from exc
+    client = aioredis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.timeout * 4,
+        socket_connect_timeout=settings.timeout * 4,
+        retry=Retry(NoBackoff(), 0),  # the callers' own timeout, breaker and fallback decide
+    )
+    return client, (RedisError,)
+
+
+def part(limit: int, replicas: int) -> int:
+    """One replica's share of a fleet-wide ``limit`` (0 stays 0: no limit)."""
+    return 0 if limit <= 0 else max(1, math.floor(limit / replicas))
+
+
+def text(value: Any) -> str:
+    """A script's reply item as text (redis-py answers bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
