@@ -345,6 +345,47 @@ def http_get_status(url_host: str, port: int, path: str, timeout: float = 1.0) -
         conn.close()
 
 
+def http_post(port: int, path: str, body: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One POST with the benchmark's headers (as wrk sends them): status, headers (lower-case
+    names), the whole body (a stream is read to its end)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {payloads.API_KEY}"}
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+    finally:
+        conn.close()
+
+
+def cache_requests(port: int, endpoint: str | None = None) -> dict[str, float]:
+    """The gateway's ``gateway_cache_requests_total`` from its /metrics, summed by ``result`` (hit,
+    collapsed, miss, refresh, bypass) over every endpoint or the one given; {} with the cache off."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10.0)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode(errors="replace")
+        if response.status != 200:
+            raise RuntimeError(f"GET /metrics answered {response.status}")
+    finally:
+        conn.close()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("gateway_cache_requests_total{"):
+            continue
+        labels_text, _, value = line.removeprefix("gateway_cache_requests_total{").rpartition("} ")
+        labels = dict(
+            (name.strip(), raw.strip().strip('"'))
+            for name, _, raw in (item.partition("=") for item in labels_text.split(","))
+        )
+        if endpoint is None or labels.get("endpoint") == endpoint:
+            result = labels.get("result", "?")
+            counts[result] = counts.get(result, 0.0) + float(value)
+    return counts
+
+
 def wait_ready(proc: Proc, port: int, path: str, timeout: float) -> float:
     """Seconds from the process's spawn to its first 200 on ``path``; polls every 5 ms, bounded."""
     deadline = time.perf_counter() + timeout
@@ -363,8 +404,9 @@ def wait_ready(proc: Proc, port: int, path: str, timeout: float) -> float:
 # The upstream stand-ins
 
 
-def nginx_conf(workdir: Path, json_port: int, sse_port: int) -> Path:
-    """Two servers: ``json_port`` answers chat with JSON, ``sse_port`` with a canned SSE body.
+def nginx_conf(workdir: Path, json_port: int, sse_port: int, long_sse_port: int | None = None) -> Path:
+    """Two servers: ``json_port`` answers chat with JSON, ``sse_port`` with a canned SSE body
+    (20 events); with ``long_sse_port``, a third answers chat with a canned 100-event SSE body.
 
     The canned bodies are files (nginx caps a ``return`` string at 4 KB), served from the page cache
     with an open-file cache. The static module refuses POST with 405; ``error_page 405 =200 $uri``
@@ -380,6 +422,7 @@ def nginx_conf(workdir: Path, json_port: int, sse_port: int) -> Path:
         "chat.json": payloads.chat_response(),
         "embeddings.json": payloads.embeddings_response(),
         "chat.sse": payloads.sse_body(),
+        "chat-long.sse": payloads.sse_body(payloads.SSE_LONG_EVENTS),
     }
     for name, data in files.items():
         (www / name).write_bytes(data)
@@ -396,6 +439,19 @@ def nginx_conf(workdir: Path, json_port: int, sse_port: int) -> Path:
             "location = / { default_type text/plain; return 200 'ok\\n'; }",
             'location / { default_type application/json; return 404 \'{"error":"not found"}\'; }',
         ]
+    )
+    # Like the short stream, with ``Cache-Control: no-cache`` (FlexAI's streams carry it); the
+    # gateway's response cache still stores it (gateway/cache/control.py: only no-store/private).
+    long_sse = (
+        f"""    server {{
+        listen {HOST}:{long_sse_port} backlog=4096;
+        add_header Cache-Control no-cache;
+        {location("/v1/chat/completions", "chat-long.sse", "text/event-stream")}
+        {common}
+    }}
+"""
+        if long_sse_port
+        else ""
     )
     conf = f"""
 daemon off;
@@ -431,28 +487,44 @@ http {{
         {location("/v1/chat/completions", "chat.sse", "text/event-stream")}
         {common}
     }}
-}}
+{long_sse}}}
 """
     path = workdir / "nginx.conf"
     path.write_text(conf)
     return path
 
 
-def start_nginx(workdir: Path, cpus: Cpus) -> tuple[Proc, int, int]:
-    json_port, sse_port = free_port(), free_port()
-    conf = nginx_conf(workdir, json_port, sse_port)
+@dataclass(frozen=True)
+class Nginx:
+    """The nginx stand-in and its three servers (see ``nginx_conf``)."""
+
+    proc: Proc
+    json_port: int
+    sse_port: int  # the canned 20-event stream
+    long_sse_port: int  # the canned 100-event stream
+
+
+def start_nginx_servers(workdir: Path, cpus: Cpus) -> Nginx:
+    json_port, sse_port, long_sse_port = free_port(), free_port(), free_port()
+    conf = nginx_conf(workdir, json_port, sse_port, long_sse_port)
     nginx = _which("nginx") or "nginx"
     test = subprocess.run([nginx, "-t", "-q", "-p", str(workdir), "-c", str(conf)], capture_output=True, check=False)
     if test.returncode != 0:
         raise RuntimeError(f"nginx rejected its config: {test.stderr.decode(errors='replace')}")
     proc = spawn("nginx", [nginx, "-p", str(workdir), "-c", str(conf)], workdir, cpus.load)
     try:
-        for port in (json_port, sse_port):
+        for port in (json_port, sse_port, long_sse_port):
             wait_ready(proc, port, "/api/models", 10.0)
     except BaseException:
         proc.stop()
         raise
-    return proc, json_port, sse_port
+    return Nginx(proc, json_port, sse_port, long_sse_port)
+
+
+def start_nginx(workdir: Path, cpus: Cpus) -> tuple[Proc, int, int]:
+    """nginx, its JSON port and its (20-event) SSE port; ``start_nginx_servers`` for all three."""
+    started = start_nginx_servers(workdir, cpus)
+    return started.proc, started.json_port, started.sse_port
 
 
 def start_paced(workdir: Path, cpus: Cpus, events: int, gap_ms: float) -> tuple[Proc, int]:
@@ -480,9 +552,12 @@ def start_paced(workdir: Path, cpus: Cpus, events: int, gap_ms: float) -> tuple[
 # The proxies under test
 
 
-def gateway_config(workdir: Path, name: str, upstream: str, port: int) -> Path:
+def gateway_config(workdir: Path, name: str, upstream: str, port: int, cache: bool = False) -> Path:
+    """The gateway's TOML for one start: its defaults, no access log, a fresh ledger of its own, a
+    catalog TTL of a day; ``cache`` turns the response cache on (its defaults: docs/cache.md)."""
     path = workdir / f"{name}.toml"
     ledger = workdir / f"{name}-usage.db"
+    cache_table = "\n[cache]\nenabled = true\n" if cache else ""
     path.write_text(
         f"""host = "{HOST}"
 port = {port}
@@ -498,19 +573,20 @@ path = "{ledger}"
 
 [catalog]
 ttl = 86400.0
-"""
+{cache_table}"""
     )
     return path
 
 
-def extract_baseline(rev: str) -> str:
-    """Put the ``gateway`` package of git revision ``rev`` in BASELINE (replacing what was there);
-    returns the commit's short hash and subject, for the results."""
-    if BASELINE.exists():
-        shutil.rmtree(BASELINE)
-    BASELINE.mkdir(parents=True)
+def extract_baseline(rev: str, dest: Path = BASELINE) -> str:
+    """Put the ``gateway`` package of git revision ``rev`` in ``dest`` (replacing what was there);
+    returns the commit's short hash and subject, for the results. ``git archive`` only: the work
+    tree, the index and HEAD are untouched."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "gateway"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(BASELINE)], input=archive.stdout, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     described = subprocess.run(
         ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", rev], capture_output=True, text=True, check=True
     )
@@ -518,10 +594,11 @@ def extract_baseline(rev: str) -> str:
 
 
 def gateway_argv(kind: str, config: Path, port: int) -> list[str]:
-    """``gateway`` = the installed CLI; ``baseline`` = the same CLI from the code in BASELINE (see
+    """``gateway`` (and ``gateway-cache``, the same with the response cache on in its config) = the
+    installed CLI; ``baseline`` = the same CLI from the code in BASELINE (see
     ``start_proxy``); ``floor`` = bench/relay_floor.py (a bare relay, no gateway code);
     ``runner-httpx`` / ``runner-aiohttp`` = bench/transport_runner.py."""
-    if kind == "gateway":
+    if kind in ("gateway", "gateway-cache"):
         return [str(PROJECT_BIN / "gateway"), "serve", "--config", str(config), "--port", str(port)]
     if kind == "baseline":
         return [str(PROJECT_BIN / "python"), "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)]
@@ -618,7 +695,7 @@ def start_proxy(kind: str, workdir: Path, upstream_base: str, cpus: Cpus, phase:
         proc = spawn(f"litellm-{phase}", argv, workdir, cpus.proxy, env=litellm_env())
         ready_path = "/health/readiness"
     else:
-        config = gateway_config(workdir, f"{kind}-{phase}", upstream_base, port)
+        config = gateway_config(workdir, f"{kind}-{phase}", upstream_base, port, cache=kind == "gateway-cache")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         if kind == "baseline":  # its gateway package comes before the installed (editable) one
             env["PYTHONPATH"] = str(BASELINE)

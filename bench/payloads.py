@@ -17,6 +17,7 @@ API_KEY = "sk-bench-5f0c1e9a7b3d4c2e8a6f1b0d9c7e5a3f2b4d6e8f0a1c3e5b"
 CREATED = 1_700_000_000
 EMBED_DIMS = 1024
 SSE_CANNED_EVENTS = 20  # content chunks in the canned (unpaced) SSE body served by nginx
+SSE_LONG_EVENTS = 100  # content chunks in the long canned SSE body (the response-cache stream rows)
 
 _WORDS = [
     "The",
@@ -73,7 +74,9 @@ def catalog_bytes() -> bytes:
     return json.dumps(catalog(), separators=(",", ":")).encode()
 
 
-def chat_request(stream: bool) -> bytes:
+def chat_request(stream: bool, deterministic: bool = False) -> bytes:
+    """The chat request every scenario sends; ``deterministic`` adds ``"temperature": 0``, which makes
+    it cacheable by the gateway's response cache (docs/cache.md: chat is cached when deterministic)."""
     body: dict[str, object] = {
         "model": CHAT_MODEL,
         "messages": [
@@ -82,6 +85,8 @@ def chat_request(stream: bool) -> bytes:
         ],
         "max_tokens": 64,
     }
+    if deterministic:
+        body["temperature"] = 0
     if stream:
         body["stream"] = True
     return json.dumps(body, separators=(",", ":")).encode()

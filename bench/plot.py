@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt
 COLORS = {
     "direct": "#7f7f7f",
     "gateway": "#1f77b4",
+    "gateway-cache": "#17becf",
+    "baseline": "#aec7e8",
     "floor": "#9467bd",
     "litellm": "#d62728",
     "runner-httpx": "#1f77b4",

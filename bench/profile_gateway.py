@@ -3,6 +3,7 @@
     python bench/profile_gateway.py                       # chat, 64 clients, 10 s of samples
     python bench/profile_gateway.py --scenario paced_256  # the streaming relay instead
     python bench/profile_gateway.py --kind runner-aiohttp # the gateway on the httpx-aiohttp transport
+    python bench/profile_gateway.py --kind gateway-cache --scenario embed_64   # answers from the cache
 
 Starts nginx (or the paced stand-in) and the gateway as bench/run.py does (same pinning), drives it
 with wrk (or bench/streams.py), and while the load runs attaches py-spy (installed into
@@ -74,7 +75,9 @@ def top_table(counter: Counter[str], total: int, n: int, title: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--scenario", default="chat_64", choices=sorted(BY_NAME))
-    parser.add_argument("--kind", default="gateway", choices=["gateway", "runner-httpx", "runner-aiohttp"])
+    parser.add_argument(
+        "--kind", default="gateway", choices=["gateway", "gateway-cache", "runner-httpx", "runner-aiohttp"]
+    )
     parser.add_argument("--duration", type=int, default=10, help="seconds of sampling per recording")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
     parser.add_argument("--top", type=int, default=25)
@@ -102,8 +105,9 @@ def main() -> int:
         if scenario.phase == "paced":
             upstream, port = b.start_paced(workdir, cpus, 40, 25.0)
         else:
-            upstream, json_port, sse_port = b.start_nginx(workdir, cpus)
-            port = json_port if scenario.phase == "json" else sse_port
+            nginx = b.start_nginx_servers(workdir, cpus)
+            upstream = nginx.proc
+            port = {"json": nginx.json_port, "sse": nginx.sse_port, "sse100": nginx.long_sse_port}[scenario.phase]
         stack.callback(upstream.stop)
         started = b.start_proxy(args.kind, workdir, f"http://{b.HOST}:{port}", cpus, scenario.phase, 30.0)
         stack.callback(started.proc.stop)

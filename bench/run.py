@@ -4,6 +4,7 @@
     python bench/run.py --no-litellm     # without the LiteLLM row
     python bench/run.py --transport-experiment   # gateway on httpx's transport vs httpx-aiohttp's
     python bench/run.py --render bench/results/bench-....json   # re-print a saved run's tables
+    python bench/run.py --no-litellm --cache    # and the response-cache rows (forwarded vs hits)
 
 Starts nginx (canned catalog, chat JSON, embeddings, SSE), a paced SSE stand-in, then each proxy in
 front of them, drives them with wrk and bench/streams.py, stops everything and prints markdown
@@ -35,10 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as b
 import payloads
 
-PROXIES = ("gateway", "baseline", "floor", "litellm", "runner-httpx", "runner-aiohttp")
+PROXIES = ("gateway", "gateway-cache", "baseline", "floor", "litellm", "runner-httpx", "runner-aiohttp")
+# The --cache row: the installed gateway with `[cache] enabled = true`, run on the cache scenarios
+# only, each primed so that every measured request is a hit.
+CACHE_ROW = "gateway-cache"
+# A cached run whose hits (the gateway's own counter) are under this share of its requests fails.
+MIN_HIT_SHARE = 0.99
 LABELS = {
     "direct": "direct (no proxy)",
     "gateway": "gateway",
+    CACHE_ROW: "gateway, response cache on (hits)",
     "baseline": "gateway, baseline commit",
     "floor": "bare relay floor (uvicorn + aiohttp)",
     "litellm": "LiteLLM proxy",
@@ -56,6 +63,8 @@ class Scenario:
     body: bytes
     connections: int
     title: str
+    cache: bool = False  # the --cache row runs it (its request is cacheable)
+    cache_only: bool = False  # part of --cache: only the direct, gateway and cache rows run it
 
 
 SCENARIOS = (
@@ -85,6 +94,7 @@ SCENARIOS = (
         payloads.embeddings_request(),
         64,
         "64 concurrent clients: embeddings (1024 floats, ~10 KB answer)",
+        cache=True,
     ),
     Scenario(
         "sse_16",
@@ -122,9 +132,56 @@ SCENARIOS = (
         256,
         "256 concurrent SSE streams, paced",
     ),
+    # The response-cache scenarios (--cache): cacheable requests, forwarded by the gateway row and
+    # answered from the cache by the cache row.
+    Scenario(
+        "det_latency_1",
+        "json",
+        "wrk",
+        "/v1/chat/completions",
+        payloads.chat_request(False, deterministic=True),
+        1,
+        "One client: deterministic chat (temperature 0), forwarded and from the cache",
+        cache=True,
+        cache_only=True,
+    ),
+    Scenario(
+        "sse100_16",
+        "sse100",
+        "wrk",
+        "/v1/chat/completions",
+        payloads.chat_request(True, deterministic=True),
+        16,
+        f"16 concurrent SSE streams of {payloads.SSE_LONG_EVENTS} events (temperature 0, canned, unpaced): "
+        "live and replayed from the cache",
+        cache=True,
+        cache_only=True,
+    ),
+    Scenario(
+        "sse100_1",
+        "sse100",
+        "wrk",
+        "/v1/chat/completions",
+        payloads.chat_request(True, deterministic=True),
+        1,
+        f"One client: an SSE stream of {payloads.SSE_LONG_EVENTS} events (temperature 0), time to last byte",
+        cache=True,
+        cache_only=True,
+    ),
 )
 BY_NAME = {s.name: s for s in SCENARIOS}
-PHASES = ("json", "sse", "paced")
+# Which upstream: nginx's JSON server, its 20-event SSE server, its 100-event SSE server, the paced one.
+PHASES = ("json", "sse", "sse100", "paced")
+
+
+def runs_on(row: str, scenario: Scenario) -> bool:
+    """Whether ``row`` runs ``scenario``: the cache row runs the cacheable scenarios only; the
+    cache-only scenarios run on the direct, gateway (forwarded) and cache rows only."""
+    if row == CACHE_ROW:
+        return scenario.cache
+    if scenario.cache_only:
+        return row in ("direct", "gateway")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,11 +200,12 @@ class Bench:
 
     def start_upstreams(self) -> None:
         phases = {s.phase for s in self.scenarios}
-        if phases & {"json", "sse"}:
-            nginx, json_port, sse_port = b.start_nginx(self.workdir, self.cpus)
-            self.stack.callback(nginx.stop)
-            self.upstreams["json"] = (nginx, json_port)
-            self.upstreams["sse"] = (nginx, sse_port)
+        if phases & {"json", "sse", "sse100"}:
+            nginx = b.start_nginx_servers(self.workdir, self.cpus)
+            self.stack.callback(nginx.proc.stop)
+            self.upstreams["json"] = (nginx.proc, nginx.json_port)
+            self.upstreams["sse"] = (nginx.proc, nginx.sse_port)
+            self.upstreams["sse100"] = (nginx.proc, nginx.long_sse_port)
         if "paced" in phases:
             paced, port = b.start_paced(self.workdir, self.cpus, self.args.stream_events, self.args.stream_gap_ms)
             self.stack.callback(paced.stop)
@@ -156,13 +214,13 @@ class Bench:
     def measure_row(self, row: str, rep: int) -> dict[str, Any]:
         result: dict[str, Any] = {"row": row, "rep": rep, "starts": [], "scenarios": {}}
         for phase in PHASES:
-            scenarios = [s for s in self.scenarios if s.phase == phase]
+            scenarios = [s for s in self.scenarios if s.phase == phase and runs_on(row, s)]
             if not scenarios:
                 continue
             upstream_proc, upstream_port = self.upstreams[phase]
             base = f"http://{b.HOST}:{upstream_port}"
             if row == "direct":
-                self._run_phase(row, None, base, scenarios, upstream_proc, result)
+                self._run_phase(row, None, upstream_port, scenarios, upstream_proc, result)
                 continue
             timeout = 180.0 if row == "litellm" else 30.0
             started = b.start_proxy(row, self.workdir, base, self.cpus, phase, timeout)
@@ -179,7 +237,7 @@ class Bench:
                     f"{row} ({phase}): first 200 after {started.startup_s * 1000:.0f} ms, "
                     f"RSS {started.rest_rss_kb / 1024:.1f} MB, {started.extensions}"
                 )
-                self._run_phase(row, started, f"http://{b.HOST}:{started.port}", scenarios, upstream_proc, result)
+                self._run_phase(row, started, started.port, scenarios, upstream_proc, result)
                 pids = b.tree(started.proc.pid)
                 result["starts"][-1]["hwm_kb"] = sum(b.status_kb(p, "VmHWM") or 0 for p in pids)
             finally:
@@ -190,16 +248,21 @@ class Bench:
         self,
         row: str,
         started: b.Started | None,
-        base: str,
+        port: int,
         scenarios: list[Scenario],
         upstream: b.Proc,
         result: dict[str, Any],
     ) -> None:
+        """Run ``scenarios`` against ``port`` (the proxy's, or the upstream's for the direct row)."""
+        base = f"http://{b.HOST}:{port}"
+        cached = row == CACHE_ROW
         sampler = b.Sampler(started.proc.pid) if started else None
         try:
             for scenario in scenarios:
                 if started and not started.proc.alive():
                     raise RuntimeError(f"{row} died:\n{started.proc.tail()}")
+                if cached:
+                    _prime(scenario, port)
                 self._warm_up(scenario, base)
                 pids = sampler.pids() if sampler else []
                 settle = b.wait_idle(pids) if pids else 0.0
@@ -207,6 +270,7 @@ class Bench:
                     sampler.take_peak()
                 rss_before = b.rss_kb(pids) if pids else 0
                 upstream_pids = b.tree(upstream.pid)  # nginx: the master and its worker
+                counts0 = b.cache_requests(port, scenario.path) if cached else {}
                 cpu0, up0, t0 = b.cpu_seconds(pids), b.cpu_seconds(upstream_pids), time.perf_counter()
                 data = self._drive(scenario, base)
                 wall = time.perf_counter() - t0
@@ -214,11 +278,17 @@ class Bench:
                 data["upstream_cpu_pct"] = 100 * (b.cpu_seconds(upstream_pids) - up0) / wall
                 data["wall_s"] = wall
                 data["settle_s"] = round(settle, 2)
+                if cached:  # after the CPU reading: the scrape is not part of the run
+                    data["cache_check"] = _cache_check(counts0, b.cache_requests(port, scenario.path), data)
+                if scenario.phase == "sse100":
+                    data["stream_check"] = _stream_check(scenario, port, cached)
                 if sampler:
                     data["rss_before_kb"] = rss_before
                     data["rss_peak_kb"] = sampler.take_peak()
                 result["scenarios"][scenario.name] = data
-                b.log(f"{row:>15} {scenario.name:<10} {_brief(scenario, data)}")
+                b.log(f"{row:>15} {scenario.name:<13} {_brief(scenario, data)}")
+                for problem in _problems(row, scenario.name, data):
+                    b.log(f"FAILED: {problem}")
         finally:
             if sampler:
                 sampler.stop()
@@ -244,11 +314,86 @@ class Bench:
         )
 
 
+def _prime(scenario: Scenario, port: int) -> None:
+    """Store ``scenario``'s answer in the cache row's cache, and prove it: the second of two identical
+    requests must be a hit, or the row fails here (whatever the warm-up's length)."""
+    for attempt in (1, 2):
+        status, headers, _ = b.http_post(port, scenario.path, scenario.body)
+        cache_status = headers.get("cache-status", "")
+        if status != 200:
+            raise RuntimeError(f"{scenario.name}: priming request {attempt} answered {status} ({cache_status!r})")
+    if "; hit" not in cache_status:
+        raise RuntimeError(
+            f"{scenario.name}: the second identical request was not answered from the cache "
+            f"(Cache-Status {cache_status!r}): is the response cache on, and the request cacheable?"
+        )
+
+
+def _cache_check(before: dict[str, float], after: dict[str, float], data: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's own count of what its cache did during a measured run, against wrk's requests.
+
+    wrk counts the requests it completed; the gateway also counts those still in flight when wrk
+    stopped (at most one per connection), so ``hits`` may exceed ``requests`` by that much.
+    """
+    results = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in sorted(set(before) | set(after))}
+    results = {k: v for k, v in results.items() if v}
+    hits, total, requests = results.get("hit", 0.0), sum(results.values()), int(data["requests"])
+    share = hits / total if total else 0.0
+    ok = requests > 0 and share >= MIN_HIT_SHARE and hits >= MIN_HIT_SHARE * requests
+    return {
+        "hits": hits,
+        "cache_requests": total,
+        "requests": requests,
+        "hit_share": share,
+        "results": results,
+        "ok": ok,
+    }
+
+
+def _stream_check(scenario: Scenario, port: int, cached: bool) -> dict[str, Any]:
+    """One more stream after the run, read whole: its events, whether it ends with ``data: [DONE]``
+    and (cache row) whether it was a hit, i.e. a replay."""
+    status, headers, body = b.http_post(port, scenario.path, scenario.body)
+    events = [line for line in body.split(b"\n") if line.startswith(b"data: ")]
+    done = body.rstrip(b"\n").endswith(b"data: [DONE]")
+    count = len(events) - (1 if done else 0)
+    cache_status = headers.get("cache-status", "")
+    ok = status == 200 and done and count == payloads.SSE_LONG_EVENTS and (not cached or "; hit" in cache_status)
+    return {
+        "status": status,
+        "events": count,
+        "bytes": len(body),
+        "ends_with_done": done,
+        "cache_status": cache_status,
+        "ok": ok,
+    }
+
+
+def _problems(row: str, name: str, data: dict[str, Any]) -> list[str]:
+    """What makes a run of the cache scenarios invalid: not (almost) all hits, a broken stream."""
+    out = []
+    check = data.get("cache_check")
+    if check is not None and not check["ok"]:
+        out.append(
+            f"{LABELS[row]}, {name}: {check['hits']:.0f} hits of {check['cache_requests']:.0f} cache decisions "
+            f"({check['results']}) for {check['requests']} requests: not (almost) all hits"
+        )
+    stream = data.get("stream_check")
+    if stream is not None and not stream["ok"]:
+        out.append(
+            f"{LABELS[row]}, {name}: the stream after the run: status {stream['status']}, {stream['events']} events, "
+            f"ends with [DONE]: {stream['ends_with_done']}, Cache-Status {stream['cache_status']!r}"
+        )
+    return out
+
+
 def _brief(scenario: Scenario, data: dict[str, Any]) -> str:
     if scenario.kind == "wrk":
+        check = data.get("cache_check")
+        hits = f"  hits {check['hits']:.0f}/{check['cache_requests']:.0f}" if check else ""
         return (
             f"{data['rps']:9.1f} req/s  p50 {data['p50_us'] / 1000:8.3f} ms  p99 {data['p99_us'] / 1000:8.3f} ms"
-            f"  errors {data['errors']}"
+            f"  errors {data['errors']}{hits}"
         )
     return (
         f"{data['completed']:5d} streams  TTFB p50 {_f(data['ttfb_ms']['p50'])} ms p99 {_f(data['ttfb_ms']['p99'])} ms"
@@ -335,6 +480,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows += ["runner-httpx", "runner-aiohttp"]
     else:
         rows.append("gateway")
+        if args.cache:
+            rows.append(CACHE_ROW)
         if args.baseline:
             rows.append("baseline")
             meta["baseline"] = b.extract_baseline(args.baseline)
@@ -354,6 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "stream_seconds": args.stream_seconds,
             "repeat": args.repeat,
             "scenarios": args.scenarios,
+            "cache": args.cache,
             "kind": "transport-experiment" if args.transport_experiment else "benchmark",
         }
     )
@@ -460,6 +608,8 @@ def render(results: dict[str, Any]) -> str:
     failed = [r for rows in v.runs.values() for r in rows if "error" in r]
     for r in failed:
         out += [f"**{LABELS[r['row']]} failed:** `{r['error'].splitlines()[0][:300]}`", ""]
+    for problem in problems(results):
+        out += [f"**FAILED:** {problem}", ""]
     ref_lite = "litellm" if v.ok_runs("litellm") else None
 
     def lite(scenario: str, get: Callable[[dict[str, Any]], float | None]) -> float | None:
@@ -467,6 +617,8 @@ def render(results: dict[str, Any]) -> str:
 
     if m.get("kind") != "transport-experiment":
         out += _targets(v, lite)
+    if v.ok_runs(CACHE_ROW):
+        out += _cache_sections(v)
     # Start-up and memory
     rows = []
     for row in v.rows:
@@ -507,37 +659,11 @@ def render(results: dict[str, Any]) -> str:
             "",
         ]
     # One client
-    if v.has("latency_1"):
-        d50 = v.metric("direct", "latency_1", lambda d: _ms(d["p50_us"]))
-        d99 = v.metric("direct", "latency_1", lambda d: _ms(d["p99_us"]))
-        l50 = lite("latency_1", lambda d: _ms(d["p50_us"]))
-        rows = []
-        for row in v.rows:
-            p50 = v.metric(row, "latency_1", lambda d: _ms(d["p50_us"]))
-            p99 = v.metric(row, "latency_1", lambda d: _ms(d["p99_us"]))
-            rps = v.metric(row, "latency_1", lambda d: d["rps"])
-            added50 = None if p50 is None or d50 is None else p50 - d50
-            added99 = None if p99 is None or d99 is None else p99 - d99
-            lite_added = None if l50 is None or d50 is None else l50 - d50
-            rows.append(
-                [
-                    LABELS[row],
-                    _f(p50, 3),
-                    _f(p99, 3),
-                    _f(added50, 3) if row != "direct" else "-",
-                    _f(added99, 3) if row != "direct" else "-",
-                    _f(rps, 0),
-                    _ratio(added50, lite_added) if row not in ("direct", "litellm") else "-",
-                ]
-            )
-        out += [
-            f"### {BY_NAME['latency_1'].title}",
-            "",
-            _table(["row", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "req/s", "added p50 x LiteLLM's"], rows),
-            "",
-        ]
+    for name in ("latency_1", "det_latency_1", "sse100_1"):
+        if v.has(name):
+            out += _one_client(v, name, lite)
     # Throughput scenarios
-    for name in ("chat_64", "embed_64", "sse_16", "sse_256"):
+    for name in ("chat_64", "embed_64", "sse_16", "sse_256", "sse100_16"):
         if not v.has(name):
             continue
         unit = "streams/s" if name.startswith("sse") else "req/s"
@@ -545,6 +671,8 @@ def render(results: dict[str, Any]) -> str:
         lite_rps = lite(name, lambda d: d["rps"])
         rows = []
         for row in v.rows:
+            if not runs_on(row, BY_NAME[name]):
+                continue
             rps = v.metric(row, name, lambda d: d["rps"])
             none_done = f"> {m['duration_s']:g} s (none done)"
             rows.append(
@@ -588,6 +716,8 @@ def render(results: dict[str, Any]) -> str:
         lite_cpu = lite(name, lambda d: _cpu_per(d, "events", 1e6))
         rows = []
         for row in v.rows:
+            if not runs_on(row, BY_NAME[name]):
+                continue
             ttfb = v.metric(row, name, lambda d: d["ttfb_ms"]["p50"])
             total = v.metric(row, name, lambda d: d["total_ms"]["p50"])
             events = v.metric(row, name, lambda d: d["events_per_stream"])
@@ -639,6 +769,189 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _one_client(
+    v: View, name: str, lite: Callable[[str, Callable[[dict[str, Any]], float | None]], float | None]
+) -> list[str]:
+    """One connection: p50 / p99 (for a stream: to its last byte) and what the row adds to direct."""
+    d50 = v.metric("direct", name, _percentile_ms("p50"))
+    d99 = v.metric("direct", name, _percentile_ms("p99"))
+    l50 = lite(name, _percentile_ms("p50"))
+    rows = []
+    for row in v.rows:
+        if not runs_on(row, BY_NAME[name]):
+            continue
+        p50 = v.metric(row, name, _percentile_ms("p50"))
+        p99 = v.metric(row, name, _percentile_ms("p99"))
+        rps = v.metric(row, name, lambda d: d["rps"])
+        added50 = None if p50 is None or d50 is None else p50 - d50
+        added99 = None if p99 is None or d99 is None else p99 - d99
+        lite_added = None if l50 is None or d50 is None else l50 - d50
+        rows.append(
+            [
+                LABELS[row],
+                _f(p50, 3),
+                _f(p99, 3),
+                _f(added50, 3) if row != "direct" else "-",
+                _f(added99, 3) if row != "direct" else "-",
+                _f(rps, 0),
+                _ratio(added50, lite_added) if row not in ("direct", "litellm") else "-",
+            ]
+        )
+    return [
+        f"### {BY_NAME[name].title}",
+        "",
+        _table(["row", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "req/s", "added p50 x LiteLLM's"], rows),
+        "",
+    ]
+
+
+def cache_comparison(v: View) -> dict[str, float | None]:
+    """The response cache against forwarding, in the same run (medians over repetitions): for each
+    measure the forwarded (gateway row, cache off) and cached (cache row, all hits) figures."""
+
+    def pair(name: str, get: Callable[[dict[str, Any]], float | None]) -> tuple[float | None, float | None]:
+        return v.metric("gateway", name, get), v.metric(CACHE_ROW, name, get)
+
+    def added(name: str) -> tuple[float | None, float | None]:
+        direct = v.metric("direct", name, _percentile_ms("p50"))
+        fwd, hit = pair(name, _percentile_ms("p50"))
+        if direct is None:
+            return None, None
+        return (None if fwd is None else fwd - direct), (None if hit is None else hit - direct)
+
+    measures = {
+        "embed_64_rps": pair("embed_64", lambda d: d["rps"]),
+        "embed_64_cpu_ms_per_req": pair("embed_64", lambda d: _cpu_per(d, "requests", 1000)),
+        "det_latency_1_p50_ms": pair("det_latency_1", _percentile_ms("p50")),
+        "det_latency_1_p99_ms": pair("det_latency_1", _percentile_ms("p99")),
+        "det_latency_1_added_p50_ms": added("det_latency_1"),
+        "sse100_16_streams_per_s": pair("sse100_16", lambda d: d["rps"]),
+        "sse100_16_cpu_ms_per_stream": pair("sse100_16", lambda d: _cpu_per(d, "requests", 1000)),
+        "sse100_1_ttlb_p50_ms": pair("sse100_1", _percentile_ms("p50")),
+        "sse100_1_ttlb_p99_ms": pair("sse100_1", _percentile_ms("p99")),
+        "sse100_1_added_ttlb_p50_ms": added("sse100_1"),
+    }
+    out: dict[str, float | None] = {}
+    for key, (fwd, hit) in measures.items():
+        out[f"{key}_forwarded"], out[f"{key}_cached"] = fwd, hit
+        out[f"{key}_ratio"] = None if fwd is None or hit is None or fwd == 0 else hit / fwd
+    return out
+
+
+def _hit_checks(v: View) -> dict[str, tuple[float, int, bool]]:
+    """Per cached scenario, over the repetitions: the cache's hits, wrk's requests, all checks ok."""
+    out: dict[str, tuple[float, int, bool]] = {}
+    for r in v.ok_runs(CACHE_ROW):
+        for name, data in r["scenarios"].items():
+            if "cache_check" in data:
+                check = data["cache_check"]
+                hits, requests, ok = out.get(name, (0.0, 0, True))
+                out[name] = (hits + check["hits"], requests + check["requests"], ok and check["ok"])
+    return out
+
+
+def problems(results: dict[str, Any]) -> list[str]:
+    """Every invalid cache-scenario run of these results (see ``_problems``)."""
+    v = View(results)
+    return [
+        problem
+        for row in v.rows
+        for r in v.ok_runs(row)
+        for name, data in r["scenarios"].items()
+        for problem in _problems(row, name, data)
+    ]
+
+
+def _cache_sections(v: View) -> list[str]:
+    """The response cache's targets, then its figures forwarded vs from the cache."""
+    c = cache_comparison(v)
+    checks: list[tuple[str, str, str, bool | None]] = []
+    fwd, hit, ratio = (c[f"embed_64_rps_{k}"] for k in ("forwarded", "cached", "ratio"))
+    checks.append(
+        (
+            "embeddings, 64 clients: req/s of hits vs forwarded (same run)",
+            "-" if ratio is None else f"{ratio:.2f}x ({_f(hit, 0)} / {_f(fwd, 0)})",
+            ">= 2x",
+            None if ratio is None else ratio >= 2,
+        )
+    )
+    fwd, hit = c["det_latency_1_added_p50_ms_forwarded"], c["det_latency_1_added_p50_ms_cached"]
+    checks.append(
+        (
+            "one client, chat at temperature 0: added p50 of a hit vs forwarded",
+            f"{_f(hit, 3)} / {_f(fwd, 3)} ms",
+            "<= the forwarded's",
+            None if fwd is None or hit is None else hit <= fwd,
+        )
+    )
+    hit_checks = _hit_checks(v)
+    if hit_checks:
+        checks.append(
+            (
+                "cached runs answered from the cache (`gateway_cache_requests_total` hit / wrk's requests)",
+                ", ".join(f"{n} {hits:,.0f} / {requests:,}" for n, (hits, requests, _) in hit_checks.items()),
+                f"all (>= {MIN_HIT_SHARE:.0%} of the cache's decisions and of the requests)",
+                all(ok for _, _, ok in hit_checks.values()),
+            )
+        )
+    streams = [
+        d["stream_check"]
+        for r in v.ok_runs(CACHE_ROW)
+        for n, d in r["scenarios"].items()
+        if n.startswith("sse100") and "stream_check" in d
+    ]
+    if streams:
+        checks.append(
+            (
+                "a replayed stream ends with `data: [DONE]` (one read whole after each run)",
+                f"{sum(s['ok'] for s in streams)} of {len(streams)} replays: "
+                + ", ".join(
+                    sorted({f"{s['events']} events, [DONE] {'yes' if s['ends_with_done'] else 'no'}" for s in streams})
+                ),
+                f"{payloads.SSE_LONG_EVENTS} events then [DONE], a hit",
+                all(s["ok"] for s in streams),
+            )
+        )
+    out = [
+        "### The response cache against the targets",
+        "",
+        _table(
+            ["target", "measured", "goal", "met"],
+            [[n, m, g, "-" if ok is None else ("yes" if ok else "**no**")] for n, m, g, ok in checks],
+        ),
+        "",
+    ]
+    lines = [
+        ("embeddings, 64 clients: req/s", "embed_64_rps", 0),
+        ("embeddings, 64 clients: proxy CPU ms/req", "embed_64_cpu_ms_per_req", 3),
+        ("one client, chat at temperature 0: p50 ms", "det_latency_1_p50_ms", 3),
+        ("one client, chat at temperature 0: p99 ms", "det_latency_1_p99_ms", 3),
+        ("one client, chat at temperature 0: added p50 ms (vs direct)", "det_latency_1_added_p50_ms", 3),
+        (f"{payloads.SSE_LONG_EVENTS}-event stream, 16 clients: streams/s", "sse100_16_streams_per_s", 0),
+        (f"{payloads.SSE_LONG_EVENTS}-event stream, 16 clients: proxy CPU ms/stream", "sse100_16_cpu_ms_per_stream", 3),
+        (f"{payloads.SSE_LONG_EVENTS}-event stream, one client: time to last byte p50 ms", "sse100_1_ttlb_p50_ms", 3),
+        (f"{payloads.SSE_LONG_EVENTS}-event stream, one client: time to last byte p99 ms", "sse100_1_ttlb_p99_ms", 3),
+        (f"{payloads.SSE_LONG_EVENTS}-event stream, one client: added TTLB p50 ms", "sse100_1_added_ttlb_p50_ms", 3),
+    ]
+    rows = [
+        [
+            label,
+            _f(c[f"{key}_forwarded"], digits),
+            _f(c[f"{key}_cached"], digits),
+            _ratio(c[f"{key}_cached"], c[f"{key}_forwarded"]),
+        ]
+        for label, key, digits in lines
+        if c[f"{key}_forwarded"] is not None or c[f"{key}_cached"] is not None
+    ]
+    out += [
+        "### The response cache: forwarded (cache off) vs answered from the cache, same run",
+        "",
+        _table(["measure", "forwarded / live", "from the cache", "cache / forwarded"], rows),
+        "",
+    ]
+    return out
+
+
 def summary(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """Flat per-row numbers (medians over repetitions) for the plot and for quick comparisons."""
     v = View(results)
@@ -647,7 +960,7 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     d99 = v.metric("direct", "latency_1", _percentile_ms("p99"))
     for row in v.rows:
         numbers: dict[str, float | None] = {}
-        for name in ("chat_64", "embed_64", "sse_16", "sse_256"):
+        for name in ("chat_64", "embed_64", "sse_16", "sse_256", "sse100_16"):
             numbers[f"{name}_rps"] = v.metric(row, name, lambda d: d["rps"])
             numbers[f"{name}_cpu_ms_per_req"] = v.metric(row, name, lambda d: _cpu_per(d, "requests", 1000))
         p50 = v.metric(row, "latency_1", _percentile_ms("p50"))
@@ -655,6 +968,9 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         numbers["latency_1_p50_ms"], numbers["latency_1_p99_ms"] = p50, p99
         numbers["added_p50_ms"] = None if p50 is None or d50 is None else p50 - d50
         numbers["added_p99_ms"] = None if p99 is None or d99 is None else p99 - d99
+        for name in ("det_latency_1", "sse100_1"):  # the response-cache scenarios (--cache)
+            for q in ("p50", "p99"):
+                numbers[f"{name}_{q}_ms"] = v.metric(row, name, _percentile_ms(q))
         for name in ("paced_16", "paced_256"):
             numbers[f"{name}_ttfb_p50_ms"] = v.metric(row, name, lambda d: d["ttfb_ms"]["p50"])
             numbers[f"{name}_ttfb_p99_ms"] = v.metric(row, name, lambda d: d["ttfb_ms"]["p99"])
@@ -816,8 +1132,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios",
-        default=",".join(s.name for s in SCENARIOS),
-        help="comma-separated subset of: " + ", ".join(s.name for s in SCENARIOS),
+        default=None,
+        help="comma-separated subset of: "
+        + ", ".join(s.name for s in SCENARIOS)
+        + " (default: all; the response-cache ones only with --cache)",
+    )
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="add the response-cache rows: the gateway with its cache on (every request a hit) against the "
+        "gateway forwarding (cache off), on "
+        + ", ".join(s.name for s in SCENARIOS if s.cache)
+        + " (those that --scenarios selects)",
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM row")
     parser.add_argument(
@@ -840,12 +1166,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="copy the processes' logs to bench/results/logs")
     parser.add_argument("--render", metavar="JSON", help="only print the tables of a saved run")
     args = parser.parse_args(argv)
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if args.scenarios is None:
+        if args.transport_experiment:
+            args.scenarios = ["latency_1", "chat_64", "sse_16", "paced_256"]
+        else:
+            args.scenarios = [s.name for s in SCENARIOS if args.cache or not s.cache_only]
+    else:
+        args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(args.scenarios) - set(BY_NAME)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    if args.transport_experiment and args.scenarios == [s.name for s in SCENARIOS]:
-        args.scenarios = ["latency_1", "chat_64", "sse_16", "paced_256"]
+    cache_only = [n for n in args.scenarios if BY_NAME[n].cache_only]
+    if cache_only and not args.cache:
+        parser.error(f"{', '.join(cache_only)}: response-cache scenarios, run with --cache")
+    if args.cache and args.transport_experiment:
+        parser.error("--cache and --transport-experiment do not go together")
+    if args.cache and not any(BY_NAME[n].cache for n in args.scenarios):
+        parser.error(
+            "--cache: no response-cache scenario selected (" + ", ".join(s.name for s in SCENARIOS if s.cache) + ")"
+        )
     if args.repeat is None:
         args.repeat = 3 if args.transport_experiment else 1
     for name in ("duration", "stream_seconds"):
@@ -874,6 +1213,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = b.RESULTS / f"{stem}.json"
     results["summary"] = summary(results)
     results["labels"] = {row: LABELS[row] for row in results["summary"]}
+    if args.cache:
+        results["cache"] = cache_comparison(View(results))
     json_path.write_text(json.dumps(results, indent=1))
     text = render(results)
     (b.RESULTS / f"{stem}.md").write_text(text + "\n")
@@ -883,7 +1224,14 @@ def main(argv: list[str] | None = None) -> int:
         png = json_path.with_suffix(".png")
         if plot(json_path, png):
             b.log(f"plot: {png.relative_to(b.ROOT)}")
-    return 0
+    failures = problems(results) + [
+        f"{LABELS[CACHE_ROW]} failed: {r['error'].splitlines()[0][:300]}"
+        for r in results["runs"]
+        if r["row"] == CACHE_ROW and "error" in r
+    ]
+    for problem in failures:
+        b.log(f"FAILED: {problem}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
