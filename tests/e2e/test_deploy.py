@@ -5,11 +5,14 @@ No Docker engine and no cluster run in CI, so each artifact is checked as far as
 - Kubernetes: the kustomization is rendered (by `kubectl kustomize` where kubectl is installed, and always
   by the small renderer below, which must agree with it) and every object is validated offline against
   the Kubernetes schemas shipped by kubernetes-validate, in strict mode; then the settings that matter.
+  The optional Redis (optional/redis.yaml) is validated and checked the same way.
 - Dockerfile: parsed; COPY sources exist and survive .dockerignore; the final stage's user, port,
   HEALTHCHECK and entry point. The image's command is then run for real from an install of the built
   wheel (the `slow` tests).
 - Compose: parsed; the files it references exist; the demo profile runs `gateway demo`, which (run from
-  the wheel) gets ready with no key.
+  the wheel) gets ready with no key; the shared profile's replicas reach its Redis (run from the wheel
+  against a local redis-server or valkey-server started with the compose service's arguments, where one
+  is installed).
 - systemd: the unit's command and stop timeout; `systemd-analyze verify` where it is installed.
 
 Every process started here is stopped by its pid, every wait is bounded, and nothing leaves 127.0.0.1
@@ -36,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -53,6 +57,7 @@ SYSTEMD_UNIT = DEPLOY / "systemd" / "flexai-gateway.service"
 DEPLOY_CONFIG = K8S / "gateway.toml"
 SECRET_TEMPLATE = K8S / "secret.example.yaml"
 SERVICE_MONITOR = K8S / "optional" / "servicemonitor.yaml"
+REDIS_MANIFEST = K8S / "optional" / "redis.yaml"
 
 # Schemas to validate against, both shipped by kubernetes-validate (pinned in constraints.txt): the oldest
 # Kubernetes these manifests aim at, and the newest the package knows.
@@ -63,6 +68,9 @@ PORT = 8080
 SHUTDOWN_GRACE_S = 30  # the gateway's default [server] shutdown_grace
 RSS_AT_REST_TARGET_BYTES = 80 * 1000 * 1000  # the performance target: RSS <= 80 MB at rest
 IMAGE_COMMAND = ["gateway", "serve", "--host", "0.0.0.0"]
+SHARED_URL_ENV = "GATEWAY_SHARED_REDIS_URL"  # [shared] redis_url
+SHARED_URL_KEY = "redis-url"  # its key in the Secret
+REDIS_PORT = 6379
 
 slow = pytest.mark.slow
 
@@ -309,7 +317,8 @@ def test_kustomization_renders_the_expected_objects(rendered: list[Obj]) -> None
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_rendered_manifests_validate_strictly(rendered: list[Obj], version: str) -> None:
-    for obj in [*rendered, load_yaml(SECRET_TEMPLATE)]:
+    # Also the optional Redis (no CRDs needed); the ServiceMonitor's kind is not in the core schemas.
+    for obj in [*rendered, load_yaml(SECRET_TEMPLATE), *load_yaml_docs(REDIS_MANIFEST)]:
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as error:
@@ -378,11 +387,16 @@ def test_deployment_env_config_and_key(pod_spec: Obj, container: Obj) -> None:
 
     secret = load_yaml(SECRET_TEMPLATE)
     key_ref = env["GATEWAY_UPSTREAM_API_KEY"]["valueFrom"]["secretKeyRef"]
-    assert key_ref == {"name": secret["metadata"]["name"], "key": "api-key"}
-    assert set(secret["stringData"]) == {"api-key"}
+    assert key_ref == {"name": secret["metadata"]["name"], "key": "api-key"}, "the key is required"
+    # The Redis URL may hold a password: from the same Secret, and optional, so that a cluster without
+    # Redis (or a Secret made with the api-key alone) still starts.
+    url_ref = env[SHARED_URL_ENV]["valueFrom"]["secretKeyRef"]
+    assert url_ref == {"name": secret["metadata"]["name"], "key": SHARED_URL_KEY, "optional": True}
+    assert set(secret["stringData"]) == {"api-key", SHARED_URL_KEY}
+    assert secret["stringData"][SHARED_URL_KEY] == "", "the template leaves shared state off"
     assert secret["metadata"]["namespace"] == NAMESPACE
-    # No other secret-looking values, and nothing besides the two above, in the pod's environment.
-    assert set(env) == {"GATEWAY_CONFIG", "GATEWAY_UPSTREAM_API_KEY"}
+    # No other secret-looking values, and nothing besides the three above, in the pod's environment.
+    assert set(env) == {"GATEWAY_CONFIG", "GATEWAY_UPSTREAM_API_KEY", SHARED_URL_ENV}
 
 
 def test_no_service_link_collides_with_gateway_settings(rendered: list[Obj], pod_spec: Obj) -> None:
@@ -395,14 +409,17 @@ def test_no_service_link_collides_with_gateway_settings(rendered: list[Obj], pod
             assert not prefix.startswith("GATEWAY"), f"Service {obj['metadata']['name']} injects GATEWAY_* vars"
 
 
-def test_pod_meets_the_restricted_pod_security_standard(rendered: list[Obj], pod_spec: Obj) -> None:
-    namespace_labels = find(rendered, "Namespace")["metadata"]["labels"]
-    assert namespace_labels["pod-security.kubernetes.io/enforce"] == "restricted"
+def assert_restricted(pod_spec: Obj) -> None:
+    """The "restricted" Pod Security Standard the namespace enforces, plus a read-only root filesystem."""
     pod_security = pod_spec["securityContext"]
     assert pod_security["runAsNonRoot"] is True
-    assert pod_security["runAsUser"] == image_uid() != 0
+    assert pod_security["runAsUser"] != 0
     assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod_spec["automountServiceAccountToken"] is False
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod_spec.get(key, False), key
+    for volume in pod_spec.get("volumes", []):
+        assert "hostPath" not in volume
     for item in containers(pod_spec):
         security = item["securityContext"]
         assert security["runAsNonRoot"] is True
@@ -410,15 +427,28 @@ def test_pod_meets_the_restricted_pod_security_standard(rendered: list[Obj], pod
         assert security["readOnlyRootFilesystem"] is True
         assert security["capabilities"] == {"drop": ["ALL"]}
         assert "privileged" not in security
+        assert all("hostPort" not in port for port in item.get("ports", []))
 
 
-def test_only_data_and_tmp_are_writable(pod_spec: Obj, container: Obj) -> None:
+def writable_mounts(pod_spec: Obj, container: Obj) -> dict[str, Obj]:
+    """The container's writable mount paths, each with its volume."""
     volumes = {volume["name"]: volume for volume in pod_spec["volumes"]}
-    writable = {
+    return {
         mount["mountPath"]: volumes[mount["name"]]
         for mount in container["volumeMounts"]
         if not mount.get("readOnly", False)
     }
+
+
+def test_pod_meets_the_restricted_pod_security_standard(rendered: list[Obj], pod_spec: Obj) -> None:
+    namespace_labels = find(rendered, "Namespace")["metadata"]["labels"]
+    assert namespace_labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert_restricted(pod_spec)
+    assert pod_spec["securityContext"]["runAsUser"] == image_uid()
+
+
+def test_only_data_and_tmp_are_writable(pod_spec: Obj, container: Obj) -> None:
+    writable = writable_mounts(pod_spec, container)
     assert set(writable) == {"/data", "/tmp"}  # noqa: S108 - a mount point, not a file
     for volume in writable.values():
         assert "sizeLimit" in volume["emptyDir"]
@@ -488,6 +518,148 @@ def test_optional_servicemonitor_selects_the_service(rendered: list[Obj]) -> Non
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in service_ports
         assert endpoint["path"] == "/metrics"
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Redis (Valkey) of the shared state: compose's `redis` service and kubernetes/optional/redis.yaml
+
+# A version to the patch level, never `latest` or a moving minor tag.
+PINNED_IMAGE = re.compile(r"[a-z0-9][a-z0-9./-]*:\d+\.\d+\.\d+(?:-[a-z0-9.]+)?(?:@sha256:[0-9a-f]{64})?")
+
+
+def redis_bytes(value: str) -> int:
+    """A Redis/Valkey memory size (256mb, 1gb, 100m, 512kb): kb/mb/gb are powers of 1024, k/m/g of 1000."""
+    match = re.fullmatch(r"(\d+)([kmg]b?)?", value.lower())
+    assert match, f"not a Redis memory size: {value!r}"
+    number, unit = match.groups()
+    factors = {None: 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+    return int(number) * factors[unit]
+
+
+def docker_bytes(value: str) -> int:
+    """A compose memory size (384m, 1g): b, k, m, g are powers of 1024."""
+    match = re.fullmatch(r"(\d+)([bkmg]?)", value.lower())
+    assert match, f"not a compose memory size: {value!r}"
+    number, unit = match.groups()
+    return int(number) * {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit]
+
+
+def valkey_arguments(argv: Sequence[str]) -> dict[str, str]:
+    """valkey-server's `--name value` arguments as a mapping (the program name first)."""
+    assert argv[0] == "valkey-server", "name the server, so that the image's entry point runs it as is"
+    rest = list(argv[1:])
+    assert len(rest) % 2 == 0, argv
+    assert all(name.startswith("--") for name in rest[::2]), argv
+    return dict(zip(rest[::2], rest[1::2], strict=True))
+
+
+def assert_nothing_persisted_and_memory_capped(argv: Sequence[str], memory_limit: float) -> None:
+    arguments = valkey_arguments(argv)
+    # Limits, budgets and cached answers can be rebuilt: no RDB snapshot, no append-only file.
+    assert arguments["--save"] == ""
+    assert arguments["--appendonly"] == "no"
+    # Below the container's limit, so that Valkey evicts before the kernel kills it. Every key the gateway
+    # writes has a TTL (checked against a real server below), which a volatile-* policy needs.
+    assert redis_bytes(arguments["--maxmemory"]) < memory_limit
+    assert arguments["--maxmemory-policy"] in {"volatile-lru", "volatile-lfu", "volatile-ttl", "allkeys-lru"}
+
+
+@pytest.fixture(scope="module")
+def redis_objects() -> list[Obj]:
+    objects = load_yaml_docs(REDIS_MANIFEST)
+    by_kind_and_name(objects)  # no two objects of one kind and name
+    return objects
+
+
+@pytest.fixture(scope="module")
+def redis_pod_spec(redis_objects: list[Obj]) -> Obj:
+    spec: Obj = find(redis_objects, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def test_optional_redis_is_one_pod_outside_the_base(redis_objects: list[Obj]) -> None:
+    assert sorted(obj["kind"] for obj in redis_objects) == ["Deployment", "NetworkPolicy", "Service"]
+    for obj in redis_objects:
+        assert obj["metadata"]["namespace"] == NAMESPACE
+    # Not in kustomization.yaml: a cluster without Redis applies the base and starts (the key is optional).
+    assert not any(entry.startswith("optional") for entry in kustomization()["resources"])
+    redis_deployment = find(redis_objects, "Deployment")
+    assert redis_deployment["spec"]["replicas"] == 1
+    assert redis_deployment["spec"]["strategy"] == {"type": "Recreate"}, "never two Redis at once"
+
+
+def test_optional_redis_meets_the_restricted_pod_security_standard(redis_pod_spec: Obj) -> None:
+    assert_restricted(redis_pod_spec)
+    assert redis_pod_spec["enableServiceLinks"] is False
+    (container,) = redis_pod_spec["containers"]
+    writable = writable_mounts(redis_pod_spec, container)
+    assert set(writable) == {"/data"}, "the image's working directory, which its entry point checks"
+    assert "sizeLimit" in writable["/data"]["emptyDir"]
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    assert 0 < quantity(requests["memory"]) <= quantity(limits["memory"])
+    assert 0 < quantity(requests["cpu"]) <= quantity(limits["cpu"])
+
+
+def test_optional_redis_persists_nothing_and_is_probed_with_ping(redis_pod_spec: Obj) -> None:
+    (container,) = redis_pod_spec["containers"]
+    assert PINNED_IMAGE.fullmatch(container["image"]), f"{container['image']}: pin a version"
+    assert "command" not in container, "the image's entry point runs as is"
+    limits = container["resources"]["limits"]
+    assert_nothing_persisted_and_memory_capped(container["args"], quantity(limits["memory"]))
+    assert container["readinessProbe"]["exec"]["command"] in (["valkey-cli", "ping"], ["redis-cli", "ping"])
+    assert container["livenessProbe"]
+
+
+def test_optional_redis_serves_only_the_gateway_at_the_url_the_secret_shows(
+    redis_objects: list[Obj], redis_pod_spec: Obj, rendered: list[Obj], deployment: Obj
+) -> None:
+    redis_deployment = find(redis_objects, "Deployment")
+    redis_labels = redis_deployment["spec"]["template"]["metadata"]["labels"]
+    assert redis_deployment["spec"]["selector"]["matchLabels"].items() <= redis_labels.items()
+    # The gateway's Service, PodDisruptionBudget and Deployment (the autoscaler's target) never select it.
+    for obj in rendered:
+        if obj["kind"] == "Service":
+            selector = obj["spec"]["selector"]
+        elif obj["kind"] in {"PodDisruptionBudget", "Deployment"}:
+            selector = obj["spec"]["selector"]["matchLabels"]
+        else:
+            continue
+        assert not selector.items() <= redis_labels.items(), f"{obj['kind']} would select the Redis pod"
+
+    service = find(redis_objects, "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"].items() <= redis_labels.items()
+    assert not service["metadata"]["name"].upper().replace("-", "_").startswith("GATEWAY")
+    (service_port,) = service["spec"]["ports"]
+    (container,) = redis_pod_spec["containers"]
+    container_ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert service_port["port"] == container_ports[service_port["targetPort"]] == REDIS_PORT
+
+    # The URL the Secret template suggests for this Redis names its Service and port.
+    text = SECRET_TEMPLATE.read_text(encoding="utf-8")
+    match = re.search(rf"^\s*#\s*{SHARED_URL_KEY}:\s*(\S+)\s*$", text, re.MULTILINE)
+    assert match, f"show the in-cluster URL in {SECRET_TEMPLATE.name}"
+    url = urlsplit(match.group(1))
+    assert (url.scheme, url.hostname, url.port) == ("redis", service["metadata"]["name"], service_port["port"])
+
+    # Only the gateway's pods may connect, on that port.
+    policy = find(redis_objects, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    gateway_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, "pods of this namespace only"
+        assert peer["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+        assert not peer["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert [port["port"] for port in rule["ports"]] == [service_port["targetPort"]]
+
+
+def test_compose_and_kubernetes_run_the_same_valkey(redis_pod_spec: Obj) -> None:
+    redis = compose()["services"]["redis"]
+    (container,) = redis_pod_spec["containers"]
+    assert redis["image"] == container["image"], "one pinned version to bump"
+    assert valkey_arguments(redis["command"]) == valkey_arguments(container["args"])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -764,6 +936,51 @@ def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
         assert not is_ignored(path, patterns), f"{path} would be left out of the build context"
 
 
+def dockerfile_requirements() -> list[str]:
+    """What the build stage installs before the wheel: the output of its `python -c` that reads
+    pyproject.toml into the requirements file, run here on this checkout's pyproject.toml."""
+    for stage in parse_dockerfile().stages[:-1]:
+        for instruction in stage.all("RUN"):
+            words = instruction.words()
+            if words[:2] != ["python", "-c"] or "tomllib" not in words[2]:
+                continue
+            assert words[3] == ">", f"line {instruction.line}: python -c '...' > requirements file"
+            assert words[words.index("-r") + 1] == words[4], "pip installs that file"
+            result = run([sys.executable, "-c", words[2]], cwd=ROOT, timeout=30)
+            assert result.returncode == 0, f"line {instruction.line}: {tail(result.stderr)}"
+            return result.stdout.splitlines()
+    pytest.fail("the build stage has no RUN python -c that lists the requirements from pyproject.toml")
+
+
+def requirement_name(requirement: str) -> tuple[str, list[str]]:
+    """A PEP 508 requirement's normalized name, and its extras."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?", requirement)
+    assert match, f"not a requirement: {requirement!r}"
+    extras = [extra.strip() for extra in (match.group(2) or "").split(",") if extra.strip()]
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower(), extras
+
+
+def test_dockerfile_installs_the_tracing_and_shared_extras_pinned() -> None:
+    project = pyproject()["project"]
+    extras = project["optional-dependencies"]
+    requirements = dockerfile_requirements()
+    # Everything but the dev extra: tracing for [tracing] enabled, shared for GATEWAY_SHARED_REDIS_URL.
+    assert requirements == [*project["dependencies"], *extras["tracing"], *extras["shared"]]
+    pinned = {
+        requirement_name(line)[0]
+        for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+        if "==" in line and not line.lstrip().startswith("#")
+    }
+    for requirement in requirements:
+        name, _extras = requirement_name(requirement)
+        assert name in pinned, f"{requirement}: pin {name} in constraints.txt"
+    for requirement in extras["shared"]:
+        # redis[hiredis]: the extra is the package it brings, the C parser; pinned as well.
+        for extra in requirement_name(requirement)[1]:
+            assert extra in pinned, f"{requirement}: pin {extra} in constraints.txt"
+    assert "redis" in {requirement_name(r)[0] for r in extras["shared"]}
+
+
 def test_dockerfile_installs_pinned_dependencies() -> None:
     build_runs = [i.args for stage in parse_dockerfile().stages[:-1] for i in stage.all("RUN")]
     installs = [run for run in build_runs if "pip" in run and " install " in run]
@@ -820,10 +1037,14 @@ def test_compose_references_only_existing_files() -> None:
     declared_volumes = set(spec.get("volumes") or {})
     gitignore = (DEPLOY / ".gitignore").read_text(encoding="utf-8").splitlines()
     for name, service in spec["services"].items():
-        build = service["build"]
-        context = (DEPLOY / build["context"]).resolve()
-        assert context == ROOT, f"{name}: build from the repository root, where .dockerignore is"
-        assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+        if "build" not in service:
+            # An upstream image (the shared profile's Valkey), pulled as is: a pinned version.
+            assert PINNED_IMAGE.fullmatch(service["image"]), f"{name}: pin {service['image']} to a version"
+        else:
+            build = service["build"]
+            context = (DEPLOY / build["context"]).resolve()
+            assert context == ROOT, f"{name}: build from the repository root, where .dockerignore is"
+            assert (context / build["dockerfile"]).resolve() == DOCKERFILE
         for volume in service.get("volumes", []):
             assert isinstance(volume, dict), f"{name}: use the long volume syntax"
             if volume["type"] == "bind":
@@ -858,10 +1079,14 @@ def test_compose_gateway_service_matches_the_image_contract() -> None:
     assert [compose_defaults(port) for port in gateway["ports"]] == [f"127.0.0.1:{PORT}:{PORT}"]
     assert quantity(gateway["stop_grace_period"].removesuffix("s")) > SHUTDOWN_GRACE_S
     assert "GATEWAY_UPSTREAM_API_KEY" not in service_environment(gateway), "the key comes from the env file"
+    # One gateway shares nothing: plain `docker compose up` starts no Redis and waits for none.
+    assert SHARED_URL_ENV not in service_environment(gateway)
+    assert "depends_on" not in gateway
 
     example = (DEPLOY / "gateway.env.example").read_text(encoding="utf-8")
-    assert "GATEWAY_UPSTREAM_API_KEY=" in example
-    assert not re.search(r"^\s*GATEWAY_UPSTREAM_API_KEY=\S", example, re.MULTILINE), "ship no key"
+    for variable in ("GATEWAY_UPSTREAM_API_KEY", SHARED_URL_ENV):
+        assert f"{variable}=" in example
+        assert not re.search(rf"^\s*{variable}=\S", example, re.MULTILINE), f"ship no {variable}"
 
 
 def test_compose_demo_profile_runs_gateway_demo() -> None:
@@ -874,8 +1099,54 @@ def test_compose_demo_profile_runs_gateway_demo() -> None:
     assert argv[:2] == ["gateway", "demo"]
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
     assert "env_file" not in demo, "the demo needs no key"
-    host_ports = {name: compose_defaults(service["ports"][0]).rsplit(":", 2)[1] for name, service in services.items()}
-    assert len(set(host_ports.values())) == len(host_ports), "the demo and the gateway can run side by side"
+    host_ports = {
+        name: compose_defaults(port).rsplit(":", 2)[1]
+        for name, service in services.items()
+        for port in service.get("ports", [])
+    }
+    assert len(set(host_ports.values())) == len(host_ports), "every gateway service can run beside the others"
+
+
+def shared_replicas() -> dict[str, Obj]:
+    """The compose services that share their state in Redis (GATEWAY_SHARED_REDIS_URL set)."""
+    return {
+        name: service
+        for name, service in compose()["services"].items()
+        if SHARED_URL_ENV in service_environment(service)
+    }
+
+
+def test_compose_shared_profile_runs_replicas_on_one_redis() -> None:
+    services = compose()["services"]
+    gateway, redis, replicas = services["gateway"], services["redis"], shared_replicas()
+    assert len(replicas) >= 2, "an example of several replicas"
+    in_profile = {name for name, service in services.items() if "shared" in service.get("profiles", [])}
+    assert in_profile == {*replicas, "redis"}, "the shared profile is the replicas and their Redis"
+    for name, replica in replicas.items():
+        assert replica["profiles"] == ["shared"]
+        environment = service_environment(replica)
+        url = urlsplit(environment.pop(SHARED_URL_ENV))
+        assert (url.scheme, url.hostname, url.port, url.path) == ("redis", "redis", REDIS_PORT, "/0")
+        assert url.password is None, f"{name}: a password belongs in gateway.env, not in compose.yaml"
+        assert replica["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        # Otherwise the default gateway: image, config, key file, data volume, hardening, the image's CMD.
+        assert environment == service_environment(gateway)
+        assert set(replica) == {*gateway, "profiles", "depends_on"}, name
+        for key in set(gateway) - {"environment", "ports"}:
+            assert replica[key] == gateway[key], f"{name}: {key} differs from the gateway service"
+
+    assert "ports" not in redis, "reachable on the project's network only"
+    assert redis["healthcheck"]["test"] in (["CMD", "valkey-cli", "ping"], ["CMD", "redis-cli", "ping"])
+    assert_nothing_persisted_and_memory_capped(redis["command"], docker_bytes(redis["mem_limit"]))
+    # Non-root from the start (the entry point then never steps down, so no capability is needed), with a
+    # read-only root filesystem and /data, its working directory, in memory.
+    uid = redis["user"].partition(":")[0]
+    assert uid.isdigit(), "a numeric user"
+    assert int(uid) != 0
+    assert redis["read_only"] is True
+    assert redis["tmpfs"] == ["/data"]
+    assert redis["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in redis["security_opt"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -925,9 +1196,12 @@ def test_systemd_unit_has_no_unknown_settings() -> None:
 
 @pytest.fixture(scope="module")
 def installed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the gateway's wheel and its pinned dependencies, as the image's build stage makes."""
+    """A fresh venv with the gateway's wheel and its pinned dependencies, as the image's build stage makes:
+    the Dockerfile's requirement list (the dependencies and the extras it names), then the wheel."""
     tmp = tmp_path_factory.mktemp("wheel")
     dist, venv = tmp / "dist", tmp / "venv"
+    requirements = tmp / "requirements.txt"
+    requirements.write_text("\n".join(dockerfile_requirements()) + "\n", encoding="utf-8")
     built = run([sys.executable, "-m", "build", "--wheel", "--outdir", dist, ROOT], timeout=240)
     assert built.returncode == 0, f"python -m build failed:\n{tail(built.stdout)}\n{tail(built.stderr)}"
     wheels = list(dist.glob("*.whl"))
@@ -947,6 +1221,8 @@ def installed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-input",
             "-c",
             ROOT / "constraints.txt",
+            "-r",
+            requirements,
             wheels[0],
         ],
         timeout=240,
@@ -957,11 +1233,14 @@ def installed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def image_environment(venv: Path, home: Path) -> dict[str, str]:
-    """The final stage's ENV, with /opt/venv mapped to `venv`, on top of a clean environment."""
+    """The final stage's ENV, with /opt/venv mapped to `venv` and /data (the image's data directory and
+    home) to `home`, on top of a clean environment: nothing is written outside the test's directories."""
     env = clean_env()
     for key, value in parse_dockerfile().final.env().items():
         if key == "PATH":
             value = value.replace("/opt/venv", str(venv)).replace("$PATH", os.environ.get("PATH", ""))
+        elif value == "/data" or value.startswith("/data/"):
+            value = str(home) + value.removeprefix("/data")
         assert "$" not in value, f"ENV {key}: expand it here"
         env[key] = value
     env["HOME"] = str(home)  # the image user's home is /data, its working directory
@@ -969,10 +1248,15 @@ def image_environment(venv: Path, home: Path) -> dict[str, str]:
 
 
 def get_status(port: int, path: str) -> int:
+    return get(port, path)[0]
+
+
+def get(port: int, path: str) -> tuple[int, str]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         connection.request("GET", path)
-        return connection.getresponse().status
+        response = connection.getresponse()
+        return response.status, response.read().decode("utf-8", errors="replace")
     finally:
         connection.close()
 
@@ -1031,11 +1315,16 @@ class Served:
 
 
 def start_like_the_image(
-    venv: Path, command: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None
+    venv: Path,
+    command: list[str],
+    tmp_path: Path,
+    extra_env: dict[str, str] | None = None,
+    data: Path | None = None,
 ) -> Served:
     """Runs an image command (`gateway ...` with --host 0.0.0.0) from `venv`: on 127.0.0.1 and a free port
-    (the only changes to its arguments), in an empty working directory (the image's /data), with the
-    image's environment."""
+    (the only changes to its arguments), in an empty working directory (the image's /data; `data`, when
+    given, is one that several processes share, as compose's replicas share a volume), with the image's
+    environment."""
     assert command[0] == "gateway"
     port = free_port()
     args = list(command[1:])
@@ -1045,8 +1334,9 @@ def start_like_the_image(
     else:
         args += ["--port", str(port)]
     argv = [str(venv / "bin" / "gateway"), *args]
-    data = tmp_path / "data"
-    data.mkdir()
+    if data is None:
+        data = tmp_path / "data"
+        data.mkdir()
     env = {**image_environment(venv, home=data), **(extra_env or {})}
     log = tmp_path / "gateway.log"
     with log.open("wb") as out:
@@ -1120,3 +1410,91 @@ def test_deploy_config_passes_check_config(installed_gateway: Path, tmp_path: Pa
     assert result.returncode == 0, f"gateway check-config rejected {DEPLOY_CONFIG}:\n{tail(result.stdout)}\n" + tail(
         result.stderr
     )
+
+
+def gauge(metrics: str, name: str) -> float | None:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+@slow
+@pytest.mark.timeout(600)
+def test_compose_shared_replicas_share_a_redis_run_as_compose_runs_it(installed_gateway: Path, tmp_path: Path) -> None:
+    server = shutil.which("valkey-server") or shutil.which("redis-server")
+    if server is None:
+        pytest.skip("neither valkey-server nor redis-server is installed")
+    import redis  # the shared extra's client, also in the dev extra
+
+    services = compose()["services"]
+    # The compose service's command, with a local server on a free loopback port instead of the image.
+    redis_argv = [str(word) for word in services["redis"]["command"]]
+    valkey_arguments(redis_argv)
+    redis_port = free_port()
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    argv = [server, *redis_argv[1:], "--port", str(redis_port), "--bind", "127.0.0.1"]
+    redis_log = tmp_path / "redis.log"
+    with redis_log.open("wb") as out:
+        redis_process = subprocess.Popen(argv, cwd=redis_dir, stdout=out, stderr=subprocess.STDOUT)  # noqa: S603
+    client = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=2)
+    replicas: list[Served] = []
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert redis_process.poll() is None, f"{shlex.join(argv)} exited:\n{tail(redis_log.read_text())}"
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"{server} never answered PING:\n{tail(redis_log.read_text())}"
+            time.sleep(0.1)
+
+        # Each replica as compose runs it: the image's CMD, the service's environment (the config mounted
+        # from deploy/, the URL with the compose host name `redis` pointing here), one shared /data.
+        data = tmp_path / "data"
+        data.mkdir()
+        command = image_command(parse_dockerfile().final)
+        for name, service in sorted(shared_replicas().items()):
+            environment = service_environment(service)
+            mounts = {volume["target"]: volume for volume in service["volumes"]}
+            url = urlsplit(environment[SHARED_URL_ENV])
+            environment[SHARED_URL_ENV] = url._replace(netloc=f"127.0.0.1:{redis_port}").geturl()
+            environment["GATEWAY_CONFIG"] = str(DEPLOY / mounts[environment["GATEWAY_CONFIG"]]["source"])
+            environment["GATEWAY_UPSTREAM_API_KEY"] = "sk-test-not-a-key"  # from gateway.env
+            environment["GATEWAY_UPSTREAM_URL"] = f"http://127.0.0.1:{free_port()}"  # closed: stays local
+            # What is checked here is the wiring, not latency: a generous per-call limit, so that a busy CI
+            # machine (the default is 50 ms, connecting included) cannot keep a heartbeat from landing.
+            environment["GATEWAY_SHARED_TIMEOUT"] = "1.0"
+            (tmp_path / name).mkdir()
+            replicas.append(start_like_the_image(installed_gateway, command, tmp_path / name, environment, data))
+
+        # Every replica reaches the Redis and sees all the others through it.
+        want = {"gateway_shared_store_up": 1.0, "gateway_shared_store_replicas": float(len(replicas))}
+        for served in replicas:
+            assert served.wait_for("/healthz", 200) == 200, served.log_tail()
+            seen: dict[str, float | None] = {}
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                status, metrics = get(served.port, "/metrics")
+                assert status == 200, metrics
+                seen = {name: gauge(metrics, name) for name in want}
+                if seen == want:
+                    break
+                time.sleep(0.25)
+            members = client.zrange("gw:replicas", 0, -1, withscores=True)
+            logs = "\n\n".join(f"{shlex.join(other.argv)}:\n{other.log_tail()}" for other in replicas)
+            assert seen == want, f"port {served.port}, replicas in Redis {members}:\n{logs}"
+
+        # Every key the gateway wrote has a TTL, which the volatile-* eviction policy needs.
+        keys = list(client.scan_iter())
+        assert keys, "the replicas wrote nothing to Redis"
+        for key in keys:
+            assert client.pttl(key) > 0, f"{key!r} has no TTL"
+    finally:
+        exit_codes = [stop(served.process, timeout=20) for served in replicas]
+        client.close()
+        redis_exit = stop(redis_process, timeout=10)
+    assert exit_codes == [0] * len(replicas), "\n".join(served.log_tail() for served in replicas)
+    assert redis_exit == 0, tail(redis_log.read_text())
+    assert list(redis_dir.iterdir()) == [], "the server persisted something"
