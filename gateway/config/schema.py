@@ -156,7 +156,7 @@ class MetricsSettings:
 class SharedSettings:
     redis_url: str = field(default="", repr=False)  # may hold a password
     key_prefix: str = "gw"
-    timeout: float = _bounded(0.05, gt=0)  # seconds for one Redis call, connecting included
+    timeout: float = _bounded(0.1, gt=0)  # seconds for one Redis call, connecting included
     fallback: SharedFallback = "local"
     breaker_failures: int = _bounded(3, ge=1)
     breaker_cooldown: float = _bounded(5.0, gt=0)
