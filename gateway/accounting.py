@@ -90,6 +90,8 @@ class Accounting:
         entry = exchange.entry
         if entry is None:
             return
+        if exchange.usage is not None and exchange.from_cache and not event_stream:
+            return  # a stored whole body: its usage was read when it was stored, nothing to meter
         encoding = content_encoding(headers)
         if encoding is not None and (event_stream or encoding not in DECODABLE_ENCODINGS):
             # The gateway asks only for what it can read (headers.upstream_accept_encoding): an
@@ -109,11 +111,14 @@ class Accounting:
 
     def cost_headers(self, exchange: Exchange, body: bytes) -> list[Header]:
         """For a whole (non-streamed) body: its usage and cost, to send as a response header."""
-        if exchange.meter is None or exchange.entry is None:
+        if exchange.entry is None:
             return []
-        exchange.meter.feed(body)
-        exchange.usage = exchange.meter.finish()
-        exchange.meter = None  # already read: finish() must not count it again
+        if exchange.meter is not None:
+            exchange.meter.feed(body)
+            exchange.usage = exchange.meter.finish()
+            exchange.meter = None  # already read: finish() must not count it again
+        elif exchange.usage is None:
+            return []
         exchange.cost = self._cost(exchange)
         return [] if exchange.cost is None else [(COST_HEADER, f"{exchange.cost:.8f}".encode())]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -22,6 +23,7 @@ import orjson
 from gateway.cache.store import Entry
 from gateway.config import SharedSettings
 from gateway.state.guard import Guard
+from gateway.usage.model import Usage
 
 logger = logging.getLogger("gateway.cache.redis_tier")
 
@@ -147,6 +149,7 @@ def encode(entry: Entry) -> bytes:
             "namespace": entry.namespace,
             "stored_at": entry.stored_at,
             "ttl": entry.ttl,
+            "usage": None if entry.usage is None else dataclasses.asdict(entry.usage),
         }
     )
     return len(header).to_bytes(4, "big") + header + entry.body
@@ -168,6 +171,7 @@ def decode(blob: bytes) -> Entry | None:
             namespace=str(header["namespace"]),
             stored_at=float(header["stored_at"]),
             ttl=float(header["ttl"]),
+            usage=None if header.get("usage") is None else Usage(**header["usage"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
         return None

@@ -18,9 +18,11 @@ from gateway.cache.flights import Flight, Flights
 from gateway.cache.redis_tier import RedisTier
 from gateway.cache.store import Entry, MemoryStore
 from gateway.config import CacheSettings
-from gateway.headers import is_event_stream
+from gateway.headers import content_encoding, is_event_stream
 from gateway.types import Header
 from gateway.upstream.base import Headers
+from gateway.usage.meter import UsageMeter
+from gateway.usage.model import Usage
 
 # The upstream's headers a replay may repeat: what describes the body, nothing about the exchange
 # (no request ids, rate-limit headers, cookies or dates; Content-Length is computed anew).
@@ -113,6 +115,7 @@ class ResponseCache:
                 namespace=stored.namespace,
                 stored_at=self._clock(),
                 ttl=stored.ttl,
+                usage=None if event_stream else usage_of(headers, body),
             )
             if self._store.put(key, entry):
                 self._stores += 1
@@ -150,6 +153,13 @@ class ResponseCache:
         if event_stream and not body.rstrip().endswith(SSE_DONE):
             return "unfinished"
         return None
+
+
+def usage_of(headers: Headers, body: bytes) -> Usage | None:
+    """The usage a whole stored body reports (read as the relay's meter reads it)."""
+    meter = UsageMeter(False, False, content_encoding=content_encoding(headers))
+    meter.feed(body)
+    return meter.finish()
 
 
 def replayed_headers(headers: Headers, body: bytes, event_stream: bool) -> tuple[Header, ...]:

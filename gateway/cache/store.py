@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from cachetools import Cache, TLRUCache
 
 from gateway.types import Header
+from gateway.usage.model import Usage
 
 # What an entry costs besides its body and headers (the objects holding it, its key): an
 # estimate, so that many tiny entries still count against the bound.
@@ -25,8 +26,9 @@ ENTRY_OVERHEAD = 256
 @dataclass(frozen=True, slots=True)
 class Entry:
     """A stored answer: status, headers and body as the client is to get them, whether the body is
-    an event stream, what it belongs to (for purges), when it was stored (``time.time()``) and for
-    how many seconds from then it is fresh."""
+    an event stream, what it belongs to (for purges), when it was stored (``time.time()``), for
+    how many seconds from then it is fresh, and the usage a whole (non-streamed) body reports, read
+    once when it was stored so that a hit need not parse it again."""
 
     status: int
     headers: tuple[Header, ...]
@@ -36,6 +38,7 @@ class Entry:
     namespace: str
     stored_at: float
     ttl: float
+    usage: Usage | None = None
 
     @property
     def size(self) -> int:

@@ -210,6 +210,7 @@ async def _share(flight: Flight, response: UpstreamResponse, max_entry_bytes: in
 
 def _hit(entry: Entry, age: float, exchange: Exchange) -> UpstreamResponse:
     exchange.cache = "hit"
+    exchange.usage = entry.usage  # a whole body's, read when it was stored (None for a stream)
     exchange.cache_headers = (
         (CACHE_STATUS, cache_status(hit=True, ttl=remaining_ttl(age, entry.ttl))),
         (b"age", str(max(0, int(age))).encode()),

@@ -53,6 +53,9 @@ class Responder:
         headers = [*headers, *exchange.cache_headers, overhead]
         if event_stream:
             headers.append(SSE_NO_BUFFERING)
+        if exchange.meter is None and exchange.usage is not None and exchange.from_cache:
+            # A stored whole body whose usage is known: its cost header needs no pass over it.
+            headers += services.accounting.cost_headers(exchange, b"")
         whole_body = None if event_stream else self._whole_body_step(exchange, response.status)
         if event_stream:
             services.open_streams += 1

@@ -3,6 +3,7 @@ a stalled Redis never stops the cache or the upstream from answering, purges rea
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from gateway.cache.redis_tier import decode, encode
 from gateway.cache.store import Entry
 from gateway.demo import DemoState
 from gateway.server.thread import LocalServer
+from gateway.usage.model import Usage
 from tests.helpers.gateway import EMBEDDING_MODEL, StartGateway, requests_on
 from tests.helpers.redis import RedisServer
 
@@ -98,5 +100,7 @@ def test_a_purge_reaches_the_redis_tier(two_replicas: tuple[LocalServer, LocalSe
 def test_entries_round_trip_and_garbage_is_a_miss() -> None:
     entry = Entry(200, ((b"content-type", b"application/json"),), b'{"a":1}', False, "m", "ns", 1.5, 60.0)
     assert decode(encode(entry)) == entry
+    counted = dataclasses.replace(entry, usage=Usage(prompt_tokens=3, total_tokens=3))
+    assert decode(encode(counted)) == counted
     assert decode(b"") is None
     assert decode(b"\x00\x00\x00\x05hello") is None
