@@ -8,7 +8,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -169,10 +169,12 @@ async def test_a_stalled_redis_falls_back_by_policy_and_recovers(
         await store.aclose()
 
 
-def test_three_replicas_share_one_requests_per_minute_limit(
-    redis: RedisServer, upstream: LocalServer, tmp_path: Path
-) -> None:
-    limit = 6
+@contextmanager
+def three_replicas(
+    redis: RedisServer, upstream: LocalServer, tmp_path: Path, limit: int, **settings: str
+) -> Iterator[list[str]]:
+    """Three `gateway serve` processes (keys mode, alice with ``limit`` rpm) sharing ``redis``, each
+    having seen the other two; stopped by their pids."""
     config = keys_config(tmp_path / "gateway.toml", key_table("alice", f"rpm = {limit}"))
     env = {
         "GATEWAY_UPSTREAM_URL": upstream.url,
@@ -180,14 +182,11 @@ def test_three_replicas_share_one_requests_per_minute_limit(
         "GATEWAY_USAGE_PATH": "",
         "GATEWAY_SHARED_REDIS_URL": redis.url,
         "GATEWAY_SHARED_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}",
-        # The property is the sharing: generous timeouts on this shared, loaded machine, quick heartbeats.
-        "GATEWAY_SHARED_TIMEOUT": "1.0",
         "GATEWAY_SHARED_HEARTBEAT_INTERVAL": "0.2",
+        **settings,
     }
-    admin = {"authorization": f"Bearer {key_secret('admin')}"}
     with ExitStack() as stack:
-        urls = []
-        procs = []
+        urls, procs = [], []
         for _ in range(3):
             port = free_port()
             argv = ["serve", "--config", str(config), "--port", str(port)]
@@ -196,21 +195,55 @@ def test_three_replicas_share_one_requests_per_minute_limit(
         for url, proc in zip(urls, procs, strict=True):
             wait_ready(url, proc)
         for url in urls:  # every replica has seen the other two
-            assert wait_until(partial(_sees_replicas, url, admin, 3))
+            assert wait_until(partial(_sees_replicas, url, ADMIN, 3))
+        yield urls
 
-        def call(i: int) -> int:
-            headers = {"authorization": f"Bearer {key_secret('alice')}"}
-            return httpx.post(
-                urls[i % 3] + "/v1/chat/completions", json=CHAT_BODY, headers=headers, timeout=15
-            ).status_code
 
-        with ThreadPoolExecutor(3 * limit) as pool:
-            statuses = list(pool.map(call, range(3 * limit)))
-        scraped = [_metrics(url, admin) for url in urls]
+def burst(urls: list[str], count: int) -> list[int]:
+    """``count`` chat requests at once as alice, spread evenly over ``urls``: their statuses."""
+
+    def call(i: int) -> int:
+        headers = {"authorization": f"Bearer {key_secret('alice')}"}
+        url = urls[i % len(urls)] + "/v1/chat/completions"
+        return httpx.post(url, json=CHAT_BODY, headers=headers, timeout=15).status_code
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+def test_three_replicas_share_one_requests_per_minute_limit(
+    redis: RedisServer, upstream: LocalServer, tmp_path: Path
+) -> None:
+    limit = 6
+    # The property is the sharing: a generous timeout on this shared, loaded machine.
+    with three_replicas(redis, upstream, tmp_path, limit, GATEWAY_SHARED_TIMEOUT="1.0") as urls:
+        statuses = burst(urls, 3 * limit)
+        scraped = [_metrics(url, ADMIN) for url in urls]
     assert sorted(statuses) == [200] * limit + [429] * (2 * limit)  # never 3x the limit
     for text in scraped:
         assert "gateway_shared_store_up 1.0" in text
         assert "gateway_shared_store_fallbacks_total 0.0" in text
+
+
+def test_with_redis_stalled_the_fleet_stays_within_the_limit(
+    paused: RedisServer, upstream: LocalServer, tmp_path: Path
+) -> None:
+    limit = 6
+    settings = {"GATEWAY_SHARED_TIMEOUT": "0.3", "GATEWAY_SHARED_BREAKER_FAILURES": "1"}
+    with three_replicas(paused, upstream, tmp_path, limit, **settings) as urls:
+        paused.pause()  # SIGSTOP: Redis holds its connections and answers nothing
+        statuses = burst(urls, 3 * limit)
+        scraped = [_metrics(url, ADMIN) for url in urls]
+        paused.resume()
+    # Each replica enforces its share (6 / 3 replicas seen alive = 2): the fleet at or under 6.
+    assert statuses.count(200) == limit
+    assert statuses.count(429) == 2 * limit
+    for text in scraped:
+        assert "gateway_shared_store_up 0.0" in text
+        assert "gateway_shared_store_fallbacks_total 0.0" not in text
+
+
+ADMIN = {"authorization": f"Bearer {key_secret('admin')}"}
 
 
 def _sees_replicas(url: str, headers: dict[str, str], count: int) -> bool:
