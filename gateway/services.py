@@ -24,13 +24,13 @@ from gateway.auth.jobs import JobOwners
 from gateway.auth.keys import KeyRing
 from gateway.auth.reload import KeyReloader
 from gateway.cache.redis_tier import RedisTier
-from gateway.cache.responses import CacheStats, ResponseCache
+from gateway.cache.responses import ResponseCache
 from gateway.catalog.admission import is_routable
 from gateway.catalog.cache import Catalog
 from gateway.config import Settings
 from gateway.exchange import Exchange
 from gateway.ops.drain import Drain
-from gateway.ops.metrics import CacheSnapshot, Metrics
+from gateway.ops.metrics import Metrics
 from gateway.ops.metrics import Snapshot as MetricsSnapshot
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
@@ -205,10 +205,5 @@ def _metrics_snapshot(services: Services) -> MetricsSnapshot:
         tasks=len(asyncio.all_tasks()),
         ledger_dropped=services.accounting.ledger_dropped,
         shared_store=services.store.shared_state(),
-        cache=None if services.cache is None else _cache_snapshot(services.cache.stats()),
+        cache=None if services.cache is None else services.cache.stats(),
     )
-
-
-def _cache_snapshot(stats: CacheStats) -> CacheSnapshot:
-    return CacheSnapshot(stats.bytes, stats.entries, stats.evictions, stats.stores, stats.skips, stats.flights,
-                         stats.remote_up, stats.remote_hits)  # fmt: skip

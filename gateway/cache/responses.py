@@ -19,6 +19,7 @@ from gateway.cache.redis_tier import RedisTier
 from gateway.cache.store import Entry, MemoryStore
 from gateway.config import CacheSettings
 from gateway.headers import content_encoding, is_event_stream
+from gateway.ops.metrics import CacheSnapshot
 from gateway.types import Header
 from gateway.upstream.base import Headers
 from gateway.usage.meter import UsageMeter
@@ -37,18 +38,6 @@ class Stored:
     model: str
     namespace: str
     ttl: float
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    bytes: int
-    entries: int
-    evictions: int
-    stores: int
-    skips: dict[str, int]
-    flights: int
-    remote_up: bool | None = None  # the Redis tier answers (None: no such tier)
-    remote_hits: int = 0  # answers found in the Redis tier (not in memory)
 
 
 class ResponseCache:
@@ -139,9 +128,9 @@ class ResponseCache:
             return None
         return await self.remote.purge(model=model, namespace=namespace)
 
-    def stats(self) -> CacheStats:
+    def stats(self) -> CacheSnapshot:
         store, remote = self._store, self.remote
-        return CacheStats(store.bytes, store.entries, store.evictions, self._stores, dict(self._skips),
+        return CacheSnapshot(store.bytes, store.entries, store.evictions, self._stores, dict(self._skips),
                           len(self._flights), None if remote is None else remote.up,
                           0 if remote is None else remote.hits)  # fmt: skip
 

@@ -8,17 +8,16 @@ the catalog ("unknown" otherwise), keys from the config.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway import endpoints
 from gateway.exchange import Exchange
+from gateway.ops.families import Counter, Histogram
 from gateway.state.store import SharedState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,7 +28,7 @@ UPSTREAM_ERROR_CODES = {"upstream_unavailable": "unavailable", "upstream_timeout
 
 @dataclass(frozen=True, slots=True)
 class CacheSnapshot:
-    """The response cache's state and counters (``gateway.cache.responses.CacheStats``)."""
+    """The response cache's state and counters (``gateway.cache.responses.ResponseCache.stats``)."""
 
     bytes: int
     entries: int
@@ -137,64 +136,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-class _Counter:
-    """A counter family kept as plain numbers per label values, exported at scrape time.
-
-    Per-request updates happen on the event loop's thread only, as do scrapes, so no lock is
-    taken: prometheus_client's own Counter and Histogram take one per update, a dozen per request
-    (about a sixth of the gateway's own CPU per request, measured in-process).
-    """
-
-    __slots__ = ("_documentation", "_labels", "_name", "_values")
-
-    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labels = list(labels)
-        self._values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
-        values = self._values
-        values[labels] = values.get(labels, 0.0) + amount
-
-    def family(self) -> Metric:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-        for labels, value in self._values.items():
-            family.add_metric(labels, value)
-        return family
-
-
-class _Histogram:
-    """A histogram family as plain per-bucket counts and a sum per label values (see ``_Counter``)."""
-
-    __slots__ = ("_bounds", "_documentation", "_labels", "_name", "_values")
-
-    def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labels = list(labels)
-        self._bounds = tuple(buckets)
-        # Per label values: the count of each bucket (not cumulative; the last is +Inf), then the sum.
-        self._values: dict[tuple[str, ...], list[float]] = {}
-
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        counts = self._values.get(labels)
-        if counts is None:
-            counts = self._values[labels] = [0.0] * (len(self._bounds) + 2)
-        counts[bisect_left(self._bounds, value)] += 1  # a bucket holds the values <= its bound
-        counts[-1] += value
-
-    def family(self) -> Metric:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
-        names = [*(repr(float(bound)) for bound in self._bounds), "+Inf"]  # as prometheus_client spells them
-        for labels, counts in self._values.items():
-            cumulative = list(accumulate(counts[:-1]))
-            family.add_metric(labels, list(zip(names, cumulative, strict=True)), sum_value=counts[-1])
-        return family
-
-
 class _RequestCollector(Collector):
-    def __init__(self, families: Sequence[_Counter | _Histogram]) -> None:
+    def __init__(self, families: Sequence[Counter | Histogram]) -> None:
         self._families = families
 
     def collect(self) -> Iterator[Metric]:
@@ -204,41 +147,41 @@ class _RequestCollector(Collector):
 
 class Metrics:
     def __init__(self, read_state: Callable[[], Snapshot | None]) -> None:
-        self.requests = _Counter(
+        self.requests = Counter(
             "gateway_requests", "Proxied requests by outcome.", ["endpoint", "model", "status", "outcome"]
         )
-        self.refusals = _Counter(
+        self.refusals = Counter(
             "gateway_refusals", "Requests the gateway answered itself, by error code.", ["endpoint", "code"]
         )
-        self.upstream_errors = _Counter("gateway_upstream_errors", "Upstream failures by kind.", ["endpoint", "kind"])
-        self.retries = _Counter("gateway_upstream_retries", "Upstream attempts beyond the first.", ["endpoint"])
-        self.duration = _Histogram("gateway_request_duration_seconds", "Whole request.", ["endpoint"], LATENCY_BUCKETS)
-        self.upstream_duration = _Histogram(
+        self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures by kind.", ["endpoint", "kind"])
+        self.retries = Counter("gateway_upstream_retries", "Upstream attempts beyond the first.", ["endpoint"])
+        self.duration = Histogram("gateway_request_duration_seconds", "Whole request.", ["endpoint"], LATENCY_BUCKETS)
+        self.upstream_duration = Histogram(
             "gateway_upstream_duration_seconds", "Until the upstream's response headers.", ["endpoint"], LATENCY_BUCKETS
         )
-        self.overhead = _Histogram(
+        self.overhead = Histogram(
             "gateway_overhead_seconds",
             "The gateway's own time before the response starts (upstream wait excluded).",
             ["endpoint"],
             OVERHEAD_BUCKETS,
         )
-        self.ttfb = _Histogram(
+        self.ttfb = Histogram(
             "gateway_time_to_first_byte_seconds",
             "Until the first body byte reached the client.",
             ["endpoint"],
             LATENCY_BUCKETS,
         )
-        self.tokens = _Counter("gateway_usage_tokens", "Tokens used.", ["model", "key", "kind"])
-        self.cost = _Counter("gateway_usage_cost_usd", "Cost in USD.", ["model", "key"])
-        self.cache = _Counter(
+        self.tokens = Counter("gateway_usage_tokens", "Tokens used.", ["model", "key", "kind"])
+        self.cost = Counter("gateway_usage_cost_usd", "Cost in USD.", ["model", "key"])
+        self.cache = Counter(
             "gateway_cache_requests",
             "What the response cache did per request: hit, collapsed, miss, refresh, bypass.",
             ["endpoint", "result"],
         )
-        self.saved_tokens = _Counter(
+        self.saved_tokens = Counter(
             "gateway_cache_saved_tokens", "Tokens served from the cache instead of the upstream.", ["model", "kind"]
         )
-        self.saved_cost = _Counter("gateway_cache_saved_usd", "What answers from the cache would have cost.", ["model"])
+        self.saved_cost = Counter("gateway_cache_saved_usd", "What answers from the cache would have cost.", ["model"])
         self.registry = CollectorRegistry()
         self.registry.register(
             _RequestCollector(
