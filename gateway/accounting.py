@@ -4,7 +4,9 @@ The pipeline opens an ``Exchange`` per request, lets ``Accounting.admit`` apply 
 limits and budgets before forwarding, gives the relay a ``UsageMeter`` that reads usage from the
 response bytes, and calls ``finish`` once, on every path (served, refused, cut short): that settles
 the reservations with the real numbers, records the request in the ledger, and writes one access
-log line. Nothing here blocks the request path: ledger writes are batched off it.
+log line. Nothing here blocks the request path: ledger writes are batched off it, and so are the
+access log's (``gateway.ops.logs.write_fields``, when the gateway's own JSON handler is the only
+one the line would reach; the logging call otherwise).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from gateway import endpoints
 from gateway.catalog.bounds import prompt_tokens_lower_bound
 from gateway.exchange import Exchange, Outcome
 from gateway.headers import content_encoding
+from gateway.ops.logs import write_fields
 from gateway.state.store import Claim, StateStore
 from gateway.types import Header
 from gateway.usage.meter import DECODABLE_ENCODINGS, UsageMeter
@@ -143,24 +146,24 @@ class Accounting:
         caller, entry = exchange.caller, exchange.entry
         if entry is not None:
             self._store.record(
-                UsageRecord(
-                    ts=exchange.arrived,
-                    request_id=exchange.request_id,
-                    key_name=caller.name if caller else None,
-                    team=caller.team if caller else None,
-                    model=entry.model_name,
-                    endpoint=exchange.path,
-                    status=exchange.status,
-                    prompt_tokens=usage.prompt_tokens if usage else 0,
-                    completion_tokens=usage.completion_tokens if usage else 0,
-                    total_tokens=usage.total_tokens if usage else 0,
-                    cost_usd=exchange.cost,
-                    outcome=exchange.outcome,
-                    cut=exchange.outcome is Outcome.CLIENT_DISCONNECTED,
-                    latency_ms=latency_ms,
-                    ttfb_ms=ttfb_ms,
-                    cache=exchange.cache,
-                    saved_usd=exchange.saved_cost,
+                UsageRecord(  # by position, in column order (keywords cost ~0.6 us more per request)
+                    exchange.arrived,  # ts
+                    exchange.request_id,
+                    caller.name if caller else None,  # key_name
+                    caller.team if caller else None,  # team
+                    entry.model_name,  # model
+                    exchange.path,  # endpoint
+                    exchange.status,
+                    usage.prompt_tokens if usage else 0,
+                    usage.completion_tokens if usage else 0,
+                    usage.total_tokens if usage else 0,
+                    exchange.cost,  # cost_usd
+                    exchange.outcome.value,  # (a str: bound to SQLite as it is, see gateway.usage.ledger)
+                    exchange.outcome is Outcome.CLIENT_DISCONNECTED,  # cut
+                    latency_ms,
+                    ttfb_ms,
+                    exchange.cache,
+                    exchange.saved_cost,  # saved_usd
                 )
             )
         if self._access_log and access_logger.isEnabledFor(logging.INFO):
@@ -198,6 +201,8 @@ class Accounting:
             "cost_usd": exchange.cost,
             "cache": exchange.cache,
         }
+        if write_fields(access_logger, line):  # the JSON line, buffered
+            return
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})
 

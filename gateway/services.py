@@ -4,8 +4,8 @@
 opens the usage ledger, builds the limits, budgets and accounting, starts tracing and, in keys
 mode with a config file, the key reloader; it yields one ``Services`` whose every attribute is set,
 and closes all of it, in reverse order, on the way out (the ledger writes what is still queued,
-tracing exports what it holds). Nothing is bound later: a part that needs a service is built
-with it.
+tracing exports what it holds, the access log's buffered lines are written last). Nothing is
+bound later: a part that needs a service is built with it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from gateway.catalog.cache import Catalog
 from gateway.config import Settings
 from gateway.exchange import Exchange
 from gateway.ops.drain import Drain
+from gateway.ops.logs import flush as flush_logs
 from gateway.ops.metrics import Metrics
 from gateway.ops.metrics import Snapshot as MetricsSnapshot
 from gateway.state.budgets import Budgets
@@ -92,6 +93,7 @@ async def open_services(
     ledger is then the store's business).
     """
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(flush_logs)  # last: the access log's buffered lines (gateway.ops.logs)
         upstream: Upstream = (
             HttpxUpstream(settings.upstream, transport)
             if transport is not None or settings.upstream.client == "httpx"

@@ -1,0 +1,81 @@
+"""The ledger's batch writes: many rows per INSERT statement, every row once and intact, as many
+rows per statement as the SQLite build can bind, and a bad record still dropped alone."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from gateway.usage import ledger as ledger_module
+from gateway.usage.ledger import MAX_ROWS_PER_INSERT, Ledger
+from gateway.usage.schema import UsageRecord
+
+COLUMNS = ", ".join(UsageRecord._fields)
+
+
+def record(i: int, *, tokens: int = 7) -> UsageRecord:
+    """A record whose every column differs from its neighbours' (so a shifted value shows)."""
+    return UsageRecord(
+        1767225600.0 + i / 1000,
+        f"req-{i}",
+        f"key-{i % 3}" if i % 4 else None,
+        "red" if i % 2 else None,
+        f"model-{i % 5}",
+        "/v1/chat/completions",
+        200 + i % 3,
+        tokens,
+        i,
+        tokens + i,
+        None if i % 7 == 0 else i / 10_000,
+        "client_disconnected" if i % 6 == 0 else "completed",
+        i % 6 == 0,
+        10.0 + i,
+        None if i % 5 == 0 else 1.0 + i,
+        "hit" if i % 8 == 0 else None,
+        0.5 if i % 8 == 0 else None,
+    )
+
+
+def stored(path: Path) -> list[UsageRecord]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute(f"SELECT {COLUMNS} FROM usage ORDER BY id").fetchall()  # noqa: S608 - constants
+    finally:
+        conn.close()
+    return [UsageRecord._make([*row[:12], bool(row[12]), *row[13:]]) for row in rows]  # cut: 0/1 to a bool
+
+
+async def test_a_batch_of_several_statements_stores_every_row_once_and_intact(tmp_path: Path) -> None:
+    records = [record(i) for i in range(2 * MAX_ROWS_PER_INSERT + 37)]  # two full statements and a rest
+    path = tmp_path / "usage.db"
+    async with Ledger(path, flush_interval=3600) as ledger:  # written in one batch, by aclose
+        for r in records:
+            ledger.record(r)
+    assert ledger.dropped == 0
+    assert stored(path) == records
+
+
+def test_rows_per_statement_follow_the_builds_parameter_limit(tmp_path: Path) -> None:
+    """An SQLite that binds at most 40 parameters gets INSERTs of 2 rows (17 columns each)."""
+    conn = ledger_module._open_writer(tmp_path / "usage.db")
+    statements: list[str] = []
+    try:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 40)
+        conn.set_trace_callback(statements.append)
+        records = [record(i) for i in range(5)]
+        ledger_module._write(conn, records)
+    finally:
+        conn.close()
+    inserts = [s for s in statements if s.startswith("INSERT")]  # (with their values, as traced)
+    assert [s.count("), (") + 1 for s in inserts] == [2, 2, 1]
+    assert stored(tmp_path / "usage.db") == records
+
+
+async def test_a_bad_record_in_a_large_batch_is_dropped_alone(tmp_path: Path) -> None:
+    records = [record(i, tokens=10**30 if i == 250 else 7) for i in range(450)]  # beyond 64 bits: refused
+    path = tmp_path / "usage.db"
+    async with Ledger(path, flush_interval=3600) as ledger:
+        for r in records:
+            ledger.record(r)
+    assert ledger.dropped == 1
+    assert stored(path) == records[:250] + records[251:]
