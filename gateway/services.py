@@ -170,7 +170,7 @@ async def _response_cache(settings: Settings, stack: contextlib.AsyncExitStack) 
     remote = None
     if settings.shared.redis_url:
         client, errors = redis_client(settings.shared)
-        remote = RedisTier(client, errors, settings.shared, settings.cache.keep_stale)
+        remote = RedisTier(client, errors, settings.shared, settings.cache, idle_timeout=settings.upstream.idle_timeout)
         stack.push_async_callback(remote.aclose)
     return ResponseCache(settings.cache, remote=remote)
 

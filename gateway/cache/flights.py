@@ -12,6 +12,8 @@ upstream generation is abandoned, as for any request).
 The buffer keeps the whole answer while it may still be stored (up to ``capture_limit`` bytes);
 past that the flight stops taking followers and keeps only what its slowest reader has not read.
 A complete answer is handed to ``on_complete`` (the cache stores it). One event loop, no locks.
+A ``listener`` (``gateway.cache.remote_flights``: other replicas join through Redis) is told the
+answer's headers, each chunk and how the flight ended, as they happen.
 """
 
 from __future__ import annotations
@@ -19,8 +21,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from gateway.upstream.base import Headers, UpstreamResponse, UpstreamStreamError
+
+
+class FlightListener(Protocol):
+    """Told what a flight shares, as it happens (never awaited: it must not block)."""
+
+    def started(self, status: int, headers: Headers) -> None: ...
+
+    def chunk(self, data: bytes) -> None: ...
+
+    def ended(self, outcome: str) -> None:
+        """``ok``, ``error`` (broke off, or every reader left) or ``declined`` (not shared)."""
+
+    async def abandoned(self) -> bool:
+        """Every reader of this process left before the end: True to stop the fetch (nobody else
+        reads it either), False to read on (the flight then completes for the others)."""
 
 
 class Flight:
@@ -45,6 +63,8 @@ class Flight:
         self._waiting = 0  # followers waiting for the answer's headers (about to become readers)
         self._more: asyncio.Future[None] | None = None
         self._pump: asyncio.Task[None] | None = None
+        self.listener: FlightListener | None = None
+        self._abandoning: asyncio.Task[None] | None = None  # asking the listener (kept referenced)
 
     @property
     def joinable(self) -> bool:
@@ -73,12 +93,16 @@ class Flight:
             self._ready.set_result(False)
         if not self.done:
             self.done = True
+            if self.listener is not None:
+                self.listener.ended("declined")
             self._on_end(self)
 
     def share(self, response: UpstreamResponse) -> FlightReader:
         """Share ``response`` (its headers are in): returns the leader's reader."""
         self.status, self.headers = response.status, response.headers
         self.shared = True
+        if self.listener is not None:
+            self.listener.started(self.status, self.headers)
         reader = self.reader()
         self._pump = asyncio.create_task(self._read_upstream(response))
         self._ready.set_result(True)
@@ -87,9 +111,13 @@ class Flight:
     def share_whole(self, status: int, headers: Headers, body: bytes) -> FlightReader:
         """Share an answer whose whole body has arrived already: no task, done at once."""
         self.status, self.headers, self.shared = status, headers, True
+        if self.listener is not None:
+            self.listener.started(status, headers)
         reader = self.reader()
         self._append(body)
         self.done = True
+        if self.listener is not None:
+            self.listener.ended("ok")
         self._ready.set_result(True)
         self._on_end(self)
         return reader
@@ -110,6 +138,8 @@ class Flight:
             raise
         finally:
             self.done = True
+            if self.listener is not None:
+                self.listener.ended("ok" if self.error is None else "error")
             self._wake()
             with contextlib.suppress(Exception):
                 await response.aclose()
@@ -120,6 +150,8 @@ class Flight:
             return
         self._chunks.append(chunk)
         self._size += len(chunk)
+        if self.listener is not None:
+            self.listener.chunk(chunk)
         if self.capturing and self._size > self._capture_limit:
             self.capturing = False  # too big to store: keep only what a reader still needs
         if not self.capturing:
@@ -153,7 +185,17 @@ class Flight:
     def _leave(self, reader: FlightReader) -> None:
         self._readers.discard(reader)
         if not self._readers and not self._waiting and not self.done and self._pump is not None:
-            self._pump.cancel()  # nobody reads on: stop the upstream generation
+            if self.listener is None:
+                self._pump.cancel()  # nobody reads on: stop the upstream generation
+            else:
+                self._abandoning = asyncio.create_task(self._abandon(self.listener, self._pump))
+        elif not self.capturing:
+            self._trim()
+
+    async def _abandon(self, listener: FlightListener, pump: asyncio.Task[None]) -> None:
+        """Stop the fetch unless the listener's side reads on or a reader came meanwhile."""
+        if await listener.abandoned() and not self._readers and not self._waiting:
+            pump.cancel()
         elif not self.capturing:
             self._trim()
 

@@ -5,7 +5,8 @@ Every entry is one Redis string ``P:cache:<key>`` (a length-prefixed JSON header
 headers and metadata, then the body) with a TTL of its freshness plus ``keep_stale``; sets
 ``P:cache:model:<model>`` and ``P:cache:ns:<namespace>`` name the entries of a model and of a
 namespace, for purges. Reads wait at most ``[shared] timeout``; writes run off the request path.
-When Redis is slow or down the tier fails open: a lookup is a miss (memory and the upstream still
+The fleet's flights (collapsing across replicas, ``gateway.cache.remote_flights``) use the same
+client and breaker. When Redis is slow or down the tier fails open: a lookup is a miss (memory and the upstream still
 answer), a write is dropped, and a breaker stops asking for a while (``gateway.state.guard``).
 """
 
@@ -20,8 +21,9 @@ from typing import Any
 
 import orjson
 
+from gateway.cache.remote_flights import RemoteFlights
 from gateway.cache.store import Entry
-from gateway.config import SharedSettings
+from gateway.config import CacheSettings, SharedSettings
 from gateway.state.guard import Guard
 from gateway.usage.model import Usage
 
@@ -33,13 +35,21 @@ _PURGE_SCAN_LIMIT = 10_000  # SCAN batches at most, for a purge of everything
 
 class RedisTier:
     def __init__(
-        self, client: Any, errors: tuple[type[Exception], ...], settings: SharedSettings, keep_stale: float
+        self,
+        client: Any,
+        errors: tuple[type[Exception], ...],
+        settings: SharedSettings,
+        cache: CacheSettings,
+        *,
+        idle_timeout: float,
     ) -> None:
+        """``idle_timeout``: the upstream's, the longest a joiner of another replica's flight waits
+        between two chunks."""
         self._client = client
         self._errors: tuple[type[Exception], ...] = (*errors, TimeoutError, OSError)
         self._prefix = f"{settings.key_prefix}:cache"
         self._timeout = settings.timeout
-        self._keep_stale = keep_stale
+        self._keep_stale = cache.keep_stale
         self._guard = Guard(
             "response cache's Redis tier",
             logger,
@@ -49,6 +59,16 @@ class RedisTier:
         )
         self._pending: set[asyncio.Task[None]] = set()
         self.hits = 0
+        self.flights = RemoteFlights(
+            client,
+            self._errors,
+            self._guard,
+            prefix=self._prefix,
+            timeout=settings.timeout,
+            collapse_timeout=cache.collapse_timeout,
+            idle_timeout=idle_timeout,
+            capture_limit=cache.max_entry_bytes,
+        )
 
     @property
     def up(self) -> bool:
@@ -84,6 +104,7 @@ class RedisTier:
             return 0
 
     async def aclose(self) -> None:
+        await self.flights.aclose()
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=self._timeout * 4)
         with contextlib.suppress(*self._errors):
@@ -111,8 +132,10 @@ class RedisTier:
         if model is None and namespace is None:
             removed = 0
             cursor = 0
+            flights = f"{self._prefix}:fl:".encode()
             for _ in range(_PURGE_SCAN_LIMIT):
                 cursor, names = await client.scan(cursor, match=f"{self._prefix}:*", count=500)
+                names = [n for n in names if not n.startswith(flights)]  # answers in flight stay
                 if names:
                     removed += sum(1 for n in names if b":model:" not in n and b":ns:" not in n)
                     await client.delete(*names)

@@ -8,7 +8,9 @@ For a forwarded request with a model, ``CachingSource.forward``:
 3. replays a stored answer the request's ``Cache-Control`` accepts (``hit``, with ``Age``), or
    answers 504 ``not_cached`` to ``only-if-cached``;
 4. joins an identical request in flight (``collapsed``): at most ``collapse_timeout`` for its
-   headers, then upstream on its own (also when the first one's answer is not shared);
+   headers, then upstream on its own (also when the first one's answer is not shared); with the
+   Redis tier, one in flight on another replica too (``gateway.cache.remote_flights``): the
+   replica that claims the key's lead fetches and mirrors its flight, the others join it;
 5. else goes upstream (``fwd=miss``, or ``fwd=request`` when told ``no-cache``) through a flight
    that identical requests may join and that captures a 200 for the store while it is relayed.
 
@@ -27,9 +29,10 @@ from gateway import endpoints
 from gateway.auth.keys import Caller
 from gateway.cache.control import cache_status, remaining_ttl, request_directives, usable
 from gateway.cache.control import response_forbids_storing as upstream_forbids_storing
-from gateway.cache.flights import Flight, FlightReader
+from gateway.cache.flights import Flight, FlightListener, FlightReader
 from gateway.cache.key import cache_key, json_material, multipart_material, partition_of_credential
 from gateway.cache.policy import Policy
+from gateway.cache.remote_flights import Elsewhere
 from gateway.cache.responses import ResponseCache, Stored
 from gateway.cache.store import Entry
 from gateway.config import Settings
@@ -60,6 +63,8 @@ class CachingSource:
         self._partition = settings.cache.partition
         self._collapse_timeout = settings.cache.collapse_timeout
         self._max_entry_bytes = settings.cache.max_entry_bytes
+        # Collapsing across replicas: with the Redis tier, and collapsing on.
+        self._fleet = cache.remote.flights if cache.remote is not None and settings.cache.collapse else None
         # The gateway asks for a stream's usage itself when include_usage is on: that member is then
         # the gateway's, not the client's, and two requests that differ only there get one answer.
         self._omit = (("stream_options", "include_usage"),) if settings.usage.include_usage else ()
@@ -106,14 +111,22 @@ class CachingSource:
                 "No stored answer fits this request, and its Cache-Control says only-if-cached.",
                 headers=[(CACHE_STATUS, cache_status(hit=False, fwd="miss", detail="only-if-cached"))],
             )
+        mirror = None
         if not refresh:
             reader = await self._follow(key)
+            if reader is None and not directives.no_store and self._fleet is not None:
+                lead = await self._fleet.lead(key)
+                if isinstance(lead, Elsewhere):  # another replica fetches it: join that
+                    self._admitted()  # waiting for the answer is not admission
+                    reader = await self._fleet.join(key)
+                else:
+                    mirror = lead  # this one leads (or, None, Redis does not answer)
             if reader is not None:
                 exchange.cache = "collapsed"
                 exchange.cache_headers = ((CACHE_STATUS, cache_status(hit=False, fwd="miss", collapsed=True)),)
                 return reader
-        return await self._fetch(key, Stored(entry.model_name, namespace, verdict.ttl), refresh,
-                                 directives.no_store, scope, endpoint, body, exchange, breaker_pass)  # fmt: skip
+        return await self._fetch(key, Stored(entry.model_name, namespace, verdict.ttl), refresh, directives.no_store,
+                                 mirror, scope, endpoint, body, exchange, breaker_pass)  # fmt: skip
 
     async def _bypass(
         self,
@@ -128,7 +141,7 @@ class CachingSource:
         exchange.cache_headers = ((CACHE_STATUS, cache_status(hit=False, fwd="bypass", detail=detail)),)
         return await self._inner.forward(scope, endpoint, body, exchange, breaker_pass)
 
-    async def _follow(self, key: str) -> FlightReader | None:
+    async def _follow(self, key: str) -> UpstreamResponse | None:
         """A reader of the identical request in flight, or None (none, not shared, or too slow)."""
         flight = self._cache.joinable(key)
         if flight is None:
@@ -144,6 +157,7 @@ class CachingSource:
         stored: Stored,
         refresh: bool,
         no_store: bool,
+        mirror: FlightListener | None,
         scope: Scope,
         endpoint: endpoints.Endpoint,
         body: bytes,
@@ -156,6 +170,7 @@ class CachingSource:
             exchange.cache_headers = ((CACHE_STATUS, cache_status(hit=False, fwd=fwd, detail="no-store")),)
             return await self._inner.forward(scope, endpoint, body, exchange, breaker_pass)
         flight = self._cache.begin(key, stored)
+        flight.listener = mirror  # other replicas join through it (this one leads the fleet's fetch)
         try:
             response = await self._inner.forward(scope, endpoint, body, exchange, breaker_pass)
         except BaseException:
