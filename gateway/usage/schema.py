@@ -9,6 +9,38 @@ from __future__ import annotations
 import sqlite3
 from typing import Final, NamedTuple
 
+# The per-bucket totals every roll-up row holds (their SQL over usage rows is gateway.usage.rollups').
+ROLLUP_TOTALS: Final = (
+    "records",  # usage rows
+    "answered_locally",  # answered by the gateway itself (refusals, dry runs), never sent upstream
+    "cached",  # answered from the response cache (or collapsed onto an identical request)
+    "errors",  # answered with a status of 500 or more
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",  # the sum of the known costs
+    "priced",  # rows whose cost is known
+    "saved_usd",  # what the cached answers would have cost upstream
+    "saved_rows",  # rows with a saved cost
+    "unpriced",  # requests sent upstream whose cost is unknown
+    "latency_ms",  # the sum of the rows' latencies
+)
+
+
+def _rollup_table(period: str) -> str:
+    # key_name and team are '' for rows without one ('' is never a key's name; an empty team is none).
+    totals = ", ".join(f"{name} {'REAL' if name in ('cost_usd', 'saved_usd', 'latency_ms') else 'INTEGER'} NOT NULL"
+                       for name in ROLLUP_TOTALS)  # fmt: skip
+    return (
+        f"CREATE TABLE usage_{period} (bucket INTEGER NOT NULL, key_name TEXT NOT NULL, team TEXT NOT NULL, "
+        f"model TEXT NOT NULL, {totals}, PRIMARY KEY (bucket, key_name, team, model)) WITHOUT ROWID"
+    )
+
+
+def _rollup_index(period: str, column: str) -> str:
+    return f"CREATE INDEX usage_{period}_{column} ON usage_{period} ({column}, bucket)"
+
+
 # Migration i brings a database from user_version i to i + 1 (statements run in one transaction).
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -39,6 +71,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # what an answer from it would have cost from the upstream.
         "ALTER TABLE usage ADD COLUMN cache TEXT",
         "ALTER TABLE usage ADD COLUMN saved_usd REAL",
+    ),
+    (
+        # Roll-ups of the usage rows per UTC hour and per UTC day, by key, team and model: what the
+        # reports read (gateway.usage.reports), kept when raw rows are pruned. They are brought up
+        # to date from the rows with an id above ``usage_rollup_state.last_id`` (gateway.usage.rollups),
+        # off the write path (an older ledger's rows are rolled up the same way, in chunks).
+        *(_rollup_table(period) for period in ("hourly", "daily")),
+        *(_rollup_index(period, column) for period in ("hourly", "daily") for column in ("key_name", "team", "model")),
+        "CREATE TABLE usage_rollup_state (id INTEGER PRIMARY KEY CHECK (id = 1), last_id INTEGER NOT NULL)",
+        "INSERT INTO usage_rollup_state (id, last_id) VALUES (1, 0)",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
