@@ -72,7 +72,7 @@ def by_hand(records: Sequence[UsageRecord], group: Sequence[Dim], lo: float, hi:
     for r in records:
         if not lo <= r.ts < hi:
             continue
-        values = {"key": r.key_name, "team": r.team, "model": r.model}
+        values: dict[str, Any] = {"key": r.key_name, "team": r.team, "model": r.model}
         values["hour"], values["day"] = int(r.ts) // HOUR * HOUR, int(r.ts) // DAY * DAY
         t = out[tuple(values[d] for d in group)]
         t["records"] += 1
@@ -105,7 +105,9 @@ def test_totals_match_the_raw_rows_for_any_range_and_grouping(tmp_path: Path, ro
         assert refresh(conn, chunk=rolled_up, max_chunks=1) == rolled_up
     rng = random.Random(rolled_up)
     ranges = [(T0 - DAY, T0 + 10 * DAY), (T0 + DAY, T0 + 3 * DAY), (T0 + 0.5 * HOUR, T0 + 2.25 * HOUR)]
-    ranges += [tuple(sorted((T0 + rng.random() * 5 * DAY, T0 + rng.random() * 5 * DAY))) for _ in range(6)]
+    for _ in range(6):
+        a, b = sorted((T0 + rng.random() * 5 * DAY, T0 + rng.random() * 5 * DAY))
+        ranges.append((a, b))
     groups: list[Sequence[Dim]] = [(), ("key",), ("team",), ("model",), ("day",), ("hour",), ("day", "key")]
     for lo, hi in ranges:
         for group in groups:
