@@ -89,8 +89,9 @@ class KeyRing:
 
     def usable_digest(self, name: str, now: datetime | None = None) -> bytes | None:
         """The digest of the key named ``name`` while it may be used (not disabled, not expired)."""
+        moment = now or datetime.now(UTC)
         for k in self._by_digest.values():
-            if k.caller.name == name and not k.disabled and (k.expires is None or (now or datetime.now(UTC)) < k.expires):
+            if k.caller.name == name and not k.disabled and (k.expires is None or moment < k.expires):
                 return k.digest
         return None
 

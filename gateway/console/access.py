@@ -60,8 +60,7 @@ class ConsoleAccess:
         if ring is None:
             if not _from_this_host(request):
                 raise PermissionDenied(
-                    "Without gateway keys the console answers the gateway's own host only "
-                    "(docs/console.md)."
+                    "Without gateway keys the console answers the gateway's own host only (docs/console.md)."
                 )
             return None
         headers = request.scope["headers"]

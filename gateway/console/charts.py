@@ -20,9 +20,7 @@ WIDTH, HEIGHT = 760, 240
 LEFT, RIGHT, TOP, BOTTOM = 64, 12, 12, 36
 
 
-def bar_chart(
-    chart_id: str, title: str, points: Sequence[tuple[str, float]], fmt: Callable[[float], str]
-) -> Markup:
+def bar_chart(chart_id: str, title: str, points: Sequence[tuple[str, float]], fmt: Callable[[float], str]) -> Markup:
     """Vertical bars, one per (label, value), in order (a time series)."""
     top = max((v for _, v in points), default=0.0) or 1.0
     inner_w, inner_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
@@ -81,7 +79,8 @@ def _frame(chart_id: str, title: str, description: str) -> str:
     return (
         f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
         f'aria-labelledby="{escape(chart_id)}-t {escape(chart_id)}-d" preserveAspectRatio="xMidYMid meet">'
-        f'<title id="{escape(chart_id)}-t">{escape(title)}</title><desc id="{escape(chart_id)}-d">{escape(description)}</desc>'
+        f'<title id="{escape(chart_id)}-t">{escape(title)}</title>'
+        f'<desc id="{escape(chart_id)}-d">{escape(description)}</desc>'
     )
 
 
@@ -92,15 +91,24 @@ def _axis(top: float, fmt: Callable[[float], str]) -> list[str]:
         y = TOP + inner_h * (1 - frac)
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#767676" '
                      f'stroke-width="{1 if frac == 0 else 0.5}"/>')  # fmt: skip
-        parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{escape(fmt(top * frac))}</text>')
+        parts.append(
+            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{escape(fmt(top * frac))}</text>'
+        )
     return parts
 
 
 def _x_labels(labels: Sequence[str], step: float) -> list[str]:
-    every = max(1, len(labels) // 8)  # at most about eight labels under the axis
+    """About six labels under the axis, cut short ("YYYY-MM-DD HH:00": the hour alone within one
+    day, else "MM-DD HH:00"; a day "MM-DD") so they never overlap."""
+    every = max(1, -(-len(labels) // 6))
+    one_day = len({label[:10] for label in labels}) == 1
+
+    def short(label: str) -> str:
+        return label[11:] if one_day and " " in label else label[5:]
+
     return [
         f'<text x="{LEFT + (i + 0.5) * step:.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle" class="tick">'
-        f"{escape(label)}</text>"
+        f"{escape(short(label))}</text>"
         for i, label in enumerate(labels)
         if i % every == 0
     ]

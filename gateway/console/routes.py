@@ -74,7 +74,9 @@ class Console:
         self._access = ConsoleAccess(lambda: services.keys, settings.upstream.api_key, settings.console.session_hours)
         self._live = LiveStats(services)
         env = jinja2.Environment(
-            loader=jinja2.PackageLoader("gateway.console", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+            loader=jinja2.PackageLoader("gateway.console", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
         )
         env.filters.update(usd=usd, num=num, pct=pct, ago=ago, utc=utc)
         self._templates = Jinja2Templates(env=env)
@@ -101,10 +103,12 @@ class Console:
     async def home(self, request: Request, viewer: str | None) -> Response:
         return RedirectResponse(f"{PREFIX}/usage", status_code=303)
 
-    async def login_form(self, request: Request, error: str | None = None, status: int = 200) -> Response:
+    async def login_form(self, request: Request) -> Response:
+        return self._login_page(request, _safe_next(request.query_params.get("next")))
+
+    def _login_page(self, request: Request, target: str, error: str | None = None, status: int = 200) -> Response:
         if not self._access.keys_mode:
             return _secured(RedirectResponse(f"{PREFIX}/usage", status_code=303))
-        target = _safe_next(request.query_params.get("next"))
         response = self._page(request, "login.html", None, status, error=error, next=target)
         return _secured(response)
 
@@ -112,11 +116,11 @@ class Console:
         form = await request.form()
         key, target = form.get("key"), _safe_next(str(form.get("next") or ""))
         if not isinstance(key, str) or not key.strip():
-            return await self.login_form(request, "Enter an admin key.", 400)
+            return self._login_page(request, target, "Enter an admin key.", 400)
         try:
             _name, cookie = self._access.sign_in(key)
         except GatewayError as error:
-            return await self.login_form(request, error.message, error.status)
+            return self._login_page(request, target, error.message, error.status)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, cookie, max_age=self._access.max_age, path=PREFIX, httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")  # fmt: skip
@@ -243,7 +247,7 @@ def _quote(value: str) -> str:
 
 def usd(value: float | None) -> str:
     if value is None:
-        return "–"
+        return "\N{EN DASH}"
     if value == 0 or abs(value) >= 1:
         return f"${value:,.2f}"
     return f"${value:.4f}" if abs(value) >= 0.01 else f"${value:.6f}"  # the demo's prices are tiny
@@ -251,12 +255,12 @@ def usd(value: float | None) -> str:
 
 def num(value: float | None) -> str:
     if value is None:
-        return "–"
+        return "\N{EN DASH}"
     return f"{value:,.0f}" if float(value).is_integer() or abs(value) >= 100 else f"{value:,.2f}"
 
 
 def pct(value: float | None) -> str:
-    return "–" if value is None else f"{value * 100:.1f} %"
+    return "\N{EN DASH}" if value is None else f"{value * 100:.1f} %"
 
 
 def ago(seconds: float | None) -> str:

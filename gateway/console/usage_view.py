@@ -91,8 +91,13 @@ def usage_view(ledger: Path, query: UsageQuery, callers: Sequence[Caller], now: 
                            where={**where, query.by: tuple(top_names)}) if top_names else {}  # fmt: skip
     buckets = [lo + i * step for i in range(int((hi - lo) // step))]
     labels = [_label(b, period) for b in buckets]
-    series = [{"label": label, "bucket": b, **_fields(series_groups.get((b,)))} for b, label in zip(buckets, labels, strict=True)]
-    top_series = [(name, [float((top_groups.get((b, name)) or {}).get("cost_usd", 0.0)) for b in buckets]) for name in top_names]
+    series = [
+        {"label": label, "bucket": b, **_fields(series_groups.get((b,)))}
+        for b, label in zip(buckets, labels, strict=True)
+    ]
+    top_series = [
+        (name, [float((top_groups.get((b, name)) or {}).get("cost_usd", 0.0)) for b in buckets]) for name in top_names
+    ]
     totals = _fields(_sum(by_groups.values()))
     return UsageView(
         query=query,

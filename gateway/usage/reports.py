@@ -145,8 +145,8 @@ def _pieces(lo: float, hi: float, *, hourly: bool) -> tuple[list[tuple[float, fl
 def _rollup_sql(
     table: str, lo: float, hi: float, group: Sequence[Dim], where: Mapping[str, Sequence[str]] | None
 ) -> tuple[str, list[Any]]:
-    exprs = [_COLUMNS[d] if d in _COLUMNS else "bucket" if d == "hour" or table == "daily" else
-             f"(bucket - bucket % {DAY})" for d in group]  # fmt: skip
+    day = "bucket" if table == "daily" else f"(bucket - bucket % {DAY})"  # a day of hourly rows
+    exprs = [_COLUMNS.get(d, "bucket" if d == "hour" else day) for d in group]
     sums = ", ".join(f"SUM({name})" for name in ROLLUP_TOTALS)
     conditions, params = ["bucket >= ?", "bucket < ?"], [lo, hi]
     _filters(where, conditions, params, unary="")

@@ -46,12 +46,18 @@ def send_traffic(url: str, ledger: Path) -> None:
     for name, count in (("alice", 3), ("bob", 2)):
         with openai.OpenAI(base_url=url + "/v1", api_key=key_secret(name), max_retries=0, timeout=15) as sdk:
             for i in range(count):
-                sdk.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": f"{SECRET_PROMPT} {i}"}])
+                sdk.chat.completions.create(
+                    model=CHAT_MODEL, messages=[{"role": "user", "content": f"{SECRET_PROMPT} {i}"}]
+                )
             if name == "bob":
                 sdk.embeddings.create(model=EMBEDDING_MODEL, input=SECRET_PROMPT)
             with pytest.raises(openai.NotFoundError):
-                sdk.chat.completions.create(model="no-such-model-xyz", messages=[{"role": "user", "content": SECRET_PROMPT}])
-    assert wait_until(lambda: sum(r["requests"] for r in summarize(ledger, by="key")) == 6, timeout=10), summarize(ledger, by="key")
+                sdk.chat.completions.create(
+                    model="no-such-model-xyz", messages=[{"role": "user", "content": SECRET_PROMPT}]
+                )
+    assert wait_until(lambda: sum(r["requests"] for r in summarize(ledger, by="key")) == 6, timeout=10), summarize(
+        ledger, by="key"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ queries that read indexes, never the whole raw table."""
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
@@ -120,7 +121,9 @@ def test_a_filter_keeps_the_named_keys_and_models(tmp_path: Path) -> None:
     conn = ledger_with(tmp_path / "usage.db", records)
     refresh(conn)
     got = aggregate(conn, group=("model",), start=T0 + 3.3 * HOUR, where={"key": ("alice", "bob"), "model": ("m2",)})
-    want = by_hand([r for r in records if r.key_name in ("alice", "bob") and r.model == "m2"], ("model",), T0 + 3.3 * HOUR, 1e12)
+    want = by_hand(
+        [r for r in records if r.key_name in ("alice", "bob") and r.model == "m2"], ("model",), T0 + 3.3 * HOUR, 1e12
+    )
     assert set(got) == {("m2",)}
     assert got[("m2",)]["cost_usd"] == pytest.approx(want[("m2",)]["cost_usd"])
     assert aggregate(conn, group=("key",), where={"key": ()}) == {}
@@ -165,7 +168,7 @@ def test_report_queries_use_the_indexes(tmp_path: Path) -> None:
     assert len(selects) >= 6
     for sql in selects:
         plan = " ".join(str(row) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
-        assert "SCAN usage " not in plan + " " and not plan.endswith("SCAN usage"), (sql, plan)
+        assert not re.search(r"SCAN usage\b", plan), (sql, plan)
         assert "SEARCH" in plan, (sql, plan)
     conn.close()
 
@@ -186,7 +189,8 @@ async def test_the_keeper_rolls_up_what_the_ledger_writes(tmp_path: Path) -> Non
     conn = sqlite3.connect(path)
     try:
         kept = conn.execute("SELECT COUNT(*), MIN(ts) FROM usage").fetchone()
-        assert kept[0] == sum(1 for r in records if r.ts >= T0 + 3 * DAY) and kept[1] >= T0 + 3 * DAY
+        assert kept[0] == sum(1 for r in records if r.ts >= T0 + 3 * DAY)
+        assert kept[1] >= T0 + 3 * DAY
         assert conn.execute("SELECT SUM(records) FROM usage_daily").fetchone()[0] == 800
     finally:
         conn.close()
