@@ -202,6 +202,10 @@ def demo_banner(settings: Settings, port: int, keys: DemoKeys | None, ledger: De
         lines.append(f"Usage ledger: {ledger.path}{removed}; read it with: {reader}")
     else:
         lines.append("Usage ledger: off ([usage] path is empty)")
+    if settings.console.enabled:
+        signin = "sign in with $DEMO_ADMIN_KEY" if keys is not None else "an admin key signs in"
+        where = signin if settings.auth_mode == "keys" else "from this host only"
+        lines.append(f"Console (usage and cost, catalog, live health, refusals): {base}/console ({where})")
     if settings.auth_mode != "keys":
         lines.append(
             "Team features (gateway keys, rate limits, budgets, /admin/usage): `gateway demo --keys`"

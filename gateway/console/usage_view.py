@@ -6,6 +6,7 @@ from roll-ups, see the report layer) and returns plain rows for the template, th
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -14,7 +15,7 @@ from typing import Any, Final, Literal
 
 from gateway.auth.keys import Caller
 from gateway.errors import InvalidRequest
-from gateway.usage.reports import DAY, HOUR, Dim, Groups, aggregate, summary_fields
+from gateway.usage.reports import DAY, HOUR, Dim, Groups, aggregate, reader, summary_fields
 
 By = Literal["key", "team", "model"]
 BYS: Final = ("key", "team", "model")
@@ -76,7 +77,12 @@ class UsageView:
     budgets: list[dict[str, Any]]
 
 
-def usage_view(ledger: Path, query: UsageQuery, callers: Sequence[Caller], now: float) -> UsageView:
+def usage_view(source: Path, query: UsageQuery, callers: Sequence[Caller], now: float) -> UsageView:
+    with reader(source) as ledger:  # one connection for the page's queries
+        return _usage_view(ledger, query, callers, now)
+
+
+def _usage_view(ledger: sqlite3.Connection, query: UsageQuery, callers: Sequence[Caller], now: float) -> UsageView:
     lo, hi = query.bounds
     where = {name: (value,) for name, value in query.filters.items()}
     period: Dim = query.period
@@ -111,7 +117,7 @@ def usage_view(ledger: Path, query: UsageQuery, callers: Sequence[Caller], now: 
     )
 
 
-def _budgets(ledger: Path, callers: Sequence[Caller], now: float) -> list[dict[str, Any]]:
+def _budgets(ledger: sqlite3.Connection, callers: Sequence[Caller], now: float) -> list[dict[str, Any]]:
     """Each key with a budget: what it spent today and this month (UTC), and the share used."""
     budgeted = [c for c in callers if c.budget_usd_daily or c.budget_usd_monthly]
     if not budgeted:

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from gateway.usage.rollups import ROW_TOTALS, bucket_sql, last_rolled_id
-from gateway.usage.schema import BUSY_TIMEOUT_S, ROLLUP_TOTALS, SCHEMA_VERSION, LedgerError, user_version
+from gateway.usage.schema import (
+    BUSY_TIMEOUT_S,
+    ROLLUP_CUTS,
+    ROLLUP_TOTALS,
+    SCHEMA_VERSION,
+    LedgerError,
+    user_version,
+)
 
 SummaryBy = Literal["key", "team", "model", "day"]
 Dim = Literal["key", "team", "model", "hour", "day"]
@@ -55,13 +62,13 @@ def aggregate(
     result: Groups = {}
     if hi <= lo:
         return result
-    with _reader(source) as conn:
+    with reader(source) as conn:
         conn.execute("BEGIN")  # one snapshot: the roll-ups and the rows not rolled up yet agree
         try:
             last_id = last_rolled_id(conn)
             raw, rolled = _pieces(lo, hi, hourly="hour" in group)
-            for table, a, b in rolled:
-                _merge(result, conn.execute(*_rollup_sql(table, a, b, group, where)))
+            for period, a, b in rolled:
+                _merge(result, conn.execute(*_rollup_sql(period, a, b, group, where)))
             if rolled:  # the rows of those buckets that are not rolled up yet
                 span = (rolled[0][1], rolled[-1][2])
                 _merge(result, conn.execute(*_raw_sql(span, group, where, after_id=last_id)))
@@ -120,7 +127,7 @@ def summary_fields(t: Totals) -> dict[str, Any]:
 
 def spend_usd(source: Path | str | sqlite3.Connection, key_name: str, since_ts: float) -> float:
     """The sum of the key's known costs since ``since_ts`` (unix time), from the index on (key_name, ts)."""
-    with _reader(source) as conn:
+    with reader(source) as conn:
         row = conn.execute(
             "SELECT TOTAL(cost_usd) FROM usage WHERE key_name = ? AND ts >= ?", (key_name, since_ts)
         ).fetchone()
@@ -143,14 +150,16 @@ def _pieces(lo: float, hi: float, *, hourly: bool) -> tuple[list[tuple[float, fl
 
 
 def _rollup_sql(
-    table: str, lo: float, hi: float, group: Sequence[Dim], where: Mapping[str, Sequence[str]] | None
+    period: str, lo: float, hi: float, group: Sequence[Dim], where: Mapping[str, Sequence[str]] | None
 ) -> tuple[str, list[Any]]:
-    day = "bucket" if table == "daily" else f"(bucket - bucket % {DAY})"  # a day of hourly rows
+    needed = {_COLUMNS[d] for d in (*group, *(where or {})) if d in _COLUMNS}
+    table = next(f"usage_{period}{suffix}" for suffix, columns in ROLLUP_CUTS if needed <= set(columns))
+    day = "bucket" if period == "daily" else f"(bucket - bucket % {DAY})"  # a day of hourly rows
     exprs = [_COLUMNS.get(d, "bucket" if d == "hour" else day) for d in group]
     sums = ", ".join(f"SUM({name})" for name in ROLLUP_TOTALS)
     conditions, params = ["bucket >= ?", "bucket < ?"], [lo, hi]
     _filters(where, conditions, params, unary="")
-    sql = f"SELECT {', '.join([*exprs, sums])} FROM usage_{table} WHERE {' AND '.join(conditions)}"  # noqa: S608
+    sql = f"SELECT {', '.join([*exprs, sums])} FROM {table} WHERE {' AND '.join(conditions)}"  # noqa: S608
     return sql + (f" GROUP BY {', '.join(str(i + 1) for i in range(len(exprs)))}" if exprs else ""), params
 
 
@@ -191,8 +200,9 @@ def _merge(result: Groups, rows: Iterator[tuple[Any, ...]]) -> None:
 
 
 @contextlib.contextmanager
-def _reader(source: Path | str | sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """The given connection, or a new one on an existing ledger file (closed afterwards)."""
+def reader(source: Path | str | sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """The given connection, or a new one on an existing ledger file (closed afterwards): open one
+    for several reports in a row (a page), so that they share SQLite's page cache."""
     if isinstance(source, sqlite3.Connection):
         yield source
         return

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
 
-from gateway.usage.schema import BUSY_TIMEOUT_S, ROLLUP_TOTALS
+from gateway.usage.schema import BUSY_TIMEOUT_S, ROLLUP_CUTS, ROLLUP_TOTALS
 
 logger = logging.getLogger("gateway.usage.rollups")
 T = TypeVar("T")
@@ -58,18 +58,25 @@ def bucket_sql(seconds: int, column: str = "ts") -> str:
     return f"(CAST({column} AS INTEGER) - CAST({column} AS INTEGER) % {seconds})"
 
 
-def _upsert(period: str, seconds: int) -> str:
-    columns = ", ".join(ROLLUP_TOTALS)
+def _upsert(table: str, seconds: int, columns: tuple[str, ...]) -> str:
+    totals = ", ".join(ROLLUP_TOTALS)
     adds = ", ".join(f"{name} = {name} + excluded.{name}" for name in ROLLUP_TOTALS)
+    keys = ", ".join(("bucket", *columns))
+    values = "".join(f"ifnull({c}, ''), " if c != "model" else "model, " for c in columns)
+    groups = ", ".join(str(i + 1) for i in range(len(columns) + 1))
     return (
-        f"INSERT INTO usage_{period} (bucket, key_name, team, model, {columns}) "  # noqa: S608 (constants only)
-        f"SELECT {bucket_sql(seconds)}, ifnull(key_name, ''), ifnull(team, ''), model, {', '.join(ROW_TOTALS)} "
-        f"FROM usage WHERE id > ? AND id <= ? GROUP BY 1, 2, 3, 4 "
-        f"ON CONFLICT (bucket, key_name, team, model) DO UPDATE SET {adds}"
+        f"INSERT INTO {table} ({keys}, {totals}) "  # noqa: S608 (constants only)
+        f"SELECT {bucket_sql(seconds)}, {values}{', '.join(ROW_TOTALS)} "
+        f"FROM usage WHERE id > ? AND id <= ? GROUP BY {groups} "
+        f"ON CONFLICT ({keys}) DO UPDATE SET {adds}"
     )
 
 
-_UPSERTS: Final = tuple(_upsert(period, seconds) for period, seconds in PERIODS.items())
+_UPSERTS: Final = tuple(
+    _upsert(f"usage_{period}{suffix}", seconds, columns)
+    for period, seconds in PERIODS.items()
+    for suffix, columns in ROLLUP_CUTS
+)
 
 
 def last_rolled_id(conn: sqlite3.Connection) -> int:

@@ -27,18 +27,40 @@ ROLLUP_TOTALS: Final = (
 )
 
 
-def _rollup_table(period: str) -> str:
+ROLLUP_PERIODS: Final = ("hourly", "daily")
+# Each period's roll-up tables: usage_<period><suffix>, grouped by the bucket and these columns. A
+# report reads the smallest one that has the columns it groups and filters by: the whole ledger's
+# cost per key over 90 days is a few tens of thousands of rows, not every (key, team, model).
+ROLLUP_CUTS: Final = (
+    ("_total", ()),
+    ("_by_model", ("model",)),
+    ("_by_team", ("team",)),
+    ("_by_key", ("key_name", "team")),
+    ("", ("key_name", "team", "model")),
+)
+# Indexes for a filter plus a range (the primary keys start with the bucket, for plain ranges).
+_ROLLUP_INDEXES: Final = {"": ("key_name", "team", "model"), "_by_key": ("key_name",)}
+
+
+def _rollup_table(table: str, columns: tuple[str, ...]) -> str:
     # key_name and team are '' for rows without one ('' is never a key's name; an empty team is none).
     totals = ", ".join(f"{name} {'REAL' if name in ('cost_usd', 'saved_usd', 'latency_ms') else 'INTEGER'} NOT NULL"
                        for name in ROLLUP_TOTALS)  # fmt: skip
+    groups = "".join(f"{column} TEXT NOT NULL, " for column in columns)
     return (
-        f"CREATE TABLE usage_{period} (bucket INTEGER NOT NULL, key_name TEXT NOT NULL, team TEXT NOT NULL, "
-        f"model TEXT NOT NULL, {totals}, PRIMARY KEY (bucket, key_name, team, model)) WITHOUT ROWID"
+        f"CREATE TABLE {table} (bucket INTEGER NOT NULL, {groups}{totals}, "
+        f"PRIMARY KEY ({', '.join(('bucket', *columns))})) WITHOUT ROWID"
     )
 
 
-def _rollup_index(period: str, column: str) -> str:
-    return f"CREATE INDEX usage_{period}_{column} ON usage_{period} ({column}, bucket)"
+def _rollup_statements() -> list[str]:
+    statements = []
+    for period in ROLLUP_PERIODS:
+        for suffix, columns in ROLLUP_CUTS:
+            table = f"usage_{period}{suffix}"
+            statements.append(_rollup_table(table, columns))
+            statements += [f"CREATE INDEX {table}_{c} ON {table} ({c}, bucket)" for c in _ROLLUP_INDEXES.get(suffix, ())]
+    return statements
 
 
 # Migration i brings a database from user_version i to i + 1 (statements run in one transaction).
@@ -77,8 +99,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # reports read (gateway.usage.reports), kept when raw rows are pruned. They are brought up
         # to date from the rows with an id above ``usage_rollup_state.last_id`` (gateway.usage.rollups),
         # off the write path (an older ledger's rows are rolled up the same way, in chunks).
-        *(_rollup_table(period) for period in ("hourly", "daily")),
-        *(_rollup_index(period, column) for period in ("hourly", "daily") for column in ("key_name", "team", "model")),
+        *_rollup_statements(),
         "CREATE TABLE usage_rollup_state (id INTEGER PRIMARY KEY CHECK (id = 1), last_id INTEGER NOT NULL)",
         "INSERT INTO usage_rollup_state (id, last_id) VALUES (1, 0)",
     ),
