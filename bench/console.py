@@ -83,7 +83,8 @@ def seed(path: Path, args: argparse.Namespace, end: float) -> None:
         conn.executemany(INSERT, rows[i : i + 50_000])
         conn.execute("COMMIT")
     print(
-        f"ledger: {args.rows:,} rows over {args.days} days and {args.keys} keys written in {time.perf_counter() - t:.1f} s"
+        f"ledger: {args.rows:,} rows over {args.days} days and {args.keys} keys "
+        f"written in {time.perf_counter() - t:.1f} s"
     )
     t = time.perf_counter()
     rolled = refresh(conn)
@@ -128,7 +129,23 @@ def report_queries(path: Path, end: float, repeat: int) -> None:
         print(f"{name:<44} {p50:>8.1f} {p95:>8.1f}")
 
 
-def page_loads(path: Path, tmp: Path, end: float, repeat: int) -> None:
+def screenshot(url: str, target: Path) -> None:
+    """The usage page as a browser shows it (Debian's chromium via Playwright), for docs/img/console.png."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1180})
+            page.set_extra_http_headers({"Authorization": f"Bearer {ADMIN_KEY}"})
+            page.goto(url)
+            page.screenshot(path=str(target))
+        finally:
+            browser.close()
+    print(f"screenshot: {target}")
+
+
+def page_loads(path: Path, tmp: Path, end: float, repeat: int, shot: Path | None = None) -> None:
     import hashlib
 
     digest = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
@@ -143,7 +160,8 @@ def page_loads(path: Path, tmp: Path, end: float, repeat: int) -> None:
         "usage, 30 days per day, by key": f"/console/usage?start={today - timedelta(days=29)}&end={today}",
         "usage, 90 days per day, by key": f"/console/usage?start={today - timedelta(days=89)}&end={today}",
         "usage, 90 days per day, by model": f"/console/usage?start={today - timedelta(days=89)}&end={today}&by=model",
-        "usage, 90 days, one key by model": f"/console/usage?start={today - timedelta(days=89)}&end={today}&by=model&key=key-001",
+        "usage, 90 days, one key by model": f"/console/usage?start={today - timedelta(days=89)}&end={today}"
+        "&by=model&key=key-001",
         "usage CSV, 90 days by key": f"/console/usage.csv?start={today - timedelta(days=89)}&end={today}",
         "catalog": "/console/catalog",
         "live panel": "/console/live/panel",
@@ -164,6 +182,8 @@ def page_loads(path: Path, tmp: Path, end: float, repeat: int) -> None:
                 if http.get("/readyz").status_code == 200:
                     break
                 time.sleep(0.05)
+            if shot is not None:
+                screenshot(gateway.url + pages["usage, 7 days per hour, by key"], shot)
             print(f"\nconsole pages over HTTP, {repeat} loads each (ms)\n{'page':<44} {'p50':>8} {'p95':>8} {'KB':>6}")
             for name, url in pages.items():
                 answer = http.get(url)
@@ -217,6 +237,8 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--db", type=Path, help="the seeded ledger to use (made when missing)")
+    parser.add_argument("--screenshot", type=Path, help="save the 7-day usage page as a PNG (docs/img/console.png)")
+    parser.add_argument("--skip-writes", action="store_true", help="skip the write-cost measurement")
     args = parser.parse_args()
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0).timestamp()
     with tempfile.TemporaryDirectory(prefix="console-bench-") as name:
@@ -224,8 +246,9 @@ def main() -> None:
         path = args.db or tmp / "usage.db"
         seed(path, args, end)
         report_queries(path, end, args.repeat)
-        page_loads(path, tmp, end, args.repeat)
-        write_cost(tmp, end)
+        page_loads(path, tmp, end, args.repeat, args.screenshot)
+        if not args.skip_writes:
+            write_cost(tmp, end)
 
 
 if __name__ == "__main__":

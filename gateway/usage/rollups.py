@@ -58,16 +58,29 @@ def bucket_sql(seconds: int, column: str = "ts") -> str:
     return f"(CAST({column} AS INTEGER) - CAST({column} AS INTEGER) % {seconds})"
 
 
+# A chunk of rows is read once, into its totals per hour, key, team and model (a temporary table);
+# every roll-up table is then fed from those (a few rows per busy key and hour, not every request).
+_TOTALS_TYPES: Final = ", ".join(f"{name} {'REAL' if name in ('cost_usd', 'saved_usd', 'latency_ms') else 'INTEGER'}"
+                                 for name in ROLLUP_TOTALS)  # fmt: skip
+_STAGE: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS rollup_chunk "
+    f"(bucket INTEGER, key_name TEXT, team TEXT, model TEXT, {_TOTALS_TYPES})",
+    "DELETE FROM temp.rollup_chunk",
+    f"INSERT INTO temp.rollup_chunk SELECT {bucket_sql(3600)}, ifnull(key_name, ''), ifnull(team, ''), model, "  # noqa: S608
+    f"{', '.join(ROW_TOTALS)} FROM usage WHERE id > ? AND id <= ? GROUP BY 1, 2, 3, 4",
+)
+
+
 def _upsert(table: str, seconds: int, columns: tuple[str, ...]) -> str:
     totals = ", ".join(ROLLUP_TOTALS)
     adds = ", ".join(f"{name} = {name} + excluded.{name}" for name in ROLLUP_TOTALS)
     keys = ", ".join(("bucket", *columns))
-    values = "".join(f"ifnull({c}, ''), " if c != "model" else "model, " for c in columns)
+    bucket = "bucket" if seconds == 3600 else f"bucket - bucket % {seconds}"
     groups = ", ".join(str(i + 1) for i in range(len(columns) + 1))
     return (
         f"INSERT INTO {table} ({keys}, {totals}) "  # noqa: S608 (constants only)
-        f"SELECT {bucket_sql(seconds)}, {values}{', '.join(ROW_TOTALS)} "
-        f"FROM usage WHERE id > ? AND id <= ? GROUP BY {groups} "
+        f"SELECT {', '.join((bucket, *columns))}, {', '.join(f'SUM({name})' for name in ROLLUP_TOTALS)} "
+        f"FROM temp.rollup_chunk WHERE true GROUP BY {groups} "
         f"ON CONFLICT ({keys}) DO UPDATE SET {adds}"
     )
 
@@ -97,9 +110,12 @@ def refresh(conn: sqlite3.Connection, *, chunk: int = CHUNK_ROWS, max_chunks: in
                     conn.execute("COMMIT")
                     return done
                 top = low + chunk  # a gap of more than a chunk of ids (rows deleted before being rolled up)
+            conn.execute(_STAGE[0])
+            conn.execute(_STAGE[1])
+            conn.execute(_STAGE[2], (low, top))
             for upsert in _UPSERTS:
-                conn.execute(upsert, (low, top))
-            count = conn.execute("SELECT COUNT(*) FROM usage WHERE id > ? AND id <= ?", (low, top)).fetchone()[0]
+                conn.execute(upsert)
+            count = conn.execute("SELECT TOTAL(records) FROM temp.rollup_chunk").fetchone()[0]
             conn.execute("UPDATE usage_rollup_state SET last_id = ?", (top,))
             conn.execute("COMMIT")
         except BaseException:
@@ -198,4 +214,5 @@ class RollupKeeper:
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA temp_store=MEMORY")  # the chunk's staging table
     return conn

@@ -59,7 +59,9 @@ def _rollup_statements() -> list[str]:
         for suffix, columns in ROLLUP_CUTS:
             table = f"usage_{period}{suffix}"
             statements.append(_rollup_table(table, columns))
-            statements += [f"CREATE INDEX {table}_{c} ON {table} ({c}, bucket)" for c in _ROLLUP_INDEXES.get(suffix, ())]
+            statements += [
+                f"CREATE INDEX {table}_{c} ON {table} ({c}, bucket)" for c in _ROLLUP_INDEXES.get(suffix, ())
+            ]
     return statements
 
 
