@@ -90,8 +90,11 @@ def _usage_view(ledger: sqlite3.Connection, query: UsageQuery, callers: Sequence
     series_groups = aggregate(ledger, group=(period,), start=lo, end=hi, where=where)
     by_groups = aggregate(ledger, group=(query.by,), start=lo, end=hi, where=where)
     breakdown = _ranked(by_groups, query.by)
-    other: By = "model" if query.by == "key" else "key"
-    top_other = _ranked(aggregate(ledger, group=(other,), start=lo, end=hi, where=where), other)[:TOP]
+    tops = {
+        dim: breakdown[:TOP] if dim == query.by else _ranked(aggregate(ledger, group=(dim,), start=lo, end=hi,
+                                                                       where=where), dim)[:TOP]
+        for dim in ("key", "model")
+    }  # fmt: skip
     top_names = [row["name"] for row in breakdown[:TOP] if row["name"] is not None]
     top_groups = aggregate(ledger, group=(period, query.by), start=lo, end=hi,
                            where={**where, query.by: tuple(top_names)}) if top_names else {}  # fmt: skip
@@ -111,8 +114,8 @@ def _usage_view(ledger: sqlite3.Connection, query: UsageQuery, callers: Sequence
         series=series,
         breakdown=breakdown,
         top_series=top_series,
-        top_keys=breakdown[:TOP] if query.by == "key" else top_other,
-        top_models=breakdown[:TOP] if query.by == "model" else top_other if other == "model" else [],
+        top_keys=tops["key"],
+        top_models=tops["model"],
         budgets=_budgets(ledger, callers, now),
     )
 

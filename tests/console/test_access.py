@@ -21,7 +21,13 @@ def request(client: tuple[str, int] | None, headers: dict[str, str] | None = Non
     raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     if cookie:
         raw.append((b"cookie", f"{COOKIE}={cookie}".encode()))
-    scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/console/usage", "headers": raw, "client": client}
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/console/usage",
+        "headers": raw,
+        "client": client,
+    }
     return Request(scope)
 
 

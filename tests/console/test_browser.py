@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from gateway.console.routes import usd
+from gateway.console.formats import usd
 from gateway.demo import default_catalog
 from gateway.usage.reports import summarize
 from tests.console.conftest import Site

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from gateway.console.routes import usd
+from gateway.console.formats import usd
 from gateway.demo import default_catalog
 from gateway.usage.reports import summarize
 from tests.console.conftest import ORG_KEY, SECRET_PROMPT, Site
