@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from gateway.config import SettingsError, load_settings
 from gateway.usage.ledger import Ledger
 from gateway.usage.reports import DAY, HOUR, Dim, aggregate, summarize
 from gateway.usage.rollups import RollupKeeper, prune, refresh
@@ -195,3 +196,10 @@ async def test_the_keeper_rolls_up_what_the_ledger_writes(tmp_path: Path) -> Non
     finally:
         conn.close()
     assert sum(r["requests"] + r["refused"] + r["cached"] for r in summarize(path, by="model")) == 800
+
+
+def test_raw_retention_keeps_a_month_for_the_budgets() -> None:
+    with pytest.raises(SettingsError, match="raw_retention_days"):
+        load_settings(None, {"GATEWAY_USAGE_RAW_RETENTION_DAYS": "7"})
+    assert load_settings(None, {"GATEWAY_USAGE_RAW_RETENTION_DAYS": "32"}).usage.raw_retention_days == 32
+    assert load_settings(None, {}).usage.raw_retention_days == 0
