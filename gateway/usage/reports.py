@@ -66,7 +66,8 @@ def aggregate(
         conn.execute("BEGIN")  # one snapshot: the roll-ups and the rows not rolled up yet agree
         try:
             last_id = last_rolled_id(conn)
-            raw, rolled = _pieces(lo, hi, hourly="hour" in group)
+            finest = "hourly" if "hour" in group else "daily" if "day" in group else "monthly"
+            raw, rolled = _pieces(lo, hi, finest=finest)
             for period, a, b in rolled:
                 _merge(result, conn.execute(*_rollup_sql(period, a, b, group, where)))
             if rolled:  # the rows of those buckets that are not rolled up yet
@@ -134,19 +135,35 @@ def spend_usd(source: Path | str | sqlite3.Connection, key_name: str, since_ts: 
     return float(row[0])
 
 
-def _pieces(lo: float, hi: float, *, hourly: bool) -> tuple[list[tuple[float, float]], list[tuple[str, float, float]]]:
-    """Split [lo, hi) into raw-row spans (partial hours at the ends) and roll-up spans, in time order."""
+def _pieces(lo: float, hi: float, *, finest: str) -> tuple[list[tuple[float, float]], list[tuple[str, float, float]]]:
+    """Split [lo, hi) into raw-row spans (partial hours at the ends) and roll-up spans, in time
+    order: whole months from the monthly roll-ups, whole days from the daily ones, whole hours from
+    the hourly ones, never coarser than ``finest`` (what the report groups by: "hourly", "daily",
+    "monthly")."""
     h_lo, h_hi = _ceil(lo, HOUR), _floor(hi, HOUR)
     if h_lo >= h_hi:
         return [(lo, hi)], []
     raw = [span for span in ((lo, h_lo), (h_hi, hi)) if span[0] < span[1]]
-    if hourly:
-        return raw, [("hourly", h_lo, h_hi)]
     d_lo, d_hi = _ceil(h_lo, DAY), _floor(h_hi, DAY)
-    if d_lo >= d_hi:
+    if finest == "hourly" or d_lo >= d_hi:
         return raw, [("hourly", h_lo, h_hi)]
-    rolled = [("hourly", h_lo, d_lo), ("daily", d_lo, d_hi), ("hourly", d_hi, h_hi)]
+    m_lo, m_hi = _month(d_lo, up=True), _month(d_hi, up=False)
+    if finest == "daily" or m_lo >= m_hi:
+        m_lo = m_hi = d_hi
+    rolled = [("hourly", h_lo, d_lo), ("daily", d_lo, m_lo), ("monthly", m_lo, m_hi), ("daily", m_hi, d_hi),
+              ("hourly", d_hi, h_hi)]  # fmt: skip
     return raw, [piece for piece in rolled if piece[1] < piece[2]]
+
+
+def _month(t: float, *, up: bool) -> float:
+    """The start of the UTC month at or after (``up``) or at or before ``t``."""
+    if abs(t) >= _FOREVER:
+        return t
+    when = datetime.fromtimestamp(t, UTC)
+    start = datetime(when.year, when.month, 1, tzinfo=UTC)
+    if up and start.timestamp() < t:
+        start = datetime(when.year + when.month // 12, when.month % 12 + 1, 1, tzinfo=UTC)
+    return start.timestamp()
 
 
 def _rollup_sql(

@@ -47,8 +47,12 @@ ROW_TOTALS: Final = (
     f"SUM(cost_usd IS NULL AND NOT {LOCAL_SQL})",
     "TOTAL(latency_ms)",
 )
-# Seconds per bucket of each roll-up table (usage_hourly, usage_daily).
-PERIODS: Final = {"hourly": 3600, "daily": 86400}
+# Each period's bucket (its start, unix time, UTC) from an hour's bucket.
+PERIODS: Final = {
+    "hourly": "bucket",
+    "daily": "bucket - bucket % 86400",
+    "monthly": "CAST(strftime('%s', bucket, 'unixepoch', 'start of month') AS INTEGER)",
+}
 CHUNK_ROWS: Final = 50_000  # rows rolled up per transaction (bounds how long the write lock is held)
 PRUNE_ROWS: Final = 10_000  # raw rows deleted per transaction
 
@@ -71,11 +75,10 @@ _STAGE: Final = (
 )
 
 
-def _upsert(table: str, seconds: int, columns: tuple[str, ...]) -> str:
+def _upsert(table: str, bucket: str, columns: tuple[str, ...]) -> str:
     totals = ", ".join(ROLLUP_TOTALS)
     adds = ", ".join(f"{name} = {name} + excluded.{name}" for name in ROLLUP_TOTALS)
     keys = ", ".join(("bucket", *columns))
-    bucket = "bucket" if seconds == 3600 else f"bucket - bucket % {seconds}"
     groups = ", ".join(str(i + 1) for i in range(len(columns) + 1))
     return (
         f"INSERT INTO {table} ({keys}, {totals}) "  # noqa: S608 (constants only)
@@ -86,8 +89,8 @@ def _upsert(table: str, seconds: int, columns: tuple[str, ...]) -> str:
 
 
 _UPSERTS: Final = tuple(
-    _upsert(f"usage_{period}{suffix}", seconds, columns)
-    for period, seconds in PERIODS.items()
+    _upsert(f"usage_{period}{suffix}", bucket, columns)
+    for period, bucket in PERIODS.items()
     for suffix, columns in ROLLUP_CUTS
 )
 

@@ -27,7 +27,7 @@ ROLLUP_TOTALS: Final = (
 )
 
 
-ROLLUP_PERIODS: Final = ("hourly", "daily")
+ROLLUP_PERIODS: Final = ("hourly", "daily", "monthly")
 # Each period's roll-up tables: usage_<period><suffix>, grouped by the bucket and these columns. A
 # report reads the smallest one that has the columns it groups and filters by: the whole ledger's
 # cost per key over 90 days is a few tens of thousands of rows, not every (key, team, model).

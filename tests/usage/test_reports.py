@@ -27,7 +27,7 @@ TEAMS = {"alice": "red", "bob": "blue", "carol": None, None: None}
 MODELS = ("m1", "m2", "m3")
 
 
-def seeded(count: int, seed: int = 7) -> list[UsageRecord]:
+def seeded(count: int, seed: int = 7, days: float = 5) -> list[UsageRecord]:
     rng = random.Random(seed)
     records = []
     for i in range(count):
@@ -37,7 +37,7 @@ def seeded(count: int, seed: int = 7) -> list[UsageRecord]:
         cost = None if refused or rng.random() < 0.1 else round(rng.random(), 4)
         records.append(
             UsageRecord(
-                ts=T0 + rng.random() * 5 * DAY,
+                ts=T0 + rng.random() * days * DAY,
                 request_id=f"r{i}",
                 key_name=key,
                 team=TEAMS[key],
@@ -86,9 +86,11 @@ def by_hand(records: Sequence[UsageRecord], group: Sequence[Dim], lo: float, hi:
     return {g: dict(t) for g, t in out.items()}
 
 
-def check(conn: sqlite3.Connection, records: Sequence[UsageRecord], group: Sequence[Dim], lo: float, hi: float) -> None:
+def check(
+    conn: sqlite3.Connection, records: Sequence[UsageRecord], group: Sequence[Dim], lo: float | None, hi: float | None
+) -> None:
     got = aggregate(conn, group=group, start=lo, end=hi)
-    want = by_hand(records, group, lo, hi)
+    want = by_hand(records, group, -1e18 if lo is None else lo, 1e18 if hi is None else hi)
     assert set(got) == set(want), (group, lo, hi)
     for g, t in want.items():
         for name, value in t.items():
@@ -114,6 +116,28 @@ def test_totals_match_the_raw_rows_for_any_range_and_grouping(tmp_path: Path, ro
     for lo, hi in ranges:
         for group in groups:
             check(conn, records, group, lo, hi)
+    conn.close()
+
+
+def test_whole_months_come_from_the_monthly_roll_up(tmp_path: Path) -> None:
+    """75 days from March 1st: March and April whole, May in part; ranges across months, unbounded."""
+    records = seeded(4000, seed=3, days=75)
+    conn = ledger_with(tmp_path / "usage.db", records)
+    refresh(conn, chunk=1500)
+    conn.execute(
+        "INSERT INTO usage SELECT NULL, ts + 3600, request_id, key_name, team, model, endpoint, status, "
+        "prompt_tokens, completion_tokens, total_tokens, cost_usd, outcome, cut, latency_ms, ttfb_ms, cache, "
+        "saved_usd FROM usage WHERE id <= 300"
+    )  # fmt: skip  (not rolled up yet)
+    records = records + [r._replace(ts=r.ts + 3600) for r in records[:300]]
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    ranges: list[tuple[float | None, float | None]] = [(None, None), (T0 - DAY, T0 + 80 * DAY), (None, T0 + 45.5 * DAY),
+                                                       (T0 + 10.3 * DAY, T0 + 70.9 * DAY), (T0 + 31 * DAY, None)]  # fmt: skip
+    for lo, hi in ranges:
+        for group in [(), ("key",), ("team",), ("model",), ("day",), ("key", "model")]:
+            check(conn, records, group, lo, hi)
+    assert any("FROM usage_monthly" in s for s in statements)
     conn.close()
 
 
