@@ -128,14 +128,20 @@ def test_whole_months_come_from_the_monthly_roll_up(tmp_path: Path) -> None:
         "INSERT INTO usage SELECT NULL, ts + 3600, request_id, key_name, team, model, endpoint, status, "
         "prompt_tokens, completion_tokens, total_tokens, cost_usd, outcome, cut, latency_ms, ttfb_ms, cache, "
         "saved_usd FROM usage WHERE id <= 300"
-    )  # fmt: skip  (not rolled up yet)
+    )  # rows not rolled up yet
     records = records + [r._replace(ts=r.ts + 3600) for r in records[:300]]
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
-    ranges: list[tuple[float | None, float | None]] = [(None, None), (T0 - DAY, T0 + 80 * DAY), (None, T0 + 45.5 * DAY),
-                                                       (T0 + 10.3 * DAY, T0 + 70.9 * DAY), (T0 + 31 * DAY, None)]  # fmt: skip
+    ranges: list[tuple[float | None, float | None]] = [
+        (None, None),
+        (T0 - DAY, T0 + 80 * DAY),
+        (None, T0 + 45.5 * DAY),
+        (T0 + 10.3 * DAY, T0 + 70.9 * DAY),
+        (T0 + 31 * DAY, None),
+    ]
+    groups: list[Sequence[Dim]] = [(), ("key",), ("team",), ("model",), ("day",), ("key", "model")]
     for lo, hi in ranges:
-        for group in [(), ("key",), ("team",), ("model",), ("day",), ("key", "model")]:
+        for group in groups:
             check(conn, records, group, lo, hi)
     assert any("FROM usage_monthly" in s for s in statements)
     conn.close()
