@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 import jinja2
 from starlette.requests import Request
@@ -44,6 +44,7 @@ SECURITY_HEADERS: Final = {
     "cache-control": "no-store",
     "x-frame-options": "DENY",
 }
+FORM_LIMIT: Final = 8192
 Handler = Callable[[Request, str | None], Awaitable[Response]]
 
 
@@ -114,9 +115,18 @@ class Console:
         return _secured(response)
 
     async def login(self, request: Request) -> Response:
-        form = await request.form()
-        key, target = form.get("key"), _safe_next(str(form.get("next") or ""))
-        if not isinstance(key, str) or not key.strip():
+        body = b""
+        async for chunk in request.stream():  # a sign-in form is small: read at most FORM_LIMIT bytes
+            body += chunk
+            if len(body) > FORM_LIMIT:
+                raise InvalidRequest("The sign-in form is too large.", code="request_too_large")
+        try:
+            form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+        except ValueError:  # more fields than a sign-in form has
+            raise InvalidRequest("The sign-in form takes a key.", code=None) from None
+        key = (form.get("key") or [""])[0]
+        target = _safe_next((form.get("next") or [""])[0])
+        if not key.strip():
             return self._login_page(request, target, "Enter an admin key.", 400)
         try:
             _name, cookie = self._access.sign_in(key)

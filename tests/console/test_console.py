@@ -232,3 +232,16 @@ def test_no_console_request_reaches_the_upstream(console_site: Site, admin: http
     for path in [f"/console/{p}" for p in pages] + ["/console/static/console.css", "/console/static/console.js"]:
         assert admin.get(path).status_code == 200, path
     assert (forwarded(console_site.state), console_site.state.catalog_fetches) == before
+
+
+def test_a_sign_in_form_is_small(http: httpx.Client) -> None:
+    huge = http.post("/console/login", content=b"key=" + b"x" * 100_000,
+                     headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert huge.status_code == 400
+    assert_error_envelope(huge.content, code="request_too_large")
+    many = http.post("/console/login", content="&".join(f"f{i}=1" for i in range(50)).encode(),
+                     headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert many.status_code == 400
+    empty = http.post("/console/login", data={"key": "  "})
+    assert empty.status_code == 400
+    assert "Enter an admin key." in empty.text
