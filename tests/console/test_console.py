@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import re
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime
 
 import httpx
@@ -17,7 +19,7 @@ from gateway.console.formats import usd
 from gateway.demo import default_catalog
 from gateway.usage.reports import summarize
 from tests.console.conftest import ORG_KEY, SECRET_PROMPT, Site
-from tests.helpers.gateway import assert_error_envelope, forwarded, key_secret
+from tests.helpers.gateway import assert_error_envelope, forwarded, key_secret, wait_until
 
 TODAY = datetime.now(UTC).date().isoformat()
 
@@ -245,3 +247,19 @@ def test_a_sign_in_form_is_small(http: httpx.Client) -> None:
     empty = http.post("/console/login", data={"key": "  "})
     assert empty.status_code == 400
     assert "Enter an admin key." in empty.text
+
+
+def test_the_gateway_keeps_the_roll_ups_up_to_date(console_site: Site) -> None:
+    """The keeper runs in the gateway: every written row is rolled up within seconds."""
+
+    def caught_up() -> bool:
+        with closing(sqlite3.connect(console_site.ledger)) as conn:
+            last = conn.execute("SELECT last_id FROM usage_rollup_state").fetchone()[0]
+            newest = conn.execute("SELECT MAX(id) FROM usage").fetchone()[0]
+        return bool(newest) and last == newest
+
+    assert wait_until(caught_up, timeout=10)
+    with closing(sqlite3.connect(console_site.ledger)) as conn:
+        rolled = conn.execute("SELECT SUM(records) FROM usage_daily_total").fetchone()[0]
+        raw = conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
+    assert rolled == raw
