@@ -165,7 +165,7 @@ def demo_banner(settings: Settings, port: int, keys: DemoKeys | None, ledger: De
         who = (
             "Keys mode, with two fresh gateway keys, shown only now (they last as long as this demo):\n\n"
             f"  export DEMO_USER_KEY={keys.user}   # {DEMO_USER}: {limits}\n"
-            f"  export DEMO_ADMIN_KEY={keys.admin}  # {DEMO_ADMIN}: may read /admin/usage"
+            f"  export DEMO_ADMIN_KEY={keys.admin}  # {DEMO_ADMIN}: may read /admin/usage and open /console"
         )
     elif settings.auth_mode == "keys":
         auth = ' -H "Authorization: Bearer $KEY"'
