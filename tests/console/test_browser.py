@@ -125,7 +125,23 @@ def test_the_live_panel_updates_without_reloading(page: Page, console_site: Site
     page.screenshot(path=str(shots / "console-live.png"), full_page=True)
 
 
-def test_the_first_tab_stop_skips_to_the_content(page: Page) -> None:
+UNLABELLED = """() => [...document.querySelectorAll('input:not([type=hidden]), select, button, svg.chart, meter')]
+    .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby')
+                 && !(e.textContent || '').trim())
+    .map(e => e.outerHTML.slice(0, 80))"""
+
+
+def test_keyboard_and_labels(page: Page) -> None:
+    """The first tab stop skips to the content; every control, chart and meter has a name."""
     page.goto("/console/login")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    assert page.evaluate(UNLABELLED) == []
+    sign_in(page, key_secret("admin"))
+    page.wait_for_url("**/console/usage")
+    for path in ("/console/usage?period=hour", "/console/catalog", "/console/live", "/console/refusals"):
+        page.goto(path)
+        assert page.evaluate(UNLABELLED) == [], path
+        assert page.evaluate("document.documentElement.lang") == "en"
