@@ -24,11 +24,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router
+from starlette.routing import BaseRoute, Route, Router
 
 from gateway import endpoints
 from gateway.auth.middleware import KeyAuthMiddleware
 from gateway.config import Settings, load_settings, resolve_config_path
+from gateway.console.routes import console_routes
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -160,13 +161,13 @@ def build_stack(settings: Settings, services: Services, *, source: Source | None
 
 
 def _local_app(settings: Settings, services: Services) -> ASGIApp:
-    """The gateway's own routes: models, the raw catalog, health, metrics, admin."""
+    """The gateway's own routes: models, the raw catalog, health, metrics, admin, the console."""
     local = LocalRoutes(settings, services)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(services.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", local.healthz, methods=["GET"]),
         Route("/readyz", local.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
@@ -176,6 +177,8 @@ def _local_app(settings: Settings, services: Services) -> ASGIApp:
         Route("/v1/models", local.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", local.retrieve_model, methods=["GET"]),
     ]
+    if settings.console.enabled:
+        routes += console_routes(settings, services)  # the operator's pages (docs/console.md)
     return Starlette(
         routes=routes,
         middleware=[

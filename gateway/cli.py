@@ -145,7 +145,7 @@ key_sha256 = "{digest}"{team}
 # tpm = 100000                # optional tokens per minute
 # budget_usd_daily = 5.0      # optional, USD per UTC day
 # budget_usd_monthly = 50.0   # optional, USD per UTC month
-# admin = true                # optional: may read /admin/usage (and /metrics in keys mode)
+# admin = true                # optional: may read /admin/usage, open /console (and /metrics in keys mode)
 # disabled = true             # optional: refuse the key (401) without deleting it
 # expires = 2027-01-01        # optional TOML date or date-time (UTC when no offset)"""
     )

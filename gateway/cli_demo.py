@@ -165,7 +165,7 @@ def demo_banner(settings: Settings, port: int, keys: DemoKeys | None, ledger: De
         who = (
             "Keys mode, with two fresh gateway keys, shown only now (they last as long as this demo):\n\n"
             f"  export DEMO_USER_KEY={keys.user}   # {DEMO_USER}: {limits}\n"
-            f"  export DEMO_ADMIN_KEY={keys.admin}  # {DEMO_ADMIN}: may read /admin/usage"
+            f"  export DEMO_ADMIN_KEY={keys.admin}  # {DEMO_ADMIN}: may read /admin/usage and open /console"
         )
     elif settings.auth_mode == "keys":
         auth = ' -H "Authorization: Bearer $KEY"'
@@ -202,6 +202,10 @@ def demo_banner(settings: Settings, port: int, keys: DemoKeys | None, ledger: De
         lines.append(f"Usage ledger: {ledger.path}{removed}; read it with: {reader}")
     else:
         lines.append("Usage ledger: off ([usage] path is empty)")
+    if settings.console.enabled:
+        signin = "sign in with $DEMO_ADMIN_KEY" if keys is not None else "an admin key signs in"
+        where = signin if settings.auth_mode == "keys" else "from this host only"
+        lines.append(f"Console (usage and cost, catalog, live health, refusals): {base}/console ({where})")
     if settings.auth_mode != "keys":
         lines.append(
             "Team features (gateway keys, rate limits, budgets, /admin/usage): `gateway demo --keys`"

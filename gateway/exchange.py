@@ -54,6 +54,7 @@ class Exchange:
     status: int = 0
     outcome: Outcome = Outcome.UNKNOWN
     error_code: str | None = None
+    error_message: str | None = None  # the message of the gateway's own error answer
     first_byte: float | None = None
     upstream_started: float | None = None  # perf_counter() when the request went upstream
     upstream_answered: float | None = None  # ... and when its response headers arrived
@@ -82,6 +83,7 @@ class Exchange:
     def fail(self, error: GatewayError, outcome: Outcome) -> None:
         """The gateway answers ``error`` because the request ended as ``outcome``."""
         self.status, self.outcome, self.error_code = error.status, outcome, error.code
+        self.error_message = error.message
 
     def answered_dry_run(self) -> None:
         self.status, self.outcome = 200, Outcome.DRY_RUN

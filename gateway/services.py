@@ -33,6 +33,7 @@ from gateway.ops.drain import Drain
 from gateway.ops.logs import flush as flush_logs
 from gateway.ops.metrics import Metrics
 from gateway.ops.metrics import Snapshot as MetricsSnapshot
+from gateway.ops.refusals import RecentRefusals
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
 from gateway.state.redis_client import redis_client
@@ -43,6 +44,7 @@ from gateway.upstream.aiohttp_client import AiohttpUpstream
 from gateway.upstream.base import HttpxUpstream, Upstream
 from gateway.upstream.breaker import Breakers
 from gateway.usage.ledger import Ledger
+from gateway.usage.rollups import RollupKeeper
 
 if TYPE_CHECKING:
     from gateway.ops.spans import Tracing
@@ -66,6 +68,7 @@ class Services:
     tracing: Tracing | None  # None: tracing is off
     keys: KeyRing | None  # keys mode's key ring, swapped whole on a reload; None in the other modes
     cache: ResponseCache | None = None  # the response cache ([cache] enabled)
+    refusals: RecentRefusals | None = None  # the latest refusals (the console reads them)
     open_streams: int = 0  # event streams being relayed now
     serving: bool = True  # False once shutdown has begun closing the services
 
@@ -106,7 +109,16 @@ async def open_services(
         usage = settings.usage
         ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval) if usage.path else None
         if ledger is not None:
-            await ledger.start()
+            await ledger.start()  # creates or migrates the database
+            keeper = RollupKeeper(
+                Path(usage.path), interval=usage.rollup_interval, retention_days=usage.raw_retention_days
+            )
+            try:
+                await keeper.start()
+            except BaseException:
+                await ledger.aclose()
+                raise
+            stack.push_async_callback(keeper.aclose)  # after the ledger's last write: rolls it up
             stack.push_async_callback(ledger.aclose)  # writes what is still queued
         services: Services | None = None
 
@@ -114,6 +126,7 @@ async def open_services(
             return _metrics_snapshot(services) if services is not None and services.serving else None
 
         metrics = Metrics(metrics_state)
+        refusals = RecentRefusals()
         up = settings.upstream
         if store is None:
             store = LocalStore(
@@ -136,7 +149,9 @@ async def open_services(
             access_log=settings.access_log,
             bill_hits=settings.cache.bill_hits == "full",
             # Each request's outcome goes to the metrics, and with tracing on onto its span too.
-            on_finish=metrics.observe if tracing is None else _both(metrics.observe, tracing.finished),
+            on_finish=_both(metrics.observe, refusals.observe)
+            if tracing is None
+            else _both(_both(metrics.observe, refusals.observe), tracing.finished),
         )
         if tracing is not None:
             tracing.start()
@@ -154,6 +169,7 @@ async def open_services(
             tracing=tracing,
             keys=KeyRing(settings.keys) if settings.auth_mode == "keys" else None,
             cache=await _response_cache(settings, stack) if settings.cache.enabled else None,
+            refusals=refusals,
         )
         if services.keys is not None and config_path is not None:
             reloader = KeyReloader(config_path, env if env is not None else {}, settings, services)

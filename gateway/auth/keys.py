@@ -83,6 +83,18 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    def callers(self) -> list[Caller]:
+        """Every configured key's caller, by name (disabled and expired keys included)."""
+        return sorted((k.caller for k in self._by_digest.values()), key=lambda c: c.name)
+
+    def usable_digest(self, name: str, now: datetime | None = None) -> bytes | None:
+        """The digest of the key named ``name`` while it may be used (not disabled, not expired)."""
+        moment = now or datetime.now(UTC)
+        for k in self._by_digest.values():
+            if k.caller.name == name and not k.disabled and (k.expires is None or moment < k.expires):
+                return k.digest
+        return None
+
     def authenticate(self, headers: Iterable[Header], now: datetime | None = None) -> Caller:
         """The caller for the request's ``Authorization: Bearer <key>``, or AuthenticationFailed (401)."""
         presented = bearer_token(headers)

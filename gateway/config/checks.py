@@ -32,6 +32,12 @@ def check_settings(s: Settings, *, check_auth: bool = True) -> None:
     if s.metrics.token_sha256 and not _SHA256_HEX.fullmatch(s.metrics.token_sha256.lower()):
         raise SettingsError("[metrics] token_sha256: must be 64 hex digits (the SHA-256 of the scrape token)")
 
+    retention = s.usage.raw_retention_days
+    if 0 < retention < 32:
+        raise SettingsError(
+            "[usage] raw_retention_days: must be 0 (keep all) or at least 32, so that monthly budgets "
+            f"are seeded from the raw rows at start-up, got {retention}"
+        )
     _check_keys(s)
     if check_auth:
         _check_auth(s)

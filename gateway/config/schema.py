@@ -127,6 +127,10 @@ class UsageSettings:
     include_usage: bool = True
     # Add the request's cost (usage.cost_usd) to the usage chunk of streams whose client asked for usage.
     stream_cost: bool = True
+    # Days of raw ledger rows kept (0: all); older rows are deleted, their hourly and daily roll-ups kept.
+    raw_retention_days: int = _bounded(0, ge=0)
+    # Seconds between roll-up refreshes (reports stay exact in between: they read the newer rows too).
+    rollup_interval: float = _bounded(2.0, gt=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,17 @@ class MetricsSettings:
     public: bool = False
     # SHA-256 (hex) of a bearer token that may read /metrics and nothing else (for Prometheus).
     token_sha256: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    # The operator's web console under /console (docs/console.md): keys mode needs an admin key; the
+    # other modes answer the gateway's own host (loopback) only.
+    enabled: bool = True
+    # Seconds between the live panel's updates in the browser.
+    live_interval: float = _bounded(5.0, ge=1)
+    # Hours a console sign-in lasts (a signed cookie; removing or disabling the key ends it at once).
+    session_hours: float = _bounded(12.0, gt=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +252,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     shared: SharedSettings = field(default_factory=SharedSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     keys: tuple[KeySettings, ...] = ()
 
     @property

@@ -30,6 +30,10 @@ class Counter:
         values = self._values
         values[labels] = values.get(labels, 0.0) + amount
 
+    def values(self) -> dict[tuple[str, ...], float]:
+        """A copy of the value per label values (the console's live panel reads them)."""
+        return dict(self._values)
+
     def family(self) -> Metric:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
         for labels, value in self._values.items():
@@ -56,6 +60,18 @@ class Histogram:
             counts = self._values[labels] = [0.0] * (len(self._bounds) + 2)
         counts[bisect_left(self._bounds, value)] += 1  # a bucket holds the values <= its bound
         counts[-1] += value
+
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        return self._bounds
+
+    def counts(self) -> list[float]:
+        """Per-bucket counts (not cumulative; the last is +Inf) over every label value."""
+        total = [0.0] * (len(self._bounds) + 1)
+        for counts in self._values.values():
+            for i, count in enumerate(counts[:-1]):
+                total[i] += count
+        return total
 
     def family(self) -> Metric:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)

@@ -9,6 +9,62 @@ from __future__ import annotations
 import sqlite3
 from typing import Final, NamedTuple
 
+# The per-bucket totals every roll-up row holds (their SQL over usage rows is gateway.usage.rollups').
+ROLLUP_TOTALS: Final = (
+    "records",  # usage rows
+    "answered_locally",  # answered by the gateway itself (refusals, dry runs), never sent upstream
+    "cached",  # answered from the response cache (or collapsed onto an identical request)
+    "errors",  # answered with a status of 500 or more
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",  # the sum of the known costs
+    "priced",  # rows whose cost is known
+    "saved_usd",  # what the cached answers would have cost upstream
+    "saved_rows",  # rows with a saved cost
+    "unpriced",  # requests sent upstream whose cost is unknown
+    "latency_ms",  # the sum of the rows' latencies
+)
+
+
+ROLLUP_PERIODS: Final = ("hourly", "daily", "monthly")
+# Each period's roll-up tables: usage_<period><suffix>, grouped by the bucket and these columns. A
+# report reads the smallest one that has the columns it groups and filters by: the whole ledger's
+# cost per key over 90 days is a few tens of thousands of rows, not every (key, team, model).
+ROLLUP_CUTS: Final = (
+    ("_total", ()),
+    ("_by_model", ("model",)),
+    ("_by_team", ("team",)),
+    ("_by_key", ("key_name", "team")),
+    ("", ("key_name", "team", "model")),
+)
+# Indexes for a filter plus a range (the primary keys start with the bucket, for plain ranges).
+_ROLLUP_INDEXES: Final = {"": ("key_name", "team", "model"), "_by_key": ("key_name",)}
+
+
+def _rollup_table(table: str, columns: tuple[str, ...]) -> str:
+    # key_name and team are '' for rows without one ('' is never a key's name; an empty team is none).
+    totals = ", ".join(f"{name} {'REAL' if name in ('cost_usd', 'saved_usd', 'latency_ms') else 'INTEGER'} NOT NULL"
+                       for name in ROLLUP_TOTALS)  # fmt: skip
+    groups = "".join(f"{column} TEXT NOT NULL, " for column in columns)
+    return (
+        f"CREATE TABLE {table} (bucket INTEGER NOT NULL, {groups}{totals}, "
+        f"PRIMARY KEY ({', '.join(('bucket', *columns))})) WITHOUT ROWID"
+    )
+
+
+def _rollup_statements() -> list[str]:
+    statements = []
+    for period in ROLLUP_PERIODS:
+        for suffix, columns in ROLLUP_CUTS:
+            table = f"usage_{period}{suffix}"
+            statements.append(_rollup_table(table, columns))
+            statements += [
+                f"CREATE INDEX {table}_{c} ON {table} ({c}, bucket)" for c in _ROLLUP_INDEXES.get(suffix, ())
+            ]
+    return statements
+
+
 # Migration i brings a database from user_version i to i + 1 (statements run in one transaction).
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -39,6 +95,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # what an answer from it would have cost from the upstream.
         "ALTER TABLE usage ADD COLUMN cache TEXT",
         "ALTER TABLE usage ADD COLUMN saved_usd REAL",
+    ),
+    (
+        # Roll-ups of the usage rows per UTC hour and per UTC day, by key, team and model: what the
+        # reports read (gateway.usage.reports), kept when raw rows are pruned. They are brought up
+        # to date from the rows with an id above ``usage_rollup_state.last_id`` (gateway.usage.rollups),
+        # off the write path (an older ledger's rows are rolled up the same way, in chunks).
+        *_rollup_statements(),
+        "CREATE TABLE usage_rollup_state (id INTEGER PRIMARY KEY CHECK (id = 1), last_id INTEGER NOT NULL)",
+        "INSERT INTO usage_rollup_state (id, last_id) VALUES (1, 0)",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)

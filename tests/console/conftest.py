@@ -1,0 +1,77 @@
+"""A keys-mode gateway with a usage ledger in front of the simulated upstream, with traffic sent
+through it, shared by a test module (``console_site``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.config import load_settings
+from gateway.demo import DemoState, create_demo_upstream
+from gateway.server.thread import LocalServer, serve_in_thread
+from gateway.usage.reports import summarize
+from tests.helpers.gateway import (
+    CHAT_MODEL,
+    EMBEDDING_MODEL,
+    fresh_demo_state,
+    gateway_env,
+    is_ready,
+    key_secret,
+    key_table,
+    keys_config,
+    wait_until,
+)
+
+ORG_KEY = "sk-org-upstream-console-test"
+SECRET_PROMPT = "the-prompt-text-nobody-may-see-41c7"  # sent in bodies: must never show in the console
+
+
+@dataclass(frozen=True)
+class Site:
+    state: DemoState
+    gateway: LocalServer
+    ledger: Path
+    admin: dict[str, str]  # the admin key's Authorization header
+
+
+def send_traffic(url: str, ledger: Path) -> None:
+    """Chats by alice and bob, an embedding, and refusals (unknown models: counted, not in the ledger);
+    waits until the ledger holds the requests."""
+    for name, count in (("alice", 3), ("bob", 2)):
+        with openai.OpenAI(base_url=url + "/v1", api_key=key_secret(name), max_retries=0, timeout=15) as sdk:
+            for i in range(count):
+                sdk.chat.completions.create(
+                    model=CHAT_MODEL, messages=[{"role": "user", "content": f"{SECRET_PROMPT} {i}"}]
+                )
+            if name == "bob":
+                sdk.embeddings.create(model=EMBEDDING_MODEL, input=SECRET_PROMPT)
+            with pytest.raises(openai.NotFoundError):
+                sdk.chat.completions.create(
+                    model="no-such-model-xyz", messages=[{"role": "user", "content": SECRET_PROMPT}]
+                )
+    assert wait_until(lambda: sum(r["requests"] for r in summarize(ledger, by="key")) == 6, timeout=10), summarize(
+        ledger, by="key"
+    )
+
+
+@pytest.fixture(scope="module")
+def console_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    tmp = tmp_path_factory.mktemp("console")
+    ledger = tmp / "usage.db"
+    tables = key_table("alice", "budget_usd_daily = 5.0\nbudget_usd_monthly = 100.0") + key_table("bob")
+    config = keys_config(tmp / "gateway.toml", tables, ledger=ledger, extra="[console]\nlive_interval = 1\n")
+    state = fresh_demo_state()
+    with serve_in_thread(create_demo_upstream(state)) as upstream:
+        env = {**gateway_env(upstream.url), "GATEWAY_UPSTREAM_API_KEY": ORG_KEY}
+        env.pop("GATEWAY_USAGE_PATH")  # the config file's ledger
+        with serve_in_thread(create_app(load_settings(config, env), config_path=config, env=env)) as gateway:
+            with httpx.Client(base_url=gateway.url, timeout=10) as http:
+                assert wait_until(lambda: is_ready(http))
+            send_traffic(gateway.url, ledger)
+            yield Site(state, gateway, ledger, {"Authorization": f"Bearer {key_secret('admin')}"})
