@@ -161,6 +161,8 @@ class Accounting:
                     ttfb_ms=ttfb_ms,
                     cache=exchange.cache,
                     saved_usd=exchange.saved_cost,
+                    requested_model=exchange.requested_model,
+                    fallback_from=exchange.fallback_from,
                 )
             )
         if self._access_log and access_logger.isEnabledFor(logging.INFO):
@@ -197,6 +199,8 @@ class Accounting:
             "completion_tokens": usage.completion_tokens if usage else None,
             "cost_usd": exchange.cost,
             "cache": exchange.cache,
+            "requested_model": exchange.requested_model,
+            "fallback_from": exchange.fallback_from,
         }
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})

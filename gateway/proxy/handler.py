@@ -20,14 +20,18 @@ from gateway.cancellation import take_back_cancellation
 from gateway.config import Settings
 from gateway.errors import GatewayError, InternalError, Overloaded, ShuttingDown, send_error
 from gateway.exchange import Exchange, Outcome
+from gateway.headers import header_safe
 from gateway.ops.request_id import scope_request_id
-from gateway.proxy.admission import Admitter
+from gateway.proxy.admission import Admission, Admitter
 from gateway.proxy.body import ClientDisconnected
+from gateway.proxy.fallback import Attempt, Attempts
 from gateway.proxy.forward import Forwarder, Source
 from gateway.proxy.respond import Responder, send_json
 from gateway.services import Services
 from gateway.types import Header, Receive, Scope, Send
-from gateway.upstream.breaker import Pass
+
+SERVING_MODEL = b"x-gateway-model"
+FALLBACK_FROM = b"x-gateway-fallback-from"
 
 logger = logging.getLogger("gateway.proxy.handler")
 
@@ -43,7 +47,7 @@ class Proxy:
         self._dry_run = dry_run
         self._max_in_flight = settings.limits.max_in_flight
         self._admitter = Admitter(settings, services, dry_run=dry_run)
-        self._source = source or Forwarder(settings, services)
+        self._attempts = Attempts(settings, services, source or Forwarder(settings, services), self._admitter)
         self._responder = Responder(settings, services)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -76,22 +80,25 @@ class Proxy:
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         services = self._services
         headers: list[Header] = []  # what every answer to this request carries, once known
-        breaker_pass: Pass | None = None
+        attempt = Attempt()
+        admission: Admission | None = None
         try:
             try:
                 admission = await self._admitter.admit(scope, receive, exchange)
                 headers = admission.headers()
                 if self._dry_run:
                     exchange.answered_dry_run()
-                    await send_json(send, admission.report(), headers)
+                    await send_json(send, admission.report(), headers + _routing_headers(admission, exchange))
                     return
-                if admission.entry is not None:
-                    breaker_pass = services.breakers.allow(admission.entry.model_name)
-                headers = headers + await services.accounting.admit(exchange, admission.requested_tokens)
+                limits = await services.accounting.admit(exchange, admission.requested_tokens)
                 body, strip_usage = services.accounting.request_body(exchange, admission.body)
-                response = await self._source.forward(scope, admission.endpoint, body, exchange, breaker_pass)
+                response = await self._attempts.forward(scope, admission, body, exchange, attempt)
+                # The model may have changed: its health, the warnings and the serving model are its own.
+                headers = admission.headers() + limits + _routing_headers(admission, exchange)
             except GatewayError as error:
                 exchange.refuse(error)
+                if admission is not None:
+                    headers = headers + _routing_headers(admission, exchange, serving=False)
                 await send_error(send, error, headers)
                 return
             except ClientDisconnected:
@@ -114,6 +121,21 @@ class Proxy:
                 return
             await self._responder.respond(response, receive, send, exchange, headers, strip_usage)
             if not exchange.from_cache:  # an answer from the cache says nothing of the model's health
-                services.breakers.record(breaker_pass, exchange.outcome is not Outcome.UPSTREAM_BROKEN)
+                services.breakers.record(attempt.breaker_pass, exchange.outcome is not Outcome.UPSTREAM_BROKEN)
         finally:
-            services.breakers.record(breaker_pass, None)  # no verdict on paths that gave none
+            services.breakers.record(attempt.breaker_pass, None)  # no verdict on paths that gave none
+
+
+def _routing_headers(admission: Admission, exchange: Exchange, *, serving: bool = True) -> list[Header]:
+    """``x-gateway-model`` (the model that serves) and ``x-gateway-fallback-from`` (the ones passed
+    over); both recorded on the exchange for the ledger, the access log and the trace."""
+    out: list[Header] = []
+    entry, route = admission.entry, admission.route
+    if route is not None and route.passed_over:
+        exchange.fallback_from = route.header().decode("latin-1")
+        out.append((FALLBACK_FROM, route.header()))
+    if entry is not None and serving:
+        out.append((SERVING_MODEL, header_safe(entry.model_name)))
+        if route is not None and route.requested != entry.model_name:
+            exchange.requested_model = route.requested
+    return out
