@@ -46,6 +46,7 @@ class PassedOver:
     model: str
     reason: str
     message: str
+    error: GatewayError | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -93,7 +94,7 @@ class Route:
         """The current candidate failed upstream (before the first byte) for ``reason``."""
         current = self.current
         if current is not None:
-            self.passed_over.append(PassedOver(current.model_name, reason, error.message))
+            self.passed_over.append(PassedOver(current.model_name, reason, error.message, error))
 
     def refusal(self, error: GatewayError) -> GatewayError:
         """``error`` with the models passed over listed in its message (the last answer when no
@@ -120,10 +121,10 @@ class Route:
     def _pass_over(self, model: str, error: GatewayError) -> None:
         if self._first_error is None:
             self._first_error = error
-        self.passed_over.append(PassedOver(model, error.code or type(error).__name__, error.message))
+        self.passed_over.append(PassedOver(model, error.code or type(error).__name__, error.message, error))
 
     def _refusal(self, error: GatewayError) -> GatewayError:
-        tried = [p for p in self.passed_over if p.message != error.message]
+        tried = [p for p in self.passed_over if p.error is not error]  # its own message says why already
         if tried:
             error.message += " Models passed over: " + "; ".join(f"{p.model} ({p.reason}: {p.message})" for p in tried)
         return error
