@@ -104,6 +104,7 @@ def test_no_fallback_after_the_first_byte(routed_gateway: RoutedGateway, demo_st
     assert sent_models(demo_state) == [CHAT_MODEL]  # never sent again, to no other model
 
 
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
 LONG_PROMPT = "word " * 9000  # more than Llama's 8192-token window, fits Phi's 131072
 
 
