@@ -8,7 +8,7 @@ Set on ``DemoState`` while it runs:
 - ``delays[model]``: seconds to wait before answering that model (a slow model);
 - ``status_health[model]``: the health ``/api/status`` reports for it (the catalog is unchanged);
 - ``status_fault``: ``"404"`` (no status endpoint), ``"malformed"`` (a body that is not a status
-  document) or ``"hang"`` (never answers) for ``GET /api/status``.
+  document) or ``"hang"`` (no answer while it is set) for ``GET /api/status``.
 
 A connection reset before the first byte needs the raw socket, which an ASGI app does not have:
 the tests put ``tests.helpers.upstreams.ResettingFront`` in front of this upstream for that.
@@ -74,6 +74,9 @@ async def status_fault(state: DemoState) -> Response | None:
         return error_response(404, "Not Found", "invalid_request_error", "not_found")
     if fault == "malformed":
         return Response(b"<html>status page</html>", media_type="text/html")
-    if fault == "hang":
-        await asyncio.sleep(HANG_SECONDS)
+    if fault == "hang":  # until switched off, at most HANG_SECONDS
+        for _ in range(int(HANG_SECONDS / 0.05)):
+            if state.status_fault != "hang":
+                break
+            await asyncio.sleep(0.05)
     return None
