@@ -130,7 +130,7 @@ def _routing_headers(admission: Admission, exchange: Exchange, *, serving: bool 
     """``x-gateway-model`` (the model that serves) and ``x-gateway-fallback-from`` (the ones passed
     over); both recorded on the exchange for the ledger, the access log and the trace."""
     out: list[Header] = []
-    entry, route = admission.entry, admission.route
+    entry, route = admission.entry or exchange.entry, admission.route  # a video job poll: the job's model
     if route is not None and route.passed_over:
         exchange.fallback_from = route.header().decode("latin-1")
         out.append((FALLBACK_FROM, route.header()))

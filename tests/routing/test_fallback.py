@@ -4,6 +4,7 @@ never after the first byte, never to a model that lacks what the request needs."
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from tests.helpers.gateway import (
     UNHEALTHY_MODEL,
     assert_gateway_error,
     requests_on,
+    wait_until,
 )
 from tests.routing.conftest import RoutedGateway, alias_table
 
@@ -44,8 +46,14 @@ def sent_models(state: DemoState) -> list[str]:
     [("500", "upstream_500", 1), ("503", "upstream_503", 1), ("429", "upstream_429", 3)],  # 429: 2 retries first
 )
 def test_an_upstream_error_before_the_first_byte_falls_back(
-    routed_gateway: RoutedGateway, demo_state: DemoState, fault: str, reason: str, tries: int
+    routed_gateway: RoutedGateway,
+    demo_state: DemoState,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+    reason: str,
+    tries: int,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
     demo_state.faults[CHAT_MODEL] = fault
     gateway = routed_gateway(alias_table("chat", [CHAT_MODEL, LLAMA], fallback=True))
     with sdk(gateway) as client:
@@ -54,6 +62,14 @@ def test_an_upstream_error_before_the_first_byte_falls_back(
     assert raw.headers["x-gateway-model"] == LLAMA
     assert raw.headers["x-gateway-fallback-from"] == f"{CHAT_MODEL};reason={reason}"
     assert sent_models(demo_state) == [CHAT_MODEL] * tries + [LLAMA]
+
+    def access_lines() -> list[dict[str, Any]]:
+        return [r.__dict__["access"] for r in caplog.records if r.name == "gateway.access"]
+
+    assert wait_until(lambda: any(line["endpoint"] == CHAT_PATH for line in access_lines()), WAIT)
+    (line,) = [line for line in access_lines() if line["endpoint"] == CHAT_PATH]
+    assert (line["model"], line["requested_model"]) == (LLAMA, "chat")
+    assert line["fallback_from"] == f"{CHAT_MODEL};reason={reason}"
 
 
 def test_a_connection_reset_before_the_first_byte_falls_back(
