@@ -85,7 +85,8 @@ def test_the_status_document_is_read_per_model() -> None:
     reading = parse_status(data, now=100.0)
     assert reading.models == {"a": "healthy", "b": "down"}
     assert (reading.measured_at, reading.overall) == (60.0, "degraded")
-    for bad in ([], {"models": "none"}, {"status": "ok"}):
+    malformed: list[Any] = [[], {"models": "none"}, {"status": "ok"}]
+    for bad in malformed:
         with pytest.raises(StatusFormatError):
             parse_status(bad, now=0.0)
 
