@@ -49,6 +49,8 @@ class Proxy:
         self._admitter = Admitter(settings, services, dry_run=dry_run)
         self._attempts = Attempts(settings, services, source or Forwarder(settings, services), self._admitter)
         self._responder = Responder(settings, services)
+        # x-gateway-model's value per catalog model name (bounded by the catalog: only its names serve).
+        self._model_values: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope_request_id(scope).decode(), scope["method"], scope["path"])
@@ -79,27 +81,26 @@ class Proxy:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         services = self._services
-        headers: list[Header] = []  # what every answer to this request carries, once known
+        limits: list[Header] = []  # the rate-limit headers, once the limits admitted the request
         attempt = Attempt()
         admission: Admission | None = None
         try:
             try:
                 admission = await self._admitter.admit(scope, receive, exchange)
-                headers = admission.headers()
                 if self._dry_run:
                     exchange.answered_dry_run()
-                    await send_json(send, admission.report(), headers + _routing_headers(admission, exchange))
+                    await send_json(
+                        send, admission.report(), admission.headers() + self._routing_headers(admission, exchange)
+                    )
                     return
                 limits = await services.accounting.admit(exchange, admission.requested_tokens)
                 body, strip_usage = services.accounting.request_body(exchange, admission.body)
                 response = await self._attempts.forward(scope, admission, body, exchange, attempt)
-                # The model may have changed: its health, the warnings and the serving model are its own.
-                headers = admission.headers() + limits + _routing_headers(admission, exchange)
+                # Known now: the model that serves (after a fallback, its health and warnings are its own).
+                headers = admission.headers() + limits + self._routing_headers(admission, exchange)
             except GatewayError as error:
                 exchange.refuse(error)
-                if admission is not None:
-                    headers = headers + _routing_headers(admission, exchange, serving=False)
-                await send_error(send, error, headers)
+                await send_error(send, error, self._error_headers(admission, limits, exchange))
                 return
             except ClientDisconnected:
                 exchange.outcome = Outcome.CLIENT_DISCONNECTED
@@ -110,14 +111,14 @@ class Proxy:
                 take_back_cancellation()  # the shutdown's grace is over: answer rather than vanish
                 stopped = ShuttingDown()
                 exchange.fail(stopped, Outcome.SHUT_DOWN)
-                await send_error(send, stopped, headers)
+                await send_error(send, stopped, self._error_headers(admission, limits, exchange))
                 return
             except Exception:
                 logger.exception("unexpected error on %s %s (request %s)", exchange.method, exchange.path,
                                  exchange.request_id)  # fmt: skip
                 internal = InternalError(f"Internal gateway error (request id {exchange.request_id}).")
                 exchange.fail(internal, Outcome.ERROR)
-                await send_error(send, internal, headers)
+                await send_error(send, internal, self._error_headers(admission, limits, exchange))
                 return
             await self._responder.respond(response, receive, send, exchange, headers, strip_usage)
             if not exchange.from_cache:  # an answer from the cache says nothing of the model's health
@@ -125,17 +126,27 @@ class Proxy:
         finally:
             services.breakers.record(attempt.breaker_pass, None)  # no verdict on paths that gave none
 
+    def _error_headers(self, admission: Admission | None, limits: list[Header], exchange: Exchange) -> list[Header]:
+        """What an error answer carries: the admission's headers, the rate limits', the models passed over."""
+        if admission is None:
+            return []
+        return admission.headers() + limits + self._routing_headers(admission, exchange, serving=False)
 
-def _routing_headers(admission: Admission, exchange: Exchange, *, serving: bool = True) -> list[Header]:
-    """``x-gateway-model`` (the model that serves) and ``x-gateway-fallback-from`` (the ones passed
-    over); both recorded on the exchange for the ledger, the access log and the trace."""
-    out: list[Header] = []
-    entry, route = admission.entry or exchange.entry, admission.route  # a video job poll: the job's model
-    if route is not None and route.passed_over:
-        exchange.fallback_from = route.header().decode("latin-1")
-        out.append((FALLBACK_FROM, route.header()))
-    if entry is not None and serving:
-        out.append((SERVING_MODEL, header_safe(entry.model_name)))
-        if route is not None and route.requested != entry.model_name:
-            exchange.requested_model = route.requested
-    return out
+    def _routing_headers(self, admission: Admission, exchange: Exchange, *, serving: bool = True) -> list[Header]:
+        """``x-gateway-model`` (the model that serves) and ``x-gateway-fallback-from`` (the ones passed
+        over); both recorded on the exchange for the ledger, the access log and the trace."""
+        out: list[Header] = []
+        entry, route = admission.entry or exchange.entry, admission.route  # a video job poll: the job's model
+        if route is not None and route.passed_over:
+            passed = route.header()
+            exchange.fallback_from = passed.decode("latin-1")
+            out.append((FALLBACK_FROM, passed))
+        if entry is not None and serving:
+            name = entry.model_name
+            served = self._model_values.get(name)
+            if served is None:
+                served = self._model_values[name] = header_safe(name)
+            out.append((SERVING_MODEL, served))
+            if route is not None and route.requested != name:
+                exchange.requested_model = route.requested
+        return out
