@@ -228,3 +228,45 @@ def test_a_key_may_turn_fallback_on(start_gateway: Any, demo_state: DemoState, t
             )
         assert answer.status_code == expected, answer.text
     assert sent_models(demo_state)[:2] == [CHAT_MODEL, LLAMA]
+
+
+def test_no_other_model_is_tried_past_the_requests_deadline(
+    routed_gateway: RoutedGateway, demo_state: DemoState
+) -> None:
+    demo_state.delays[CHAT_MODEL] = 0.5  # fails only after the deadline of 0.2 s has passed
+    demo_state.faults[CHAT_MODEL] = "503"
+    gateway = routed_gateway("[routing]\ndeadline = 0.2\n" + alias_table("chat", [CHAT_MODEL, LLAMA], fallback=True))
+    with httpx.Client(base_url=gateway.url, timeout=WAIT) as http:
+        answer = http.post(CHAT_PATH, json={"model": "chat", "messages": HI})
+    assert answer.status_code == 503  # the first model's own answer, relayed
+    assert answer.headers["x-gateway-model"] == CHAT_MODEL
+    assert "x-gateway-fallback-from" not in answer.headers
+    assert sent_models(demo_state) == [CHAT_MODEL]
+
+
+def test_the_trace_names_the_serving_model_and_the_ones_passed_over(upstream: LocalServer) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from gateway.app import create_app
+    from gateway.config import load_settings
+    from gateway.server.thread import serve_in_thread
+    from tests.helpers.gateway import gateway_env
+
+    exporter = InMemorySpanExporter()
+    settings = load_settings(None, gateway_env(upstream.url, {"GATEWAY_TRACING_ENABLED": "true"}))
+    with serve_in_thread(create_app(settings, span_exporter=exporter)) as gateway:
+        with httpx.Client(base_url=gateway.url, timeout=WAIT) as http:
+            body = {"model": UNHEALTHY_MODEL, "messages": HI}
+            answer = http.post(CHAT_PATH, json=body, headers={"x-gateway-fallback": "auto"})
+        assert answer.status_code == 200, answer.text
+
+        def server_attributes() -> dict[str, Any]:
+            spans = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+            return dict(spans[-1].attributes or {}) if spans else {}
+
+        assert wait_until(lambda: bool(server_attributes()), WAIT)
+    found = server_attributes()
+    assert found["gen_ai.request.model"] == LLAMA
+    assert found["gateway.requested_model"] == UNHEALTHY_MODEL
+    assert found["gateway.fallback_from"] == f"{UNHEALTHY_MODEL};reason=model_unavailable"
