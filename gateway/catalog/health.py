@@ -34,6 +34,8 @@ class LiveHealth:
 
     def effective(self, entry: ModelEntry) -> ModelEntry:
         """``entry`` with its effective health (the entry itself when the catalog decides)."""
+        if self._feed.reading is None:  # no usable status reading: the catalog decides (the common case)
+            return entry
         return self.explain(entry)[0]
 
     def explain(self, entry: ModelEntry) -> tuple[ModelEntry, HealthSource]:

@@ -152,7 +152,7 @@ class Router:
             requested=alias.name,
             alias=alias,
             strategy=alias.strategy,
-            fallback=_first_set(fallback, alias.fallback, self._settings.fallback),
+            fallback=fallback if fallback is not None else _first_set(alias.fallback, self._settings.fallback),
             candidates=rank(found, alias.strategy, path, fields, self._latencies),
             max_attempts=self._settings.max_attempts,
         )
@@ -174,5 +174,6 @@ class Router:
         return Route(entry.model_name, None, strategy, enabled, candidates, self._settings.max_attempts)
 
 
-def _first_set(*choices: bool | None) -> bool:
-    return next((c for c in choices if c is not None), False)
+def _first_set(choice: bool | None, otherwise: bool) -> bool:
+    """``choice`` when it is said, else ``otherwise`` (on every request: kept to one comparison)."""
+    return otherwise if choice is None else choice
