@@ -119,7 +119,7 @@ class LocalRoutes:
         name = request.path_params["model"]
         caller = scope_caller(request.scope)
         alias = self._runtime.router.alias(name)
-        if alias is not None and name not in snapshot.entries:
+        if alias is not None:  # an alias named like a catalog model hides it, as in requests
             if caller is not None and not caller.may_use_name(name):
                 raise ModelNotFound(f"The model {name!r} does not exist.", param="model")
             return _json(alias_object(alias, [m for m in alias.models if m in snapshot.entries]))
