@@ -47,6 +47,7 @@ class Admission:
     requested_tokens: int = 0  # max_tokens / max_completion_tokens, 0 when not given
     route: Route | None = None  # the candidate models (None: the request names no model)
     files: Mapping[str, int] = field(default_factory=dict)  # multipart: the file fields and their sizes
+    boundary: bytes | None = None  # multipart: the body's boundary
 
     def headers(self) -> list[Header]:
         """What every answer to the request carries: the model's health when not healthy, warnings."""
@@ -120,6 +121,7 @@ class Admitter:
             form = parse_multipart(admission.body, content_type)
             fields: dict[str, Any] = dict(form.fields)
             files = form.files
+            admission.boundary = form.boundary
         else:
             fields = parse_json_object(admission.body)
         services = self._services

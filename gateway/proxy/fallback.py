@@ -71,9 +71,7 @@ class Attempts:
             self._fall_back(route, admission, exchange, error.code, error)
         sent = body
         if entry.model_name != exchange.fields.get("model"):
-            rewritten = with_model(
-                body, exchange.fields, entry.model_name, multipart=admission.endpoint.body == "multipart"
-            )
+            rewritten = with_model(body, exchange.fields, entry.model_name, boundary=admission.boundary)
             if rewritten is None:
                 unreadable = InvalidRequest("The request's model field could not be rewritten for another model.",
                                             param="model", code="model_not_rewritable")  # fmt: skip

@@ -5,6 +5,8 @@ ledger, the cost and the key's allowlist are the serving model's."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -19,6 +21,8 @@ from gateway.demo import DemoState
 from tests.helpers.gateway import (
     CHAT_MODEL,
     CHAT_PATH,
+    EMBEDDING_MODEL,
+    STT_MODEL,
     UNHEALTHY_MODEL,
     assert_gateway_error,
     key_secret,
@@ -182,3 +186,32 @@ def test_the_dry_run_reports_the_chosen_model_and_the_candidate_order(routed_gat
     route = body["route"]
     assert route["candidates"] == [LLAMA, CHAT_MODEL, UNHEALTHY_MODEL]  # $0.10, $0.80, $0.80 (listed order)
     assert (route["chosen"], route["alias"], route["strategy"], route["passed_over"]) == (LLAMA, True, "cheapest", [])
+
+
+def test_embeddings_and_a_multipart_transcription_through_aliases(
+    routed_gateway: RoutedGateway, demo_state: DemoState
+) -> None:
+    gateway = routed_gateway(alias_table("embed", [EMBEDDING_MODEL]) + alias_table("stt", [STT_MODEL]))
+    data = os.urandom(20_000) + b'\r\nname="model"\r\n\r\nstt\r\n'  # the upload holds the field's text too
+    with sdk(gateway.url) as client:
+        embedded = client.embeddings.with_raw_response.create(model="embed", input="hello")
+        heard = client.audio.transcriptions.with_raw_response.create(model="stt", file=("a.wav", data, "audio/wav"))
+    assert (embedded.headers["x-gateway-model"], heard.headers["x-gateway-model"]) == (EMBEDDING_MODEL, STT_MODEL)
+    assert embedded.parse().data[0].embedding
+    assert heard.headers["x-demo-file-sha256"] == hashlib.sha256(data).hexdigest()  # the upload untouched
+    (sent,) = requests_on(demo_state, "/v1/audio/transcriptions")
+    assert f'name="model"\r\n\r\n{STT_MODEL}\r\n'.encode() in sent.body
+
+
+def test_an_answer_from_the_cache_names_the_model_of_the_alias(
+    routed_gateway: RoutedGateway, demo_state: DemoState
+) -> None:
+    gateway = routed_gateway("[cache]\nenabled = true\n" + alias_table("chat-default", [UNHEALTHY_MODEL, LLAMA]))
+    body = {"model": "chat-default", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+    with httpx.Client(base_url=gateway.url, timeout=WAIT) as http:
+        first, second = (http.post(CHAT_PATH, json=body) for _ in range(2))
+    assert "hit" in second.headers["cache-status"]
+    assert first.headers["x-gateway-model"] == second.headers["x-gateway-model"] == LLAMA
+    assert second.headers["x-gateway-fallback-from"] == f"{UNHEALTHY_MODEL};reason=model_unavailable"
+    assert second.json() == first.json()
+    assert len(requests_on(demo_state, CHAT_PATH)) == 1

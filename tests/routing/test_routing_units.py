@@ -37,9 +37,7 @@ def entry(name: str, **changes: Any) -> ModelEntry:
 def test_only_the_model_member_changes_in_the_clients_bytes() -> None:
     body = b'{ "model" : "alias",\n  "messages": [{"role":"user","content":"say \\"model\\": \\"alias\\""}], "n":1.0}'
     fields = orjson.loads(body)
-    assert with_model(body, fields, "Real-Model", multipart=False) == body.replace(
-        b'"model" : "alias"', b'"model":"Real-Model"'
-    )
+    assert with_model(body, fields, "Real-Model") == body.replace(b'"model" : "alias"', b'"model":"Real-Model"')
 
 
 @pytest.mark.parametrize(
@@ -51,20 +49,23 @@ def test_only_the_model_member_changes_in_the_clients_bytes() -> None:
 )
 def test_a_body_whose_model_member_is_not_found_once_is_re_encoded(body: bytes) -> None:
     fields = orjson.loads(body)
-    rewritten = with_model(body, fields, "Real-Model", multipart=False)
+    rewritten = with_model(body, fields, "Real-Model")
     assert rewritten is not None
     assert orjson.loads(rewritten) == {**fields, "model": "Real-Model"}
     assert list(orjson.loads(rewritten)) == list(fields)  # key order kept
 
 
-def test_a_multipart_model_field_is_replaced() -> None:
-    body = (
-        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nstt\r\n'
-        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nstt\r\n--b--\r\n'
+def test_a_multipart_model_field_is_replaced_found_by_its_boundary() -> None:
+    model_part = b'--b7\r\nContent-Disposition: form-data; name="model"\r\n\r\nstt\r\n'
+    # A file whose bytes look like a model part (without the boundary line): left alone.
+    file_part = (
+        b'--b7\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        b'--b\r\nx; name="model"\r\n\r\nstt\r\n'
     )
-    rewritten = with_model(body, {"model": "stt"}, "whisper-large-v3", multipart=True)
-    assert rewritten == body.replace(b'name="model"\r\n\r\nstt', b'name="model"\r\n\r\nwhisper-large-v3')
-    assert with_model(b"--b--\r\n", {"model": "stt"}, "whisper", multipart=True) is None
+    body = file_part + model_part + b"--b7--\r\n"
+    rewritten = with_model(body, {"model": "stt"}, "whisper-large-v3", boundary=b"b7")
+    assert rewritten == file_part + model_part.replace(b"stt", b"whisper-large-v3") + b"--b7--\r\n"
+    assert with_model(b"--b7--\r\n", {"model": "stt"}, "whisper", boundary=b"b7") is None
 
 
 # --------------------------------------------------------------------------- /api/status
