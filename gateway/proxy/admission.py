@@ -2,8 +2,11 @@
 
 ``Admitter.admit`` reads the body once (bounded), finds the model, looks it up in the catalog,
 applies the key's model policy, the endpoint/category/health rule and the validation checks, and
-returns an ``Admission`` (or raises the refusal to answer). Polling a video job is admitted by who
-created it (keys mode). The dry run answers the admission's ``report``.
+returns an ``Admission`` (or raises the refusal to answer). The model named may be an alias, and
+with fallback on other models are candidates too: the request's ``Route``
+(``gateway.routing.route``) walks them with these same checks, here at admission and, after an
+upstream failure before the first byte, from ``next_candidate``. Polling a video job is admitted
+by who created it (keys mode). The dry run answers the admission's ``report``.
 """
 
 from __future__ import annotations
@@ -144,10 +147,10 @@ class Admitter:
             route = router.for_model(entry, catalog.snapshot, endpoint.path, fields, fallback)
         admission.route = route
         admission.files = files
-        self.take(admission, exchange, *self._next(admission, exchange))
+        self._take(admission, exchange, *self._next(admission, exchange))
         admission.requested_tokens = requested_completion_tokens(fields)
 
-    def take(self, admission: Admission, exchange: Exchange, entry: ModelEntry, warnings: list[Violation]) -> None:
+    def _take(self, admission: Admission, exchange: Exchange, entry: ModelEntry, warnings: list[Violation]) -> None:
         """The request goes to ``entry`` now (with its effective health), with ``warnings``."""
         entry = self._services.health.effective(entry)
         admission.entry = exchange.entry = entry
@@ -160,7 +163,7 @@ class Admitter:
         if admission.route is None:
             return False
         try:
-            self.take(admission, exchange, *self._next(admission, exchange))
+            self._take(admission, exchange, *self._next(admission, exchange))
         except GatewayError:
             exchange.entry = admission.entry  # the model that failed stays the one that answered
             return False
