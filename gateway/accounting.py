@@ -164,6 +164,8 @@ class Accounting:
                     ttfb_ms,
                     exchange.cache,
                     exchange.saved_cost,  # saved_usd
+                    exchange.requested_model,
+                    exchange.fallback_from,
                 )
             )
         if self._access_log and access_logger.isEnabledFor(logging.INFO):
@@ -200,6 +202,8 @@ class Accounting:
             "completion_tokens": usage.completion_tokens if usage else None,
             "cost_usd": exchange.cost,
             "cache": exchange.cache,
+            "requested_model": exchange.requested_model,
+            "fallback_from": exchange.fallback_from,
         }
         if write_fields(access_logger, line):  # the JSON line, buffered
             return

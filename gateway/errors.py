@@ -179,11 +179,13 @@ class InternalError(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """The upstream failed before answering. ``retryable``: the request was certainly not sent."""
+    """The upstream failed before answering. ``retryable``: the request was certainly not sent;
+    ``upstream_status``: the HTTP status it answered instead, when it answered one."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, upstream_status: int | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.upstream_status = upstream_status
 
 
 class UpstreamUnavailable(UpstreamError):

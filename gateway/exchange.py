@@ -70,6 +70,8 @@ class Exchange:
     cache: str | None = None
     cache_headers: tuple[Header, ...] = ()  # Cache-Status, and Age on a hit
     saved_cost: float | None = None  # what a cached answer would have cost from the upstream
+    requested_model: str | None = None  # the name the client sent, when another model serves (an alias)
+    fallback_from: str | None = None  # the models passed over, as x-gateway-fallback-from says
 
     @property
     def from_cache(self) -> bool:

@@ -27,6 +27,8 @@ from gateway.cache.redis_tier import RedisTier
 from gateway.cache.responses import ResponseCache
 from gateway.catalog.admission import is_routable
 from gateway.catalog.cache import Catalog
+from gateway.catalog.health import LiveHealth
+from gateway.catalog.status import STATUS_PATH, StatusFeed
 from gateway.config import Settings
 from gateway.exchange import Exchange
 from gateway.ops.drain import Drain
@@ -34,6 +36,9 @@ from gateway.ops.logs import flush as flush_logs
 from gateway.ops.metrics import Metrics
 from gateway.ops.metrics import Snapshot as MetricsSnapshot
 from gateway.ops.refusals import RecentRefusals
+from gateway.routing.health import CIRCUIT_OPEN, shown_health
+from gateway.routing.latency import Latencies
+from gateway.routing.route import Router
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
 from gateway.state.redis_client import redis_client
@@ -67,6 +72,9 @@ class Services:
     jobs: JobOwners  # who created which video job (keys mode)
     tracing: Tracing | None  # None: tracing is off
     keys: KeyRing | None  # keys mode's key ring, swapped whole on a reload; None in the other modes
+    health: LiveHealth  # each model's effective health (the catalog's and /api/status's)
+    router: Router  # aliases and the candidates of a request (docs/routing.md)
+    latencies: Latencies  # each model's measured time to first byte (the "fastest" strategy)
     cache: ResponseCache | None = None  # the response cache ([cache] enabled)
     refusals: RecentRefusals | None = None  # the latest refusals (the console reads them)
     open_streams: int = 0  # event streams being relayed now
@@ -106,6 +114,10 @@ async def open_services(
         catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
         catalog.start()
         stack.push_async_callback(catalog.aclose)
+        feed = StatusFeed(lambda: upstream.get_bytes(STATUS_PATH), settings.catalog)
+        feed.start()
+        stack.push_async_callback(feed.aclose)
+        latencies = Latencies(settings.routing.fastest_window)
         usage = settings.usage
         ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval) if usage.path else None
         if ledger is not None:
@@ -168,6 +180,9 @@ async def open_services(
             jobs=JobOwners(),
             tracing=tracing,
             keys=KeyRing(settings.keys) if settings.auth_mode == "keys" else None,
+            health=LiveHealth(catalog, feed),
+            router=Router(settings.routing, settings.aliases, latencies),
+            latencies=latencies,
             cache=await _response_cache(settings, stack) if settings.cache.enabled else None,
             refusals=refusals,
         )
@@ -209,11 +224,17 @@ def _metrics_snapshot(services: Services) -> MetricsSnapshot:
     catalog, snapshot = services.catalog, services.catalog.snapshot
     routable = services.settings.catalog.routable_health
     entries = snapshot.entries.values() if snapshot else ()
+    shown = [shown_health(e, services.health, services.breakers) for e in entries]
+    feed = services.health.feed
     return MetricsSnapshot(
         catalog_loaded=snapshot is not None,
         catalog_age=catalog.age(),
         catalog_models=len(entries),
-        catalog_routable=sum(1 for e in entries if is_routable(e, routable)),
+        catalog_routable=sum(1 for e, health, _ in shown if health != CIRCUIT_OPEN and is_routable(e, routable)),
+        model_health=tuple((e.model_name, health or "unknown", source) for e, health, source in shown),
+        status_feed=feed.state,
+        status_reads=feed.reads,
+        status_read_failures=feed.read_failures,
         catalog_refreshes=catalog.refreshes,
         catalog_refresh_failures=catalog.refresh_failures,
         in_flight=services.in_flight,

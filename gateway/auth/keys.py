@@ -37,6 +37,15 @@ class Caller:
     budget_usd_daily: float | None
     budget_usd_monthly: float | None
     admin: bool
+    fallback: bool | None = None  # the key's word on falling back to another model (None: not said)
+
+    def may_use_name(self, name: str) -> bool:
+        """Whether the key's model globs allow ``name`` (an alias's name: it has no category)."""
+        return self.models is None or any(fnmatch.fnmatchcase(name, glob) for glob in self.models)
+
+    def check_name(self, name: str) -> None:
+        if not self.may_use_name(name):
+            raise ModelNotAllowed(f"The key {self.name!r} may not use model {name!r}.", param="model")
 
     def may_use(self, entry: ModelEntry) -> bool:
         if self.categories is not None and entry.category not in self.categories:
@@ -73,6 +82,7 @@ class KeyRing:
                     budget_usd_daily=k.budget_usd_daily,
                     budget_usd_monthly=k.budget_usd_monthly,
                     admin=k.admin,
+                    fallback=k.fallback,
                 ),
                 disabled=k.disabled,
                 expires=k.expires,

@@ -39,6 +39,7 @@ def check_settings(s: Settings, *, check_auth: bool = True) -> None:
             f"are seeded from the raw rows at start-up, got {retention}"
         )
     _check_keys(s)
+    _check_aliases(s)
     if check_auth:
         _check_auth(s)
 
@@ -123,3 +124,18 @@ def _check_keys(s: Settings) -> None:
             raise SettingsError(f"{where}: models must be non-empty globs")
         names.add(key.name)
         digests.add(digest)
+
+
+def _check_aliases(s: Settings) -> None:
+    names: set[str] = set()
+    for i, alias in enumerate(s.aliases):
+        where = f"[[aliases]] #{i + 1}" + (f" ({alias.name})" if alias.name else "")
+        if not alias.name:
+            raise SettingsError(f"{where}: name is required")
+        if alias.name in names:
+            raise SettingsError(f"{where}: the name {alias.name!r} is used twice")
+        if not alias.models or not all(alias.models):
+            raise SettingsError(f"{where}: models must list at least one catalog model name")
+        if alias.name in alias.models:
+            raise SettingsError(f"{where}: an alias cannot list itself")
+        names.add(alias.name)

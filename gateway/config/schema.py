@@ -21,6 +21,7 @@ CacheMode = Literal["auto", "always", "never"]
 CachePartition = Literal["key", "team", "global"]
 CacheBilling = Literal["free", "full"]
 SharedFallback = Literal["local", "open", "closed"]
+RoutingStrategy = Literal["ordered", "cheapest", "fastest"]
 
 # What to run when [tracing] is on but OpenTelemetry is not installed.
 TRACING_INSTALL = "pip install 'flexai-gateway[tracing]'"
@@ -77,6 +78,10 @@ class CatalogSettings:
     unknown_model_refresh_interval: float = _bounded(5.0, ge=0)
     refresh_backoff_max: float = _bounded(60.0, gt=0)
     routable_health: tuple[str, ...] = field(default=("healthy", "degraded"), metadata={"lower": True})
+    # Live health: seconds between two reads of the upstream's GET /api/status (0: not read).
+    status_interval: float = _bounded(10.0, ge=0)
+    # Per-model readings whose health data is older than this many seconds are not used.
+    status_max_age: float = _bounded(300.0, gt=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +227,33 @@ class KeySettings:
     disabled: bool = False
     expires: datetime | None = None
     admin: bool = False  # may read /admin/*
+    fallback: bool | None = None  # fall back to another model (docs/routing.md); None: the alias's or [routing]'s
+
+
+@dataclass(frozen=True, slots=True)
+class AliasSettings:
+    """One ``[[aliases]]`` table: a model name clients use, served by one of ``models``."""
+
+    name: str = ""
+    models: tuple[str, ...] = ()  # catalog model names, in the order "ordered" tries them
+    strategy: RoutingStrategy = "ordered"
+    fallback: bool | None = None  # go on to the next model when the chosen one cannot serve (None: [routing]'s)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    # Fall back to another model when the chosen one cannot serve (a key, an alias or the request's
+    # x-gateway-fallback header may say otherwise).
+    fallback: bool = False
+    # How a request to a catalog model name (no alias) with fallback ranks the other models of its
+    # endpoint: "ordered" (catalog order), "cheapest" or "fastest".
+    strategy: RoutingStrategy = "cheapest"
+    # Models one request may be sent to, the first included.
+    max_attempts: int = _bounded(3, ge=1)
+    # Seconds from a request's arrival after which no further model is tried (0: [upstream] first_byte_timeout).
+    deadline: float = _bounded(0.0, ge=0)
+    # "fastest": the time to first byte of this many latest requests per model.
+    fastest_window: int = _bounded(20, ge=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +286,8 @@ class Settings:
     shared: SharedSettings = field(default_factory=SharedSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     keys: tuple[KeySettings, ...] = ()
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    aliases: tuple[AliasSettings, ...] = ()
 
     @property
     def auth_mode(self) -> AuthMode:

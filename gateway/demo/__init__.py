@@ -24,7 +24,8 @@ Modules, imports pointing one way (``app`` -> endpoint modules -> ``reply``/``ss
 ``common`` -> ``state`` -> ``catalog``): ``catalog`` (the simulated models), ``state``
 (``DemoState``), ``common`` (error envelope, JSON and field helpers, model resolution),
 ``reply`` and ``sse`` (text replies and their streaming), ``chat``, ``media``, ``audio``,
-``video`` and ``models`` (the endpoints), ``app`` (``create_demo_upstream``).
+``video`` and ``models`` (the endpoints), ``app`` (``create_demo_upstream``), ``faults`` (switches
+that fail one model, or ``/api/status``, for tests of routing).
 
 Assumptions where FlexAI publishes nothing: the ``pricing[]`` entries of non-token models
 (see ``default_catalog``), the ``/api/status`` details, the completed video job shape

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.demo.audio import speech, transcriptions
 from gateway.demo.chat import chat_completions, completions
 from gateway.demo.common import UpstreamError, error_response
+from gateway.demo.faults import fault_answer
 from gateway.demo.media import embeddings, images
 from gateway.demo.models import api_models, api_status, v1_model, v1_models
 from gateway.demo.state import DemoState, RecordedRequest
@@ -61,6 +62,11 @@ class _RecordingMiddleware:
                 break
         body = b"".join(chunks)
         self.state.requests.append(_record(scope, body))
+        if scope["method"] == "POST":
+            faulty = await fault_answer(self.state, body)
+            if faulty is not None:
+                await faulty(scope, receive, send)
+                return
         pending.insert(0, {"type": "http.request", "body": body, "more_body": False})
 
         async def replay() -> Message:

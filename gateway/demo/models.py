@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.demo.common import UpstreamError, json_response
+from gateway.demo.faults import status_fault
 from gateway.demo.state import DemoState
 
 CATALOG_CREATED = 1_735_689_600  # 2025-01-01T00:00:00Z, the "created" of every /v1/models entry
@@ -46,8 +47,8 @@ async def v1_model(state: DemoState, request: Request) -> Response:
     return json_response(_openai_model(model))
 
 
-def _status_entry(model: dict[str, Any], checked_at: str) -> dict[str, Any]:
-    health = model.get("health_status")
+def _status_entry(model: dict[str, Any], checked_at: str, overrides: dict[str, str]) -> dict[str, Any]:
+    health = overrides.get(str(model.get("model_name")), model.get("health_status"))
     error = None if health in ("healthy", None) else f"health check reports {health}"
     return {
         "name": model.get("model_name"),
@@ -58,10 +59,19 @@ def _status_entry(model: dict[str, Any], checked_at: str) -> dict[str, Any]:
 
 
 async def api_status(state: DemoState, _request: Request) -> Response:
-    """Service status derived from the catalog: ``ok`` when every model with a health status is
-    healthy, ``down`` when none is, else ``degraded``; a model without one reports ``unknown``."""
+    """Service status derived from the catalog (and ``status_health``, which changes it here only):
+    ``ok`` when every model with a health status is healthy, ``down`` when none is, else
+    ``degraded``; a model without one reports ``unknown``. ``status_fault`` replaces the answer."""
+    state.status_reads += 1
+    faulty = await status_fault(state)
+    if faulty is not None:
+        return faulty
     now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    reported = [m.get("health_status") for m in state.catalog if m.get("health_status") is not None]
+    reported = [
+        state.status_health.get(str(m.get("model_name")), m.get("health_status"))
+        for m in state.catalog
+        if m.get("health_status") is not None or m.get("model_name") in state.status_health
+    ]
     healthy = sum(1 for h in reported if h == "healthy")
     overall = "ok" if healthy == len(reported) else ("down" if healthy == 0 else "degraded")
     body = {
@@ -71,7 +81,7 @@ async def api_status(state: DemoState, _request: Request) -> Response:
             {"name": "catalog", "status": "ok"},
             {"name": "inference", "status": overall},
         ],
-        "models": [_status_entry(m, now) for m in state.catalog],
+        "models": [_status_entry(m, now, state.status_health) for m in state.catalog],
         "incidents": [],
         "generated_at": now,
         "health_data_age_seconds": 0,

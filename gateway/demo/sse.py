@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from starlette.responses import StreamingResponse
 
+from gateway.demo.faults import MIDSTREAM_EVENTS, MidStreamFault, breaks_midstream
 from gateway.demo.state import DemoState
 
 
@@ -20,10 +21,13 @@ async def _sse(state: DemoState, events: list[dict[str, Any]]) -> AsyncIterator[
     """Send ``events`` as SSE, ``token_delay`` apart, then ``[DONE]``; count how the stream ended."""
     state.streams_started += 1
     finished = False
+    breaks = bool(events) and breaks_midstream(state, events[0].get("model"))
     try:
         for index, event in enumerate(events):
             if index and state.token_delay > 0:
                 await asyncio.sleep(state.token_delay)
+            if breaks and index == MIDSTREAM_EVENTS:
+                raise MidStreamFault("the stream breaks here (simulated)")
             yield _sse_event(event)
         yield b"data: [DONE]\n\n"
         finished = True

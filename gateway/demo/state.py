@@ -52,6 +52,13 @@ class DemoState:
     streams_cancelled: int = 0  # the client went away before [DONE]
     requests: deque[RecordedRequest] = field(default_factory=_recorded_requests)
     video_jobs: dict[str, VideoJob] = field(default_factory=dict)
+    # Fault switches (gateway.demo.faults): per model, and for GET /api/status.
+    faults: dict[str, str] = field(default_factory=dict)  # model -> "500", "503", "429", "midstream"
+    delays: dict[str, float] = field(default_factory=dict)  # model -> seconds before answering
+    status_health: dict[str, str] = field(default_factory=dict)  # model -> health in /api/status only
+    status_fault: str | None = None  # "404", "malformed", "hang"
+    status_reads: int = 0
+    fault_answers: int = 0  # error answers given by a fault switch (429, 5xx)
 
     def find_model(self, model_name: str) -> dict[str, Any] | None:
         """The catalog entry whose ``model_name`` is ``model_name``."""

@@ -58,6 +58,11 @@ class Snapshot:
     ledger_dropped: int = 0  # usage records the ledger could not write
     cache: CacheSnapshot | None = None  # None: the response cache is off
     shared_store: SharedState | None = None  # None: no shared state store ([shared] redis_url)
+    # Each model's effective health and where it came from: (model, health, "catalog" | "status" | "breaker").
+    model_health: tuple[tuple[str, str, str], ...] = ()
+    status_feed: str = "off"  # live health from /api/status: off, waiting, live, failing, disabled
+    status_reads: int = 0
+    status_read_failures: int = 0
 
 
 class _StateCollector(Collector):
@@ -96,6 +101,21 @@ class _StateCollector(Collector):
             )
             pool.add_metric(["active"], state.upstream_connections)
             yield pool
+        health = GaugeMetricFamily(
+            "gateway_model_health",
+            "1 for each model's effective health and its source.",
+            labels=["model", "health", "source"],
+        )
+        for model, status, source in state.model_health:
+            health.add_metric([model, status, source], 1)
+        yield health
+        feed = GaugeMetricFamily("gateway_status_feed", "1 for the state of the /api/status reader.", labels=["state"])
+        feed.add_metric([state.status_feed], 1)
+        yield feed
+        yield CounterMetricFamily("gateway_status_reads", "Successful reads of /api/status.", value=state.status_reads)
+        yield CounterMetricFamily(
+            "gateway_status_read_failures", "Failed reads of /api/status.", value=state.status_read_failures
+        )
         circuits = GaugeMetricFamily("gateway_circuit_open", "1 while a model's circuit is open.", labels=["model"])
         for model in state.open_circuits:
             circuits.add_metric([model], 1)

@@ -206,6 +206,10 @@ class Tracing:
             attributes["gateway.cost_usd"] = exchange.cost
         if exchange.retries:
             attributes["gateway.upstream.retries"] = exchange.retries
+        if exchange.requested_model is not None:  # an alias: the model that served is gen_ai.request.model
+            attributes["gateway.requested_model"] = exchange.requested_model
+        if exchange.fallback_from is not None:
+            attributes["gateway.fallback_from"] = exchange.fallback_from
         if exchange.cache is not None:  # what the response cache did: hit, collapsed, miss, ...
             attributes["gateway.cache"] = exchange.cache
             if exchange.saved_cost is not None:

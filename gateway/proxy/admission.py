@@ -2,13 +2,17 @@
 
 ``Admitter.admit`` reads the body once (bounded), finds the model, looks it up in the catalog,
 applies the key's model policy, the endpoint/category/health rule and the validation checks, and
-returns an ``Admission`` (or raises the refusal to answer). Polling a video job is admitted by who
-created it (keys mode). The dry run answers the admission's ``report``.
+returns an ``Admission`` (or raises the refusal to answer). The model named may be an alias, and
+with fallback on other models are candidates too: the request's ``Route``
+(``gateway.routing.route``) walks them with these same checks, here at admission and, after an
+upstream failure before the first byte, from ``next_candidate``. Polling a video job is admitted
+by who created it (keys mode). The dry run answers the admission's ``report``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,16 +24,18 @@ from gateway.catalog.checks import Violation
 from gateway.catalog.entries import ModelEntry
 from gateway.catalog.validation import CHECKS, alternatives, validate
 from gateway.config import Settings
-from gateway.errors import InvalidRequest, JobNotFound, MethodNotAllowed
+from gateway.errors import GatewayError, InvalidRequest, JobNotFound, MethodNotAllowed
 from gateway.exchange import Exchange
 from gateway.headers import header_safe, header_value
 from gateway.proxy.body import model_of, parse_json_object, parse_multipart, read_body
+from gateway.routing.route import RequestCheck, Route, RouteCheck
 from gateway.services import Services
 from gateway.types import Header, Receive, Scope
 
 logger = logging.getLogger("gateway.proxy.admission")
 
 MODEL_HEALTH = b"x-gateway-model-health"
+FALLBACK_HEADER = b"x-gateway-fallback"
 VALIDATION_WARNING = b"x-gateway-validation-warning"
 
 
@@ -42,6 +48,9 @@ class Admission:
     entry: ModelEntry | None = None
     warnings: list[Violation] = field(default_factory=list)
     requested_tokens: int = 0  # max_tokens / max_completion_tokens, 0 when not given
+    route: Route | None = None  # the candidate models (None: the request names no model)
+    files: Mapping[str, int] = field(default_factory=dict)  # multipart: the file fields and their sizes
+    boundary: bytes | None = None  # multipart: the body's boundary
 
     def headers(self) -> list[Header]:
         """What every answer to the request carries: the model's health when not healthy, warnings."""
@@ -68,13 +77,16 @@ class Admission:
                     f"{entry.health_status!r}: answers may be slow or fail.",
                 }
             )
-        return {
+        report: dict[str, Any] = {
             "object": "validation",
             "admitted": True,
             "endpoint": self.endpoint.path,
             "model": entry.model_name if entry else None,
             "warnings": warnings,
         }
+        if self.route is not None:
+            report["route"] = self.route.report()
+        return report
 
 
 class Admitter:
@@ -112,26 +124,102 @@ class Admitter:
             form = parse_multipart(admission.body, content_type)
             fields: dict[str, Any] = dict(form.fields)
             files = form.files
+            admission.boundary = form.boundary
         else:
             fields = parse_json_object(admission.body)
-        catalog = self._services.catalog
-        entry = await catalog.lookup(model_of(fields))
-        exchange.entry = entry  # known from here on: a refusal below is counted against this model
+        services = self._services
+        catalog, router, caller = services.catalog, services.router, exchange.caller
+        name = model_of(fields)
         exchange.fields = fields
-        if exchange.caller is not None:
-            exchange.caller.check_model(entry)
-        admit(entry, endpoint, self._routable, catalog.seconds_until_refresh())
-        admission.entry = entry
+        fallback = _fallback_choice(headers)
+        if fallback is None and caller is not None:
+            fallback = caller.fallback
+        alias = router.alias(name) if router.aliases else None
+        if alias is not None:
+            if caller is not None:
+                caller.check_name(name)
+            route = router.for_alias(alias, await catalog.current(), endpoint.path, fields, fallback)
+            if route.candidates:
+                exchange.entry = route.candidates[0]
+        else:
+            entry = await catalog.lookup(name)
+            exchange.entry = entry  # known from here on: a refusal below is counted against this model
+            route = router.for_model(entry, catalog.snapshot, endpoint.path, fields, fallback)
+        admission.route = route
+        admission.files = files
+        self._take(admission, exchange, *self._next(admission, exchange))
         admission.requested_tokens = requested_completion_tokens(fields)
-        if not self._modes:
-            return
-        for violation in validate(endpoint.path, fields, files, entry):
-            mode = self._modes.get(violation.check)
-            if mode == "enforce":
-                raise self._refusal(violation, endpoint)
-            if mode == "warn":
-                admission.warnings.append(violation)
-                logger.warning("validation warning (%s, %s): %s", violation.check, violation.code, violation.message)
+
+    def _take(self, admission: Admission, exchange: Exchange, entry: ModelEntry, warnings: list[Violation]) -> None:
+        """The request goes to ``entry`` now (with its effective health), with ``warnings``."""
+        entry = self._services.health.effective(entry)
+        admission.entry = exchange.entry = entry
+        admission.warnings = warnings
+        for violation in warnings:
+            logger.warning("validation warning (%s, %s): %s", violation.check, violation.code, violation.message)
+
+    def next_candidate(self, admission: Admission, exchange: Exchange) -> bool:
+        """After an upstream failure: go on to the route's next candidate; False when none is left."""
+        if admission.route is None:
+            return False
+        try:
+            self._take(admission, exchange, *self._next(admission, exchange))
+        except GatewayError:
+            exchange.entry = admission.entry  # the model that failed stays the one that answered
+            return False
+        return True
+
+    def _next(self, admission: Admission, exchange: Exchange) -> tuple[ModelEntry, list[Violation]]:
+        route = admission.route
+        assert route is not None
+        try:
+            return route.next(self._route_check(route, admission.endpoint, exchange),
+                              self._request_check(route, admission, exchange))  # fmt: skip
+        except GatewayError:
+            exchange.entry = route.candidates[0] if route.candidates else None  # counted against the one asked for
+            raise
+
+    def _route_check(self, route: Route, endpoint: endpoints.Endpoint, exchange: Exchange) -> RouteCheck:
+        """The key's allowlist, the endpoint and the effective health (and, when a candidate may be
+        passed over, its open circuit)."""
+        services = self._services
+        caller, health, breakers, catalog = exchange.caller, services.health, services.breakers, services.catalog
+        skippable = route.fallback or route.alias is not None
+
+        def check(entry: ModelEntry) -> GatewayError | None:
+            exchange.entry = entry  # a refusal is counted against the model it concerns
+            try:
+                if caller is not None:
+                    caller.check_model(entry)
+                admit(health.effective(entry), endpoint, self._routable, catalog.seconds_until_refresh())
+                if skippable and breakers.blocked(entry.model_name):
+                    breakers.allow(entry.model_name)  # raises CircuitOpen with its Retry-After
+            except GatewayError as error:
+                return error
+            return None
+
+        return check
+
+    def _request_check(self, route: Route, admission: Admission, exchange: Exchange) -> RequestCheck:
+        """The validation checks: raise the refusal of an enforced one, return the warnings."""
+        modes, fields, files, endpoint = self._modes, exchange.fields, admission.files, admission.endpoint
+        single = len(route.candidates) == 1
+
+        def check(entry: ModelEntry) -> list[Violation]:
+            warnings: list[Violation] = []
+            if not modes:
+                return warnings
+            for violation in validate(endpoint.path, fields, files, entry):
+                mode = modes.get(violation.check)
+                if mode == "enforce":
+                    if single:  # the one model asked for: name the ones that would accept the request
+                        raise self._refusal(violation, endpoint)
+                    raise InvalidRequest(violation.message, param=violation.param, code=violation.code)
+                if mode == "warn":
+                    warnings.append(violation)
+            return warnings
+
+        return check
 
     def _admit_job_poll(self, exchange: Exchange) -> None:
         """Keys mode: only the key that created a video job (or an admin key) may poll it, under
@@ -158,6 +246,18 @@ class Admitter:
             if names:
                 message += " Models that would accept this request: " + ", ".join(names) + "."
         return InvalidRequest(message, param=violation.param, code=violation.code)
+
+
+def _fallback_choice(headers: list[Header]) -> bool | None:
+    """The request's ``x-gateway-fallback``: True (auto), False (off), None (not sent)."""
+    value = header_value(headers, FALLBACK_HEADER)
+    if value is None:
+        return None
+    word = value.strip().lower()
+    if word in (b"auto", b"off"):
+        return word == b"auto"
+    raise InvalidRequest('The x-gateway-fallback header takes "auto" or "off".', param="x-gateway-fallback",
+                         code="invalid_header")  # fmt: skip
 
 
 def _content_length(headers: list[Header]) -> int | None:

@@ -89,6 +89,7 @@ class Form:
 
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)  # field name -> size in bytes
+    boundary: bytes = b""  # the body's boundary (to find a part in its bytes again)
 
 
 def parse_multipart(body: bytes, content_type: str) -> Form:
@@ -102,7 +103,9 @@ def parse_multipart(body: bytes, content_type: str) -> Form:
     boundary = options.get(b"boundary")
     if not boundary:
         raise InvalidRequest("The multipart Content-Type has no boundary.", code="invalid_multipart")
-    return _walk_form(body, boundary)
+    form = _walk_form(body, boundary)
+    form.boundary = boundary
+    return form
 
 
 def _walk_form(body: bytes, boundary: bytes) -> Form:

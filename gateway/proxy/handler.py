@@ -20,14 +20,18 @@ from gateway.cancellation import take_back_cancellation
 from gateway.config import Settings
 from gateway.errors import GatewayError, InternalError, Overloaded, ShuttingDown, send_error
 from gateway.exchange import Exchange, Outcome
+from gateway.headers import header_safe
 from gateway.ops.request_id import scope_request_id
-from gateway.proxy.admission import Admitter
+from gateway.proxy.admission import Admission, Admitter
 from gateway.proxy.body import ClientDisconnected
+from gateway.proxy.fallback import Attempt, Attempts
 from gateway.proxy.forward import Forwarder, Source
 from gateway.proxy.respond import Responder, send_json
 from gateway.services import Services
 from gateway.types import Header, Receive, Scope, Send
-from gateway.upstream.breaker import Pass
+
+SERVING_MODEL = b"x-gateway-model"
+FALLBACK_FROM = b"x-gateway-fallback-from"
 
 logger = logging.getLogger("gateway.proxy.handler")
 
@@ -43,8 +47,10 @@ class Proxy:
         self._dry_run = dry_run
         self._max_in_flight = settings.limits.max_in_flight
         self._admitter = Admitter(settings, services, dry_run=dry_run)
-        self._source = source or Forwarder(settings, services)
+        self._attempts = Attempts(settings, services, source or Forwarder(settings, services), self._admitter)
         self._responder = Responder(settings, services)
+        # x-gateway-model's value per catalog model name (bounded by the catalog: only its names serve).
+        self._model_values: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope_request_id(scope).decode(), scope["method"], scope["path"])
@@ -75,24 +81,26 @@ class Proxy:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         services = self._services
-        headers: list[Header] = []  # what every answer to this request carries, once known
-        breaker_pass: Pass | None = None
+        limits: list[Header] = []  # the rate-limit headers, once the limits admitted the request
+        attempt = Attempt()
+        admission: Admission | None = None
         try:
             try:
                 admission = await self._admitter.admit(scope, receive, exchange)
-                headers = admission.headers()
                 if self._dry_run:
                     exchange.answered_dry_run()
-                    await send_json(send, admission.report(), headers)
+                    await send_json(
+                        send, admission.report(), admission.headers() + self._routing_headers(admission, exchange)
+                    )
                     return
-                if admission.entry is not None:
-                    breaker_pass = services.breakers.allow(admission.entry.model_name)
-                headers = headers + await services.accounting.admit(exchange, admission.requested_tokens)
+                limits = await services.accounting.admit(exchange, admission.requested_tokens)
                 body, strip_usage = services.accounting.request_body(exchange, admission.body)
-                response = await self._source.forward(scope, admission.endpoint, body, exchange, breaker_pass)
+                response = await self._attempts.forward(scope, admission, body, exchange, attempt)
+                # Known now: the model that serves (after a fallback, its health and warnings are its own).
+                headers = admission.headers() + limits + self._routing_headers(admission, exchange)
             except GatewayError as error:
                 exchange.refuse(error)
-                await send_error(send, error, headers)
+                await send_error(send, error, self._error_headers(admission, limits, exchange))
                 return
             except ClientDisconnected:
                 exchange.outcome = Outcome.CLIENT_DISCONNECTED
@@ -103,17 +111,42 @@ class Proxy:
                 take_back_cancellation()  # the shutdown's grace is over: answer rather than vanish
                 stopped = ShuttingDown()
                 exchange.fail(stopped, Outcome.SHUT_DOWN)
-                await send_error(send, stopped, headers)
+                await send_error(send, stopped, self._error_headers(admission, limits, exchange))
                 return
             except Exception:
                 logger.exception("unexpected error on %s %s (request %s)", exchange.method, exchange.path,
                                  exchange.request_id)  # fmt: skip
                 internal = InternalError(f"Internal gateway error (request id {exchange.request_id}).")
                 exchange.fail(internal, Outcome.ERROR)
-                await send_error(send, internal, headers)
+                await send_error(send, internal, self._error_headers(admission, limits, exchange))
                 return
             await self._responder.respond(response, receive, send, exchange, headers, strip_usage)
             if not exchange.from_cache:  # an answer from the cache says nothing of the model's health
-                services.breakers.record(breaker_pass, exchange.outcome is not Outcome.UPSTREAM_BROKEN)
+                services.breakers.record(attempt.breaker_pass, exchange.outcome is not Outcome.UPSTREAM_BROKEN)
         finally:
-            services.breakers.record(breaker_pass, None)  # no verdict on paths that gave none
+            services.breakers.record(attempt.breaker_pass, None)  # no verdict on paths that gave none
+
+    def _error_headers(self, admission: Admission | None, limits: list[Header], exchange: Exchange) -> list[Header]:
+        """What an error answer carries: the admission's headers, the rate limits', the models passed over."""
+        if admission is None:
+            return []
+        return admission.headers() + limits + self._routing_headers(admission, exchange, serving=False)
+
+    def _routing_headers(self, admission: Admission, exchange: Exchange, *, serving: bool = True) -> list[Header]:
+        """``x-gateway-model`` (the model that serves) and ``x-gateway-fallback-from`` (the ones passed
+        over); both recorded on the exchange for the ledger, the access log and the trace."""
+        out: list[Header] = []
+        entry, route = admission.entry or exchange.entry, admission.route  # a video job poll: the job's model
+        if route is not None and route.passed_over:
+            passed = route.header()
+            exchange.fallback_from = passed.decode("latin-1")
+            out.append((FALLBACK_FROM, passed))
+        if entry is not None and serving:
+            name = entry.model_name
+            served = self._model_values.get(name)
+            if served is None:
+                served = self._model_values[name] = header_safe(name)
+            out.append((SERVING_MODEL, served))
+            if route is not None and route.requested != name:
+                exchange.requested_model = route.requested
+        return out

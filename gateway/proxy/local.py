@@ -17,17 +17,19 @@ from gateway.auth.middleware import KeyRefusal, scope_caller
 from gateway.catalog.admission import endpoint_for, is_routable
 from gateway.catalog.cache import Snapshot
 from gateway.catalog.entries import ModelEntry
-from gateway.config import Settings
+from gateway.config import AliasSettings, Settings
 from gateway.endpoints import CATEGORIES
 from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied, UnknownPath
 from gateway.exchange import Exchange
 from gateway.ops.request_id import scope_request_id
+from gateway.routing.health import CIRCUIT_OPEN, shown_health
 from gateway.services import Services
 from gateway.usage.reports import SUMMARY_GROUPS, SummaryBy, summarize
 
 
-def model_object(entry: ModelEntry) -> dict[str, Any]:
-    """OpenAI's Model shape, plus the catalog's facts as extra fields (SDKs ignore them)."""
+def model_object(entry: ModelEntry, health_source: str = "catalog") -> dict[str, Any]:
+    """OpenAI's Model shape, plus the catalog's facts as extra fields (SDKs ignore them); the
+    health is the effective one, ``health_source`` where it came from."""
     created = entry.raw.get("created")
     return {
         "id": entry.model_name,
@@ -45,6 +47,21 @@ def model_object(entry: ModelEntry) -> dict[str, Any]:
             "units": list(entry.pricing),
         },
         "health_status": entry.health_status,
+        "health_source": health_source,
+    }
+
+
+def alias_object(alias: AliasSettings, serving: list[str]) -> dict[str, Any]:
+    """An ``[[aliases]]`` name in OpenAI's Model shape, marked as an alias, with its models (those
+    of the catalog that could serve now, in the alias's order)."""
+    return {
+        "id": alias.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "gateway",
+        "alias": True,
+        "models": serving,
+        "strategy": alias.strategy,
     }
 
 
@@ -78,26 +95,41 @@ class LocalRoutes:
             )
         tags = _filter_values(request, "supports")
         caller = scope_caller(request.scope)
-        data = [
-            model_object(e)
-            for e in snapshot.entries.values()
-            if is_routable(e, self._routable)
-            and (caller is None or caller.may_use(e))
-            and (not categories or e.category in categories)
-            and tags <= e.supports
-        ]
+        data: list[dict[str, Any]] = []
+        available: dict[str, ModelEntry] = {}
+        for e in snapshot.entries.values():
+            entry, health, source = shown_health(e, self._runtime.health, self._runtime.breakers)
+            if health == CIRCUIT_OPEN or not is_routable(entry, self._routable):
+                continue
+            if caller is not None and not caller.may_use(entry):
+                continue
+            available[entry.model_name] = entry
+            if (not categories or entry.category in categories) and tags <= entry.supports:
+                data.append(model_object(entry, source))
+        for alias in self._runtime.router.aliases.values():
+            if caller is not None and not caller.may_use_name(alias.name):
+                continue
+            serving = [available[m] for m in alias.models if m in available]
+            if serving and any((not categories or e.category in categories) and tags <= e.supports for e in serving):
+                data.append(alias_object(alias, [e.model_name for e in serving]))
         return _json({"object": "list", "data": data})
 
     async def retrieve_model(self, request: Request) -> Response:
         snapshot = await self._runtime.catalog.current()
         name = request.path_params["model"]
+        caller = scope_caller(request.scope)
+        alias = self._runtime.router.alias(name)
+        if alias is not None:  # an alias named like a catalog model hides it, as in requests
+            if caller is not None and not caller.may_use_name(name):
+                raise ModelNotFound(f"The model {name!r} does not exist.", param="model")
+            return _json(alias_object(alias, [m for m in alias.models if m in snapshot.entries]))
         entry = snapshot.entries.get(name)
         if entry is None:
             entry = await self._runtime.catalog.lookup(name)  # refreshes early once, or raises 404
-        caller = scope_caller(request.scope)
         if caller is not None and not caller.may_use(entry):
             raise ModelNotFound(f"The model {name!r} does not exist.", param="model")  # hidden from this key
-        return _json(model_object(entry))
+        entry, _health, source = shown_health(entry, self._runtime.health, self._runtime.breakers)
+        return _json(model_object(entry, source))
 
     async def api_models(self, request: Request) -> Response:
         snapshot = await self._runtime.catalog.current()
@@ -169,14 +201,34 @@ class LocalRoutes:
                 "refresh_failures": catalog.refresh_failures,
                 "last_error": catalog.last_error,
             },
+            "live_health": self._live_health(snapshot),
             "upstream_client": "open" if self._runtime.serving else "closed",
             "open_circuits": self._runtime.breakers.open_circuits(),
             "in_flight": self._runtime.in_flight,
         }
         return _json(body, 200 if ready else 503)
 
+    def _live_health(self, snapshot: Snapshot | None) -> dict[str, Any]:
+        """The /api/status reader, and every model whose effective health is not "healthy"."""
+        feed = self._runtime.health.feed
+        age = feed.age()
+        models = {}
+        for e in snapshot.entries.values() if snapshot is not None else ():
+            _entry, health, source = shown_health(e, self._runtime.health, self._runtime.breakers)
+            if health != "healthy":
+                models[e.model_name] = {"health": health, "source": source}
+        return {
+            "status_feed": feed.state,
+            "status_age_seconds": None if age is None else round(age, 1),
+            "reads": feed.reads,
+            "read_failures": feed.read_failures,
+            "last_error": feed.last_error,
+            "not_healthy": models,
+        }
+
     def _count_routable(self, snapshot: Snapshot) -> int:
-        return sum(1 for e in snapshot.entries.values() if is_routable(e, self._routable))
+        health = self._runtime.health
+        return sum(1 for e in snapshot.entries.values() if is_routable(health.effective(e), self._routable))
 
 
 def key_refusal_recorder(services: Services) -> Callable[[KeyRefusal], None]:

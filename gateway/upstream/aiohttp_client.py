@@ -122,7 +122,9 @@ class AiohttpUpstream:
                 self._base + target, headers={"Accept": "application/json"}, allow_redirects=False
             ) as response:
                 if not 200 <= response.status < 300:
-                    raise UpstreamUnavailable(f"GET {target} answered HTTP {response.status}")
+                    raise UpstreamUnavailable(
+                        f"GET {target} answered HTTP {response.status}", upstream_status=response.status
+                    )
                 return await response.read()
         except aiohttp.ClientResponseError as exc:
             raise UpstreamUnavailable(f"GET {target} failed: {describe_error(exc)}") from None

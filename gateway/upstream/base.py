@@ -190,7 +190,9 @@ class HttpxUpstream:
         finally:
             self._in_use.count -= 1  # the body is read whole: the connection went back to the pool
         if not response.is_success:
-            raise UpstreamUnavailable(f"GET {target} answered HTTP {response.status_code}")
+            raise UpstreamUnavailable(
+                f"GET {target} answered HTTP {response.status_code}", upstream_status=response.status_code
+            )
         return response.content
 
     def connections(self) -> int:

@@ -65,6 +65,13 @@ class Breakers:
         circuit.probing = True
         return Pass(model, probe=True)
 
+    def blocked(self, model: str) -> bool:
+        """Whether ``allow`` would refuse ``model`` now (open and cooling down, or a probe out)."""
+        circuit = self._circuits.get(model) if self.enabled else None
+        if circuit is None or circuit.opened_at is None:
+            return False
+        return circuit.probing or self._clock() - circuit.opened_at < self._cooldown
+
     def record(self, ticket: Pass | None, ok: bool | None) -> None:
         """``ok`` True/False for an upstream success/failure, None when it says nothing (cancelled)."""
         if ticket is None or ticket.done:

@@ -105,6 +105,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE TABLE usage_rollup_state (id INTEGER PRIMARY KEY CHECK (id = 1), last_id INTEGER NOT NULL)",
         "INSERT INTO usage_rollup_state (id, last_id) VALUES (1, 0)",
     ),
+    (
+        # Routing (docs/routing.md): the name the client asked for when another model served (an
+        # alias), and the models passed over before the one that served (x-gateway-fallback-from).
+        "ALTER TABLE usage ADD COLUMN requested_model TEXT",
+        "ALTER TABLE usage ADD COLUMN fallback_from TEXT",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # Seconds a connection waits for a lock held by another (a reader, another process).
@@ -142,6 +148,8 @@ class UsageRecord(NamedTuple):
     ttfb_ms: float | None
     cache: str | None = None  # what the response cache did (None: not consulted)
     saved_usd: float | None = None  # an answer from the cache: what it would have cost upstream
+    requested_model: str | None = None  # the name asked for, when another model served (an alias)
+    fallback_from: str | None = None  # the models passed over, "model;reason=code, ..."
 
 
 # The SQL interpolates constants only (the record's field names, which are the columns); values are bound.

@@ -262,6 +262,15 @@ def test_dry_run_answers_without_forwarding(http: httpx.Client, demo_state: Demo
         "endpoint": endpoints.CHAT,
         "model": CHAT_MODEL,
         "warnings": [],
+        "route": {  # the model named, no fallback: the one candidate (docs/routing.md)
+            "requested": CHAT_MODEL,
+            "alias": False,
+            "strategy": None,
+            "fallback": False,
+            "candidates": [CHAT_MODEL],
+            "chosen": CHAT_MODEL,
+            "passed_over": [],
+        },
     }
     refused = http.post("/v1/validate/chat/completions", json={"model": SMALL, "messages": USER, "tools": TOOLS})
     real = http.post(endpoints.CHAT, json={"model": SMALL, "messages": USER, "tools": TOOLS})

@@ -37,6 +37,7 @@ STT_MODEL = "whisper-large-v3"
 VIDEO_MODEL = "Wan2.1-T2V-1.3B"
 
 CATALOG_PATH = "/api/models"
+STATUS_PATH = "/api/status"
 ERROR_KEYS = frozenset({"message", "type", "param", "code"})
 # Text that would betray a leaked stack trace or internal detail in an error body.
 TRACE_MARKERS = ("Traceback", 'File "', "site-packages", "/gateway/", "Exception:")
@@ -53,9 +54,15 @@ CHAT_BODY: dict[str, Any] = chat_body()
 
 
 def gateway_env(upstream_url: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    """A gateway's GATEWAY_* environment in front of ``upstream_url``: no usage ledger file unless a
-    test asks for one (GATEWAY_USAGE_PATH), then ``env``."""
-    return {"GATEWAY_UPSTREAM_URL": upstream_url, "GATEWAY_USAGE_PATH": "", **(env or {})}
+    """A gateway's GATEWAY_* environment in front of ``upstream_url``: no usage ledger file and no
+    background reads of /api/status unless a test asks for them (GATEWAY_USAGE_PATH,
+    GATEWAY_CATALOG_STATUS_INTERVAL: many upstream stand-ins count every request), then ``env``."""
+    return {
+        "GATEWAY_UPSTREAM_URL": upstream_url,
+        "GATEWAY_USAGE_PATH": "",
+        "GATEWAY_CATALOG_STATUS_INTERVAL": "0",
+        **(env or {}),
+    }
 
 
 def gateway_settings(upstream_url: str, env: dict[str, str] | None = None, config: Path | None = None) -> Settings:
@@ -118,8 +125,9 @@ def sdk_error(exc: openai.APIStatusError, status: int, code: str) -> dict[str, A
 
 
 def forwarded(state: DemoState) -> list[str]:
-    """``METHOD path`` of every request the upstream received, except the gateway's catalog loads."""
-    return [f"{r.method} {r.path}" for r in state.requests if r.path != CATALOG_PATH]
+    """``METHOD path`` of every request the upstream received, except the gateway's catalog and
+    status reads."""
+    return [f"{r.method} {r.path}" for r in state.requests if r.path not in (CATALOG_PATH, STATUS_PATH)]
 
 
 def requests_on(state: DemoState, path: str) -> list[RecordedRequest]:

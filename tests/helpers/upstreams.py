@@ -352,7 +352,7 @@ class FaultyUpstream:
 
     @property
     def faulted(self) -> list[str]:
-        return [r for r in self.received if r != "GET /api/models"]
+        return [r for r in self.received if r not in ("GET /api/models", "GET /api/status")]
 
     def _run(self) -> None:
         try:
@@ -431,6 +431,9 @@ class FaultyUpstream:
             self.received.append(f"{method} {target}")
             if method == "GET" and target == "/api/models":
                 await _respond(writer, self.catalog, self.catalog_status)
+                continue
+            if method == "GET" and target == "/api/status":  # an upstream without one
+                await _respond(writer, b'{"error": {"message": "not found"}}', 404)
                 continue
             mode = self._script.popleft() if self._script else self._mode
             self.answering += 1
@@ -550,7 +553,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-REASONS = {200: "OK", 429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+REASONS = {200: "OK", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout"}  # fmt: skip
 
 

@@ -335,6 +335,7 @@ def test_serve_loses_no_access_line_or_ledger_row_on_a_clean_shutdown(tmp_path: 
     assert list(orjson.loads(lines[0])) == [
         "time", "level", "logger", "request_id", "key", "team", "method", "endpoint", "model", "status",
         "outcome", "error_code", "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "cost_usd", "cache",
+        "requested_model", "fallback_from",
     ]  # fmt: skip
     conn = sqlite3.connect(ledger)
     try:

@@ -101,7 +101,7 @@ async def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "usage_key_ts" in indexes
         plan = conn.execute(
@@ -268,7 +268,7 @@ async def test_a_version_1_ledger_is_migrated_and_keeps_its_rows(tmp_path: Path)
             conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
         conn.execute("COMMIT")
-        old = rec(1)[: len(UsageRecord._fields) - 2]  # a row as version 1 wrote it (no cache columns)
+        old = rec(1)[: len(UsageRecord._fields) - 4]  # a row as version 1 wrote it (no cache, routing columns)
         conn.execute(f"INSERT INTO usage VALUES (NULL, {', '.join('?' * len(old))})", old)  # noqa: S608
     finally:
         conn.close()

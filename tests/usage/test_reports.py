@@ -127,7 +127,7 @@ def test_whole_months_come_from_the_monthly_roll_up(tmp_path: Path) -> None:
     conn.execute(
         "INSERT INTO usage SELECT NULL, ts + 3600, request_id, key_name, team, model, endpoint, status, "
         "prompt_tokens, completion_tokens, total_tokens, cost_usd, outcome, cut, latency_ms, ttfb_ms, cache, "
-        "saved_usd FROM usage WHERE id <= 300"
+        "saved_usd, requested_model, fallback_from FROM usage WHERE id <= 300"
     )  # rows not rolled up yet
     records = records + [r._replace(ts=r.ts + 3600) for r in records[:300]]
     statements: list[str] = []
