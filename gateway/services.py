@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -27,7 +29,7 @@ from gateway.cache.redis_tier import RedisTier
 from gateway.cache.responses import ResponseCache
 from gateway.catalog.admission import is_routable
 from gateway.catalog.cache import Catalog
-from gateway.config import Settings
+from gateway.config import POSTGRES_INSTALL, Settings, SettingsError
 from gateway.exchange import Exchange
 from gateway.ops.drain import Drain
 from gateway.ops.metrics import Metrics
@@ -42,9 +44,14 @@ from gateway.upstream.aiohttp_client import AiohttpUpstream
 from gateway.upstream.base import HttpxUpstream, Upstream
 from gateway.upstream.breaker import Breakers
 from gateway.usage.ledger import Ledger
+from gateway.usage.reports import summarize
 
 if TYPE_CHECKING:
     from gateway.ops.spans import Tracing
+    from gateway.usage.postgres.ledger import PostgresLedger
+
+# Totals by key, team, model or day (``gateway.usage.reports.summarize``'s rows) for GET /admin/usage.
+UsageSummary = Callable[[Any, str | None, date | None], Awaitable[list[dict[str, Any]]]]
 
 CATALOG_PATH = "/api/models"
 
@@ -65,6 +72,7 @@ class Services:
     tracing: Tracing | None  # None: tracing is off
     keys: KeyRing | None  # keys mode's key ring, swapped whole on a reload; None in the other modes
     cache: ResponseCache | None = None  # the response cache ([cache] enabled)
+    usage_summary: UsageSummary | None = None  # reads the ledger (None: no ledger)
     open_streams: int = 0  # event streams being relayed now
     serving: bool = True  # False once shutdown has begun closing the services
 
@@ -102,7 +110,11 @@ async def open_services(
         catalog.start()
         stack.push_async_callback(catalog.aclose)
         usage = settings.usage
-        ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval) if usage.path else None
+        ledger: Ledger | PostgresLedger | None = None
+        if usage.database_url:
+            ledger = _postgres_ledger(settings)
+        elif usage.path:
+            ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval)
         if ledger is not None:
             await ledger.start()
             stack.push_async_callback(ledger.aclose)  # writes what is still queued
@@ -152,6 +164,7 @@ async def open_services(
             tracing=tracing,
             keys=KeyRing(settings.keys) if settings.auth_mode == "keys" else None,
             cache=await _response_cache(settings, stack) if settings.cache.enabled else None,
+            usage_summary=_usage_summary(ledger, settings),
         )
         if services.keys is not None and config_path is not None:
             reloader = KeyReloader(config_path, env if env is not None else {}, settings, services)
@@ -161,6 +174,37 @@ async def open_services(
             yield services
         finally:
             services.serving = False  # readiness and metrics stop reading what is being closed
+
+
+def _postgres_ledger(settings: Settings) -> PostgresLedger:
+    """The ledger of record on PostgreSQL; its queue is a Redis Stream when ``[shared] redis_url`` is set."""
+    try:
+        from gateway.usage.postgres.ledger import PostgresLedger
+        from gateway.usage.postgres.stream import RecordStream, consumer_name
+    except ImportError as exc:
+        raise SettingsError(f"[usage] database_url: psycopg is not installed ({exc}): {POSTGRES_INSTALL}") from exc
+    usage, shared = settings.usage, settings.shared
+    if not shared.redis_url:
+        return PostgresLedger(usage.database_url, flush_interval=usage.flush_interval, claim_after=usage.claim_after)
+    # Off the request path, so a second's room per call (a consumer waits on the stream for half of it).
+    client, errors = redis_client(dataclasses.replace(shared, timeout=max(shared.timeout, 1.0)))
+    stream = RecordStream(client, f"{shared.key_prefix}:ledger", consumer_name(), claim_after=usage.claim_after,
+                          batch=8)  # fmt: skip
+    return PostgresLedger(usage.database_url, stream=stream, stream_errors=errors,
+                          flush_interval=usage.flush_interval, claim_after=usage.claim_after)  # fmt: skip
+
+
+def _usage_summary(ledger: Ledger | PostgresLedger | None, settings: Settings) -> UsageSummary | None:
+    if ledger is None:
+        return None
+    if not isinstance(ledger, Ledger):
+        return ledger.summarize
+    path = Path(settings.usage.path)
+
+    async def from_sqlite(by: Any, key: str | None, since: date | None) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(summarize, path, by=by, key=key, since=since)
+
+    return from_sqlite
 
 
 async def _response_cache(settings: Settings, stack: contextlib.AsyncExitStack) -> ResponseCache:

@@ -26,6 +26,8 @@ SharedFallback = Literal["local", "open", "closed"]
 TRACING_INSTALL = "pip install 'flexai-gateway[tracing]'"
 # ... and when [shared] redis_url is set but redis-py is not installed.
 SHARED_INSTALL = "pip install 'flexai-gateway[shared]'"
+# ... and when [usage] database_url is set but psycopg is not installed.
+POSTGRES_INSTALL = "pip install 'flexai-gateway[postgres]'"
 
 
 class SettingsError(ValueError):
@@ -127,6 +129,10 @@ class UsageSettings:
     include_usage: bool = True
     # Add the request's cost (usage.cost_usd) to the usage chunk of streams whose client asked for usage.
     stream_cost: bool = True
+    # The ledger of record on PostgreSQL (gateway.usage.postgres); "" keeps the SQLite file above.
+    database_url: str = field(default="", repr=False)  # may hold a password
+    # Seconds a batch of records may stay unconfirmed with one replica before another takes it over.
+    claim_after: float = _bounded(30.0, gt=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,308 @@
+"""The usage ledger of record on PostgreSQL (``[usage] database_url``), shared by every replica.
+
+``record`` (on the request path) gives the record its ledger id and appends it to a queue in
+memory; it never blocks and never raises. Off the request path:
+
+- with a durable queue (``stream``: a Redis Stream, when ``[shared] redis_url`` is set), a shipper
+  pushes what is queued to the stream at once (one entry per batch; whatever piles up during one
+  push goes in the next), and a consumer reads batches from the stream, writes each to PostgreSQL
+  and confirms it after the commit, and takes over the batches another replica left unconfirmed
+  for ``claim_after`` seconds (``gateway.usage.postgres.stream``). A replica killed with SIGKILL
+  loses only the records not yet pushed: at most one Redis round trip's worth. While Redis does
+  not answer, the shipper writes its batches to PostgreSQL itself;
+- without one, the shipper writes the queue to PostgreSQL every ``flush_interval`` seconds (or as
+  soon as a full batch waits): a crash loses what was queued, as with the SQLite ledger.
+
+While PostgreSQL does not answer, batches wait (in the stream, or in memory up to ``max_queue``
+records, past which the oldest are dropped and counted in ``dropped``). One log line when
+PostgreSQL or Redis stops answering, one when it answers again. The schema is created or migrated
+at ``start`` (``gateway.usage.postgres.schema``); ``aclose`` ships and writes what it can within
+``drain_timeout``: what it cannot stays in the stream for the other replicas (or the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from datetime import date
+from itertools import count
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gateway.errors import GatewayError
+from gateway.usage.postgres import reports
+from gateway.usage.postgres.schema import migrate
+from gateway.usage.postgres.stream import BadEntry, RecordStream, decode
+from gateway.usage.postgres.write import Entry, write_batch
+from gateway.usage.schema import LedgerError, UsageRecord
+
+logger = logging.getLogger("gateway.usage.postgres")
+
+_PG_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError)
+_BLOCK = 0.5  # seconds a consumer waits on the stream for new batches
+
+
+class LedgerUnavailable(GatewayError):
+    """A budgeted key's spend cannot be read while PostgreSQL does not answer."""
+
+    status = 503
+    code = "ledger_unavailable"
+
+
+class PostgresLedger:
+    def __init__(
+        self,
+        url: str,
+        *,
+        stream: RecordStream | None = None,
+        stream_errors: tuple[type[Exception], ...] = (),
+        flush_interval: float = 1.0,
+        claim_after: float = 30.0,
+        max_batch: int = 500,
+        max_queue: int = 100_000,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self._pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
+            url, min_size=1, max_size=4, open=False, timeout=5.0, check=AsyncConnectionPool.check_connection,
+            kwargs={"application_name": "flexai-gateway", "connect_timeout": 5},
+        )  # fmt: skip
+        self._stream = stream
+        self._stream_errors: tuple[type[Exception], ...] = (*stream_errors, OSError, TimeoutError)
+        self._flush_interval = flush_interval
+        self._claim_after = claim_after
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._drain_timeout = drain_timeout
+        self._queue: deque[Entry] = deque()
+        self._prefix = os.urandom(8).hex()  # ledger ids: unique per process, then a counter
+        self._ids = count(1)
+        self._dropped = 0
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._migrated = False
+        self._stopping = False
+        self._closed = False
+        self._down: set[str] = set()  # "PostgreSQL", "Redis": what is not answering now
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        await self._pool.open(wait=False)
+        with contextlib.suppress(*_PG_ERRORS):
+            await self._ensure_schema()  # PostgreSQL not answering yet: the writers retry
+        self._tasks.append(asyncio.create_task(self._ship_forever(), name="ledger-shipper"))
+        if self._stream is not None:
+            self._tasks.append(asyncio.create_task(self._consume_forever(), name="ledger-consumer"))
+
+    def record(self, r: UsageRecord) -> None:
+        if self._closed:
+            self._drop(1)
+            return
+        self._queue.append(Entry(f"{self._prefix}{next(self._ids):x}", r))
+        if len(self._queue) > self._max_queue:
+            self._queue.popleft()
+            self._drop(1)
+        if self._stream is not None or len(self._queue) >= self._max_batch:
+            self._wake.set()
+
+    async def spend_usd(self, key_name: str, since_ts: float) -> float:
+        """The key's spend since ``since_ts``: written rows plus the records queued here."""
+        queued = sum(e.record.cost_usd or 0.0 for e in self._queue if e.record.key_name == key_name
+                     and e.record.ts >= since_ts)  # fmt: skip
+        try:
+            await self._ensure_schema()
+            async with self._connection() as conn:
+                return queued + await reports.spend_usd(conn, key_name, since_ts)
+        except _PG_ERRORS as exc:
+            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
+
+    async def summarize(self, by: reports.SummaryBy, key: str | None, since: date | None) -> list[dict[str, Any]]:
+        """``gateway.usage.postgres.reports.summarize`` (for ``GET /admin/usage``)."""
+        try:
+            await self._ensure_schema()
+            async with self._connection() as conn:
+                return await reports.summarize(conn, by=by, key=key, since=since)
+        except _PG_ERRORS as exc:
+            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
+
+    async def aclose(self) -> None:
+        if self._closed or self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._stop.set()
+        deadline = time.monotonic() + self._drain_timeout
+        errors: tuple[type[BaseException], ...] = (*_PG_ERRORS, *self._stream_errors)
+        try:
+            shipper, consumer = self._tasks[:1], self._tasks[1:]
+            for task in consumer:
+                task.cancel()  # a batch it was reading stays pending with it: drained below
+            await asyncio.gather(*consumer, return_exceptions=True)
+            if shipper:
+                await asyncio.wait_for(shipper[0], max(0.1, deadline - time.monotonic()))
+                if self._stream is not None:
+                    await asyncio.wait_for(self._drain_stream(), max(0.1, deadline - time.monotonic()))
+        except errors as exc:
+            logger.warning("ledger: stopped before everything was written (%s)", type(exc).__name__)
+        finally:
+            self._closed = True
+            self._drop(len(self._queue))
+            self._queue.clear()
+            await self._pool.close()
+            if self._stream is not None:
+                with contextlib.suppress(*self._stream_errors):
+                    await self._stream.aclose()
+
+    # ------------------------------------------------------------------------ shipping
+
+    async def _ship_forever(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            self._wake.clear()
+            if not await self._ship():
+                await self._pause(min(1.0, self._flush_interval))
+        await self._ship()
+
+    async def _ship(self) -> bool:
+        """Hand the queue on in batches; False when a batch could not go (it is queued again)."""
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+            if self._stream is not None:
+                try:
+                    await self._stream.push(batch)
+                except self._stream_errors as exc:
+                    self._failed("Redis", exc)
+                else:
+                    self._answered("Redis")
+                    continue
+            if not await self._write(batch):
+                self._queue.extendleft(reversed(batch))
+                return False
+        return True
+
+    async def _write(self, batch: list[Entry]) -> bool:
+        """Write a batch; False when PostgreSQL did not answer (the caller keeps the batch)."""
+        try:
+            await self._ensure_schema()
+            async with self._connection() as conn:
+                try:
+                    await write_batch(conn, batch)
+                except psycopg.DataError:  # a value PostgreSQL cannot store: write the rest, drop it
+                    for entry in batch:
+                        try:
+                            await write_batch(conn, [entry])
+                        except psycopg.DataError as exc:
+                            logger.error("ledger: a usage record could not be stored and was dropped "
+                                         "(request %s): %s", entry.record.request_id, exc)  # fmt: skip
+                            self._dropped += 1
+        except (*_PG_ERRORS, LedgerError) as exc:
+            self._failed("PostgreSQL", exc)
+            return False
+        self._answered("PostgreSQL")
+        return True
+
+    # ------------------------------------------------------------------------ consuming
+
+    async def _consume_forever(self) -> None:
+        assert self._stream is not None
+        stream = self._stream
+        next_claim = 0.0
+        grouped = False
+        while not self._stopping:
+            try:
+                if not grouped:  # at start, and after an error (Redis may have restarted empty)
+                    await stream.create_group()
+                    grouped = True
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + self._claim_after / 2
+                    items = await stream.claim()
+                    await stream.forget_idle_consumers(max(3600.0, self._claim_after * 10))
+                else:
+                    items = await stream.read(_BLOCK)
+                self._answered("Redis")
+            except self._stream_errors as exc:
+                self._failed("Redis", exc)
+                grouped = False
+                await self._pause(1.0)
+                continue
+            while items and not self._stopping and not await self._write_items(items):
+                await self._pause(1.0)  # PostgreSQL does not answer: the batches stay pending here
+
+    async def _drain_stream(self) -> None:
+        """On the way out: write what this consumer holds, then what is waiting, then stop."""
+        assert self._stream is not None
+        for _ in range(1000):
+            items = await self._stream.read_own() or await self._stream.read(None)
+            if not items or not await self._write_items(items):
+                return
+
+    async def _write_items(self, items: list[tuple[bytes, bytes]]) -> bool:
+        """Write stream batches to PostgreSQL and confirm them; False when PostgreSQL failed."""
+        assert self._stream is not None
+        entries: list[Entry] = []
+        for entry_id, payload in items:
+            try:
+                entries.extend(decode(payload))
+            except BadEntry as exc:
+                logger.error("ledger: stream entry %r is not a batch of records; dropped (%s)", entry_id, exc)
+                self._dropped += 1
+        if entries and not await self._write(entries):
+            return False
+        await self._stream.done([entry_id for entry_id, _ in items])
+        return True
+
+    # ------------------------------------------------------------------------ internals
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
+        async with self._pool.connection() as conn:
+            yield conn
+
+    async def _ensure_schema(self) -> None:
+        if self._migrated:
+            return
+        async with self._connection() as conn:
+            await migrate(conn)  # LedgerError (a newer schema) propagates: start fails
+        self._migrated = True
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when ``aclose`` begins."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        if what not in self._down:
+            self._down.add(what)
+            logger.warning("ledger: %s unreachable (%s); usage records wait until it answers", what,
+                           type(exc).__name__)  # fmt: skip
+
+    def _answered(self, what: str) -> None:
+        if what in self._down:
+            self._down.discard(what)
+            logger.warning("ledger: %s answers again", what)
+
+    def _drop(self, count: int) -> None:
+        if count > 0:
+            if self._dropped == 0:
+                logger.warning("ledger: dropping usage records; further drops are only counted")
+            self._dropped += count
+
+
+__all__ = ["LedgerError", "LedgerUnavailable", "PostgresLedger"]
