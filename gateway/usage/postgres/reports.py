@@ -60,9 +60,10 @@ def summary_query(by: SummaryBy, key: str | None, since: datetime | date | float
     group, sums, table = (
         (_DAILY_GROUPS[by], _DAILY_SUMS, "usage_daily") if daily else (_ROW_GROUPS[by], _ROW_SUMS, "usage")
     )
+    filters = f"WHERE {' AND '.join(where)}" if where else ""
     sql = (
-        f"SELECT {group} AS grp, {sums} FROM {table} {'WHERE ' + ' AND '.join(where) if where else ''} "  # noqa: S608
-        'GROUP BY grp ORDER BY grp COLLATE "C" NULLS FIRST'
+        f'SELECT {group} COLLATE "C" AS grp, {sums} FROM {table} {filters} '  # noqa: S608
+        "GROUP BY grp ORDER BY grp NULLS FIRST"
     )
     return sql, params
 

@@ -78,7 +78,8 @@ SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 async def migrate(conn: AsyncConnection[TupleRow]) -> int:
     """Bring the schema up to ``SCHEMA_VERSION``; returns the version. Safe to run from many
-    processes at once (see the module docstring)."""
+    processes at once (see the module docstring). ``conn`` must have no transaction open: the
+    advisory lock lasts until the transaction that took it ends."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         await conn.execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version integer NOT NULL)")
