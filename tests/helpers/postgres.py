@@ -62,10 +62,29 @@ class PostgresServer:
         return self.url(name)
 
     def pause(self) -> None:
+        """SIGSTOP the server, then each of its processes (every backend runs in a session of its
+        own, so not as a process group): connections stay open, nothing answers."""
         self.proc.send_signal(signal.SIGSTOP)
+        for pid in children(self.proc.pid):
+            os.kill(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
+        for pid in children(self.proc.pid):
+            os.kill(pid, signal.SIGCONT)
         self.proc.send_signal(signal.SIGCONT)
+
+
+def children(parent: int) -> list[int]:
+    """The pids of ``parent``'s child processes (from /proc)."""
+    found: list[int] = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if fields and int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _as_postgres() -> dict[str, Any]:
@@ -117,7 +136,7 @@ def postgres_server() -> Iterator[PostgresServer]:
                 raise AssertionError("postgres did not accept connections within 30 s")
             yield PostgresServer(proc, port)
         finally:
-            proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGINT
+            PostgresServer(proc, port).resume()  # a paused server cannot act on SIGINT
             proc.send_signal(signal.SIGINT)  # "fast" shutdown: ends the sessions, then stops
             try:
                 proc.wait(15)

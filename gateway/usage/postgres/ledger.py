@@ -28,10 +28,11 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date
+from functools import partial
 from itertools import count
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
@@ -46,9 +47,14 @@ from gateway.usage.postgres.write import Entry, write_batch
 from gateway.usage.schema import LedgerError, UsageRecord
 
 logger = logging.getLogger("gateway.usage.postgres")
+T = TypeVar("T")
 
 _PG_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError)
 _BLOCK = 0.5  # seconds a consumer waits on the stream for new batches
+_SPEND_TIMEOUT = 2.0  # seconds a budget's first read of a period may add to a request
+_REPORT_TIMEOUT = 30.0  # seconds /admin/usage may wait for PostgreSQL
+_WRITE_TIMEOUT = 30.0  # seconds a batch may take before the write counts as failed (and is retried)
+_START_TIMEOUT = 5.0  # seconds the start-up may wait for PostgreSQL (the writers retry after)
 
 
 class LedgerUnavailable(GatewayError):
@@ -89,6 +95,7 @@ class PostgresLedger:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._reads: set[asyncio.Task[Any]] = set()  # reads that overran their caller's timeout
         self._migrated = False
         self._stopping = False
         self._closed = False
@@ -104,8 +111,11 @@ class PostgresLedger:
 
     async def start(self) -> None:
         await self._pool.open(wait=False)
-        with contextlib.suppress(*_PG_ERRORS):
-            await self._ensure_schema()  # PostgreSQL not answering yet: the writers retry
+        try:
+            async with asyncio.timeout(_START_TIMEOUT):
+                await self._ensure_schema()
+        except _PG_ERRORS as exc:  # PostgreSQL not answering yet: the writers retry
+            self._failed("PostgreSQL", exc)
         self._tasks.append(asyncio.create_task(self._ship_forever(), name="ledger-shipper"))
         if self._stream is not None:
             self._tasks.append(asyncio.create_task(self._consume_forever(), name="ledger-consumer"))
@@ -125,21 +135,11 @@ class PostgresLedger:
         """The key's spend since ``since_ts``: written rows plus the records queued here."""
         queued = sum(e.record.cost_usd or 0.0 for e in self._queue if e.record.key_name == key_name
                      and e.record.ts >= since_ts)  # fmt: skip
-        try:
-            await self._ensure_schema()
-            async with self._connection() as conn:
-                return queued + await reports.spend_usd(conn, key_name, since_ts)
-        except _PG_ERRORS as exc:
-            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
+        return queued + await self._read(reports.spend_usd, _SPEND_TIMEOUT, key_name, since_ts)
 
     async def summarize(self, by: reports.SummaryBy, key: str | None, since: date | None) -> list[dict[str, Any]]:
         """``gateway.usage.postgres.reports.summarize`` (for ``GET /admin/usage``)."""
-        try:
-            await self._ensure_schema()
-            async with self._connection() as conn:
-                return await reports.summarize(conn, by=by, key=key, since=since)
-        except _PG_ERRORS as exc:
-            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
+        return await self._read(partial(reports.summarize, by=by, key=key, since=since), _REPORT_TIMEOUT)
 
     async def aclose(self) -> None:
         if self._closed or self._stopping:
@@ -164,6 +164,9 @@ class PostgresLedger:
             self._closed = True
             self._drop(len(self._queue))
             self._queue.clear()
+            for read in self._reads:
+                read.cancel()
+            await asyncio.gather(*self._reads, return_exceptions=True)
             await self._pool.close()
             if self._stream is not None:
                 with contextlib.suppress(*self._stream_errors):
@@ -200,23 +203,27 @@ class PostgresLedger:
     async def _write(self, batch: list[Entry]) -> bool:
         """Write a batch; False when PostgreSQL did not answer (the caller keeps the batch)."""
         try:
-            await self._ensure_schema()
-            async with self._connection() as conn:
-                try:
-                    await write_batch(conn, batch)
-                except psycopg.DataError:  # a value PostgreSQL cannot store: write the rest, drop it
-                    for entry in batch:
-                        try:
-                            await write_batch(conn, [entry])
-                        except psycopg.DataError as exc:
-                            logger.error("ledger: a usage record could not be stored and was dropped "
-                                         "(request %s): %s", entry.record.request_id, exc)  # fmt: skip
-                            self._dropped += 1
+            async with asyncio.timeout(_WRITE_TIMEOUT):
+                await self._write_now(batch)
         except (*_PG_ERRORS, LedgerError) as exc:
             self._failed("PostgreSQL", exc)
             return False
         self._answered("PostgreSQL")
         return True
+
+    async def _write_now(self, batch: list[Entry]) -> None:
+        await self._ensure_schema()
+        async with self._connection() as conn:
+            try:
+                await write_batch(conn, batch)
+            except psycopg.DataError:  # a value PostgreSQL cannot store: write the rest, drop it
+                for entry in batch:
+                    try:
+                        await write_batch(conn, [entry])
+                    except psycopg.DataError as exc:
+                        logger.error("ledger: a usage record could not be stored and was dropped (request %s): %s",
+                                     entry.record.request_id, exc)  # fmt: skip
+                        self._dropped += 1
 
     # ------------------------------------------------------------------------ consuming
 
@@ -270,6 +277,26 @@ class PostgresLedger:
 
     # ------------------------------------------------------------------------ internals
 
+    async def _read(self, query: Callable[..., Awaitable[T]], within: float, *args: Any) -> T:
+        """``query(conn, *args)``, or ``LedgerUnavailable`` after ``within`` seconds. A query that
+        overruns is left to end in the background: cancelling it would wait for PostgreSQL too."""
+
+        async def run() -> T:
+            await self._ensure_schema()
+            async with self._connection() as conn:
+                return await query(conn, *args)
+
+        task = asyncio.ensure_future(run())
+        self._reads.add(task)
+        task.add_done_callback(_forget(self._reads))
+        try:
+            result = await asyncio.wait_for(asyncio.shield(task), within)
+        except _PG_ERRORS as exc:
+            self._failed("PostgreSQL", exc)
+            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
+        self._answered("PostgreSQL")
+        return result
+
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
         async with self._pool.connection() as conn:
@@ -303,6 +330,15 @@ class PostgresLedger:
             if self._dropped == 0:
                 logger.warning("ledger: dropping usage records; further drops are only counted")
             self._dropped += count
+
+
+def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def forget(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an overrun read's error is already answered as LedgerUnavailable
+
+    return forget
 
 
 __all__ = ["LedgerError", "LedgerUnavailable", "PostgresLedger"]
