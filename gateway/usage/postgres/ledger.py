@@ -41,8 +41,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.errors import GatewayError
 from gateway.usage.postgres import reports
+from gateway.usage.postgres.consumer import StreamConsumer
+from gateway.usage.postgres.health import Health
 from gateway.usage.postgres.schema import migrate
-from gateway.usage.postgres.stream import BadEntry, RecordStream, decode
+from gateway.usage.postgres.stream import RecordStream
 from gateway.usage.postgres.write import Entry, write_batch
 from gateway.usage.schema import LedgerError, UsageRecord
 
@@ -50,7 +52,6 @@ logger = logging.getLogger("gateway.usage.postgres")
 T = TypeVar("T")
 
 _PG_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError)
-_BLOCK = 0.5  # seconds a consumer waits on the stream for new batches
 _SPEND_TIMEOUT = 2.0  # seconds a budget's first read of a period may add to a request
 _REPORT_TIMEOUT = 30.0  # seconds /admin/usage may wait for PostgreSQL
 _WRITE_TIMEOUT = 30.0  # seconds a batch may take before the write counts as failed (and is retried)
@@ -84,7 +85,6 @@ class PostgresLedger:
         self._stream = stream
         self._stream_errors: tuple[type[Exception], ...] = (*stream_errors, OSError, TimeoutError)
         self._flush_interval = flush_interval
-        self._claim_after = claim_after
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._drain_timeout = drain_timeout
@@ -93,17 +93,22 @@ class PostgresLedger:
         self._ids = count(1)
         self._dropped = 0
         self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reads: set[asyncio.Task[Any]] = set()  # reads that overran their caller's timeout
         self._migrated = False
         self._stopping = False
         self._closed = False
-        self._down: set[str] = set()  # "PostgreSQL", "Redis": what is not answering now
+        self._health = Health()
+        self._consumer = (
+            None
+            if stream is None
+            else StreamConsumer(stream, self._write, self._health, errors=self._stream_errors, claim_after=claim_after)
+        )
 
     @property
     def dropped(self) -> int:
-        return self._dropped
+        """Records dropped: queue overflow, refused by PostgreSQL, after close, unreadable stream entries."""
+        return self._dropped + (self._consumer.dropped if self._consumer is not None else 0)
 
     @property
     def pending(self) -> int:
@@ -115,10 +120,10 @@ class PostgresLedger:
             async with asyncio.timeout(_START_TIMEOUT):
                 await self._ensure_schema()
         except _PG_ERRORS as exc:  # PostgreSQL not answering yet: the writers retry
-            self._failed("PostgreSQL", exc)
+            self._health.failed("PostgreSQL", exc)
         self._tasks.append(asyncio.create_task(self._ship_forever(), name="ledger-shipper"))
-        if self._stream is not None:
-            self._tasks.append(asyncio.create_task(self._consume_forever(), name="ledger-consumer"))
+        if self._consumer is not None:
+            self._tasks.append(asyncio.create_task(self._consumer.run(), name="ledger-consumer"))
 
     def record(self, r: UsageRecord) -> None:
         if self._closed:
@@ -146,7 +151,7 @@ class PostgresLedger:
             return
         self._stopping = True
         self._wake.set()
-        self._stop.set()
+        self._health.closing.set()
         deadline = time.monotonic() + self._drain_timeout
         errors: tuple[type[BaseException], ...] = (*_PG_ERRORS, *self._stream_errors)
         try:
@@ -156,8 +161,8 @@ class PostgresLedger:
             await asyncio.gather(*consumer, return_exceptions=True)
             if shipper:
                 await asyncio.wait_for(shipper[0], max(0.1, deadline - time.monotonic()))
-                if self._stream is not None:
-                    await asyncio.wait_for(self._drain_stream(), max(0.1, deadline - time.monotonic()))
+                if self._consumer is not None:
+                    await asyncio.wait_for(self._consumer.drain(), max(0.1, deadline - time.monotonic()))
         except errors as exc:
             logger.warning("ledger: stopped before everything was written (%s)", type(exc).__name__)
         finally:
@@ -180,7 +185,7 @@ class PostgresLedger:
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
             self._wake.clear()
             if not await self._ship():
-                await self._pause(min(1.0, self._flush_interval))
+                await self._health.pause(min(1.0, self._flush_interval))
         await self._ship()
 
     async def _ship(self) -> bool:
@@ -191,9 +196,9 @@ class PostgresLedger:
                 try:
                     await self._stream.push(batch)
                 except self._stream_errors as exc:
-                    self._failed("Redis", exc)
+                    self._health.failed("Redis", exc)
                 else:
-                    self._answered("Redis")
+                    self._health.answered("Redis")
                     continue
             if not await self._write(batch):
                 self._queue.extendleft(reversed(batch))
@@ -206,9 +211,9 @@ class PostgresLedger:
             async with asyncio.timeout(_WRITE_TIMEOUT):
                 await self._write_now(batch)
         except (*_PG_ERRORS, LedgerError) as exc:
-            self._failed("PostgreSQL", exc)
+            self._health.failed("PostgreSQL", exc)
             return False
-        self._answered("PostgreSQL")
+        self._health.answered("PostgreSQL")
         return True
 
     async def _write_now(self, batch: list[Entry]) -> None:
@@ -224,56 +229,6 @@ class PostgresLedger:
                         logger.error("ledger: a usage record could not be stored and was dropped (request %s): %s",
                                      entry.record.request_id, exc)  # fmt: skip
                         self._dropped += 1
-
-    # ------------------------------------------------------------------------ consuming
-
-    async def _consume_forever(self) -> None:
-        assert self._stream is not None
-        stream = self._stream
-        next_claim = 0.0
-        grouped = False
-        while not self._stopping:
-            try:
-                if not grouped:  # at start, and after an error (Redis may have restarted empty)
-                    await stream.create_group()
-                    grouped = True
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + self._claim_after / 2
-                    items = await stream.claim()
-                    await stream.forget_idle_consumers(max(3600.0, self._claim_after * 10))
-                else:
-                    items = await stream.read(_BLOCK)
-                self._answered("Redis")
-            except self._stream_errors as exc:
-                self._failed("Redis", exc)
-                grouped = False
-                await self._pause(1.0)
-                continue
-            while items and not self._stopping and not await self._write_items(items):
-                await self._pause(1.0)  # PostgreSQL does not answer: the batches stay pending here
-
-    async def _drain_stream(self) -> None:
-        """On the way out: write what this consumer holds, then what is waiting, then stop."""
-        assert self._stream is not None
-        for _ in range(1000):
-            items = await self._stream.read_own() or await self._stream.read(None)
-            if not items or not await self._write_items(items):
-                return
-
-    async def _write_items(self, items: list[tuple[bytes, bytes]]) -> bool:
-        """Write stream batches to PostgreSQL and confirm them; False when PostgreSQL failed."""
-        assert self._stream is not None
-        entries: list[Entry] = []
-        for entry_id, payload in items:
-            try:
-                entries.extend(decode(payload))
-            except BadEntry as exc:
-                logger.error("ledger: stream entry %r is not a batch of records; dropped (%s)", entry_id, exc)
-                self._dropped += 1
-        if entries and not await self._write(entries):
-            return False
-        await self._stream.done([entry_id for entry_id, _ in items])
-        return True
 
     # ------------------------------------------------------------------------ internals
 
@@ -292,9 +247,9 @@ class PostgresLedger:
         try:
             result = await asyncio.wait_for(asyncio.shield(task), within)
         except _PG_ERRORS as exc:
-            self._failed("PostgreSQL", exc)
+            self._health.failed("PostgreSQL", exc)
             raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
-        self._answered("PostgreSQL")
+        self._health.answered("PostgreSQL")
         return result
 
     @contextlib.asynccontextmanager
@@ -308,22 +263,6 @@ class PostgresLedger:
         async with self._connection() as conn:
             await migrate(conn)  # LedgerError (a newer schema) propagates: start fails
         self._migrated = True
-
-    async def _pause(self, seconds: float) -> None:
-        """Wait ``seconds``, or less when ``aclose`` begins."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
-
-    def _failed(self, what: str, exc: BaseException) -> None:
-        if what not in self._down:
-            self._down.add(what)
-            logger.warning("ledger: %s unreachable (%s); usage records wait until it answers", what,
-                           type(exc).__name__)  # fmt: skip
-
-    def _answered(self, what: str) -> None:
-        if what in self._down:
-            self._down.discard(what)
-            logger.warning("ledger: %s answers again", what)
 
     def _drop(self, count: int) -> None:
         if count > 0:
