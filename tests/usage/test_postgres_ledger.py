@@ -5,6 +5,7 @@ and reports that answer exactly what the SQLite ledger's reports answer."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
@@ -26,6 +27,7 @@ from gateway.usage.postgres.write import Entry, write_batch
 from gateway.usage.reports import spend_usd, summarize
 from gateway.usage.schema import LedgerError, UsageRecord
 from tests.helpers.postgres import PostgresServer
+from tests.helpers.processes import GATEWAY, clean_env, free_port
 from tests.helpers.redis import RedisServer
 
 DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
@@ -247,3 +249,33 @@ def test_the_usage_command_reads_postgresql(postgres: PostgresServer) -> None:
     assert [(r["day"], r["requests"], r["cached"]) for r in rows] == [("2025-03-02", 4, 1)]
     with pytest.raises(psycopg.OperationalError):
         pg_reports.summarize_blocking(postgres.url("no_such_database"), by="key")
+
+
+async def test_with_redis_down_records_go_straight_to_postgresql(postgres: PostgresServer) -> None:
+    url = postgres.database()
+    closed = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1, socket_connect_timeout=1)
+    stream = RecordStream(closed, "down:ledger", consumer_name(), claim_after=1.0, batch=8)
+    ledger = PostgresLedger(url, stream=stream, stream_errors=(RedisError,))
+    await ledger.start()
+    try:
+        for i in range(12):
+            ledger.record(rec(i))
+        async with await AsyncConnection.connect(url, autocommit=True) as c:
+
+            async def written() -> bool:
+                return await count(c) == 12
+
+            assert await wait_for(written)
+    finally:
+        await ledger.aclose()
+    assert ledger.dropped == 0
+
+
+def test_the_usage_command_names_an_unreachable_database_without_its_password() -> None:
+    url = f"postgresql://gateway:s3cret-pw@127.0.0.1:{free_port()}/gateway"
+    env = clean_env({"GATEWAY_USAGE_DATABASE_URL": url})
+    done = subprocess.run([GATEWAY, "usage"], env=env, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
+    assert done.returncode == 1
+    assert "cannot read the usage ledger on PostgreSQL" in done.stderr
+    assert "s3cret-pw" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr

@@ -9,7 +9,8 @@ memory; it never blocks and never raises. Off the request path:
   and confirms it after the commit, and takes over the batches another replica left unconfirmed
   for ``claim_after`` seconds (``gateway.usage.postgres.stream``). A replica killed with SIGKILL
   loses only the records not yet pushed: at most one Redis round trip's worth. While Redis does
-  not answer, the shipper writes its batches to PostgreSQL itself;
+  not answer, the shipper writes its batches to PostgreSQL itself (and tries the stream again
+  every few seconds);
 - without one, the shipper writes the queue to PostgreSQL every ``flush_interval`` seconds (or as
   soon as a full batch waits): a crash loses what was queued, as with the SQLite ledger.
 
@@ -55,6 +56,7 @@ _PG_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSE
 _SPEND_TIMEOUT = 2.0  # seconds a budget's first read of a period may add to a request
 _REPORT_TIMEOUT = 30.0  # seconds /admin/usage may wait for PostgreSQL
 _WRITE_TIMEOUT = 30.0  # seconds a batch may take before the write counts as failed (and is retried)
+_STREAM_RETRY = 5.0  # seconds the shipper writes to PostgreSQL itself after the stream failed
 _START_TIMEOUT = 5.0  # seconds the start-up may wait for PostgreSQL (the writers retry after)
 
 
@@ -96,6 +98,7 @@ class PostgresLedger:
         self._tasks: list[asyncio.Task[None]] = []
         self._reads: set[asyncio.Task[Any]] = set()  # reads that overran their caller's timeout
         self._migrated = False
+        self._stream_retry_at = 0.0  # monotonic time from which to push to the stream again
         self._stopping = False
         self._closed = False
         self._health = Health()
@@ -192,11 +195,12 @@ class PostgresLedger:
         """Hand the queue on in batches; False when a batch could not go (it is queued again)."""
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
-            if self._stream is not None:
+            if self._stream is not None and time.monotonic() >= self._stream_retry_at:
                 try:
                     await self._stream.push(batch)
                 except self._stream_errors as exc:
                     self._health.failed("Redis", exc)
+                    self._stream_retry_at = time.monotonic() + _STREAM_RETRY  # meanwhile straight to PostgreSQL
                 else:
                     self._health.answered("Redis")
                     continue
