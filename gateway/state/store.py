@@ -11,9 +11,9 @@ A request's accounting talks to a ``StateStore`` only, in four verbs:
 - ``upstream_slot()``: room for one more request to the upstream (the gateway's own shaping).
 
 ``LocalStore`` is the in-process backend (one process, one replica): the sliding-window limiter,
-the budgets seeded from the SQLite ledger, the upstream shaper. A shared backend (Redis for the
-counters, PostgreSQL for the ledger) implements the same protocol, so the request path does not
-change when it is added.
+the budgets seeded from the ledger, the upstream shaper, and the ledger (SQLite, or PostgreSQL:
+``gateway.usage.postgres``). The shared backend (``gateway.state.shared``: the counters in Redis)
+implements the same protocol around it, so the request path does not change when it is added.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The consumer side of the ledger's Redis Stream: read batches (new ones, and those another
 replica left unconfirmed for ``claim_after`` seconds), write them to PostgreSQL, confirm them.
+Reads come every ``interval`` seconds (at once while full reads wait), so PostgreSQL sees a few
+large transactions rather than one per request.
 
 A batch stays pending with this consumer until PostgreSQL has committed it; while PostgreSQL does
 not answer it is retried every second (and after ``claim_after`` seconds another replica may take
@@ -31,13 +33,16 @@ class StreamConsumer:
         *,
         errors: tuple[type[Exception], ...],
         claim_after: float,
+        interval: float = 1.0,
     ) -> None:
-        """``write``: to PostgreSQL, False when it did not answer; ``errors``: Redis's."""
+        """``write``: to PostgreSQL, False when it did not answer; ``errors``: Redis's; ``interval``:
+        seconds between two reads while less than a full read waits (fewer, larger transactions)."""
         self._stream = stream
         self._write = write
         self._health = health
         self._errors = errors
         self._claim_after = claim_after
+        self._interval = interval
         self.dropped = 0  # stream entries that were not batches of records
 
     async def run(self) -> None:
@@ -50,12 +55,13 @@ class StreamConsumer:
                 if not grouped:  # at start, and after an error (Redis may have restarted empty)
                     await stream.create_group()
                     grouped = True
+                claimed: list[tuple[bytes, bytes]] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self._claim_after / 2
-                    items = await stream.claim()
+                    claimed = await stream.claim()
                     await stream.forget_idle_consumers(max(3600.0, self._claim_after * 10))
-                else:
-                    items = await stream.read(_BLOCK)
+                new = await stream.read(None if claimed else _BLOCK)
+                items = claimed + new
                 health.answered("Redis")
             except self._errors as exc:
                 health.failed("Redis", exc)
@@ -64,6 +70,8 @@ class StreamConsumer:
                 continue
             while items and not health.closing.is_set() and not await self._write_items(items):
                 await health.pause(1.0)  # PostgreSQL does not answer: the batches stay pending here
+            if len(new) < stream.batch:  # the stream is drained: let the next batches gather
+                await health.pause(self._interval)
 
     async def drain(self) -> None:
         """On the way out: write what this consumer holds, then what is waiting, then stop."""

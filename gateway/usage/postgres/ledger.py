@@ -4,11 +4,13 @@
 memory; it never blocks and never raises. Off the request path:
 
 - with a durable queue (``stream``: a Redis Stream, when ``[shared] redis_url`` is set), a shipper
-  pushes what is queued to the stream at once (one entry per batch; whatever piles up during one
-  push goes in the next), and a consumer reads batches from the stream, writes each to PostgreSQL
-  and confirms it after the commit, and takes over the batches another replica left unconfirmed
-  for ``claim_after`` seconds (``gateway.usage.postgres.stream``). A replica killed with SIGKILL
-  loses only the records not yet pushed: at most one Redis round trip's worth. While Redis does
+  pushes what is queued to the stream within 10 ms (one entry per batch: what arrives in those
+  10 ms, or during a push, goes in one entry), and a consumer reads the batches waiting in the
+  stream every ``flush_interval`` seconds (at once while full batches wait), writes them to
+  PostgreSQL in one transaction and confirms them after the commit, and takes over the batches
+  another replica left unconfirmed for ``claim_after`` seconds (``gateway.usage.postgres.stream``,
+  ``gateway.usage.postgres.consumer``). A replica killed with SIGKILL loses only the records not
+  yet pushed: those of its last 10 ms and one Redis round trip. While Redis does
   not answer, the shipper writes its batches to PostgreSQL itself (and tries the stream again
   every few seconds);
 - without one, the shipper writes the queue to PostgreSQL every ``flush_interval`` seconds (or as
@@ -56,6 +58,7 @@ _PG_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSE
 _SPEND_TIMEOUT = 2.0  # seconds a budget's first read of a period may add to a request
 _REPORT_TIMEOUT = 30.0  # seconds /admin/usage may wait for PostgreSQL
 _WRITE_TIMEOUT = 30.0  # seconds a batch may take before the write counts as failed (and is retried)
+_LINGER = 0.01  # seconds the shipper gathers records before a push to the stream
 _STREAM_RETRY = 5.0  # seconds the shipper writes to PostgreSQL itself after the stream failed
 _START_TIMEOUT = 5.0  # seconds the start-up may wait for PostgreSQL (the writers retry after)
 
@@ -105,7 +108,14 @@ class PostgresLedger:
         self._consumer = (
             None
             if stream is None
-            else StreamConsumer(stream, self._write, self._health, errors=self._stream_errors, claim_after=claim_after)
+            else StreamConsumer(
+                stream,
+                self._write,
+                self._health,
+                errors=self._stream_errors,
+                claim_after=claim_after,
+                interval=flush_interval,
+            )
         )
 
     @property
@@ -186,6 +196,8 @@ class PostgresLedger:
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            if self._stream is not None:
+                await self._health.pause(_LINGER)  # what arrives meanwhile goes in the same entry
             self._wake.clear()
             if not await self._ship():
                 await self._health.pause(min(1.0, self._flush_interval))

@@ -61,7 +61,7 @@ class RecordStream:
         self.key = key
         self.consumer = consumer
         self._claim_after_ms = max(1, int(claim_after * 1000))
-        self._batch = batch
+        self.batch = batch  # stream entries per read
         self._claim_cursor = "0-0"
 
     async def create_group(self) -> None:
@@ -81,20 +81,20 @@ class RecordStream:
             GROUP,
             self.consumer,
             {self.key: ">"},
-            count=self._batch,
+            count=self.batch,
             block=None if block is None else max(1, int(block * 1000)),
         )
         return [item for _, items in reply or () for item in _payloads(items)]
 
     async def read_own(self) -> list[tuple[bytes, bytes]]:
         """The batches pending with this consumer (read before, not yet confirmed)."""
-        reply = await self._client.xreadgroup(GROUP, self.consumer, {self.key: "0"}, count=self._batch)
+        reply = await self._client.xreadgroup(GROUP, self.consumer, {self.key: "0"}, count=self.batch)
         return [item for _, items in reply or () for item in _payloads(items)]
 
     async def claim(self) -> list[tuple[bytes, bytes]]:
         """Batches pending with another consumer for ``claim_after`` seconds, now this one's."""
         reply = await self._client.xautoclaim(
-            self.key, GROUP, self.consumer, self._claim_after_ms, start_id=self._claim_cursor, count=self._batch
+            self.key, GROUP, self.consumer, self._claim_after_ms, start_id=self._claim_cursor, count=self.batch
         )
         cursor, items = reply[0], reply[1]
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
