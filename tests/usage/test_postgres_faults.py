@@ -15,6 +15,7 @@ import pytest
 from tests.helpers.gateway import CHAT_BODY, StartGateway, assert_gateway_error, key_secret, key_table, keys_config
 from tests.helpers.gateway import wait_until as poll
 from tests.helpers.postgres import PostgresServer
+from tests.helpers.processes import free_port
 
 
 @pytest.fixture
@@ -61,3 +62,18 @@ def test_a_stalled_ledger_delays_no_request_and_loses_no_record(
     assert any("PostgreSQL unreachable" in line for line in lines)
     assert any("PostgreSQL answers again" in line for line in lines)
     assert len(lines) <= 2 * 2, lines  # a line per change of state, never one per record or request
+
+
+def test_a_gateway_whose_ledger_database_is_down_at_start_serves_and_says_so(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.usage.postgres")
+    closed = f"postgresql://gateway:pg-secret@127.0.0.1:{free_port()}/gateway"
+    gateway = start_gateway({"GATEWAY_USAGE_DATABASE_URL": closed, "GATEWAY_USAGE_FLUSH_INTERVAL": "0.05"})
+    headers = {"authorization": "Bearer sk-client"}
+    answer = httpx.post(gateway.url + "/v1/chat/completions", json=CHAT_BODY, headers=headers, timeout=15)
+    assert answer.status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.usage.postgres"]
+    assert len(lines) == 1, lines  # one line, not one per attempt or per record
+    assert lines[0].startswith("ledger: PostgreSQL unreachable (")
+    assert all("pg-secret" not in r.getMessage() for r in caplog.records)

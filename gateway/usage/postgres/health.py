@@ -22,6 +22,10 @@ class Health:
             logger.warning("ledger: %s unreachable (%s); usage records wait until it answers", what,
                            type(exc).__name__)  # fmt: skip
 
+    def down(self, what: str) -> bool:
+        """Whether the last call to ``what`` failed."""
+        return what in self._down
+
     def answered(self, what: str) -> None:
         if what in self._down:
             self._down.discard(what)

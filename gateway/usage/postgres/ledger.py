@@ -1,26 +1,20 @@
 """The usage ledger of record on PostgreSQL (``[usage] database_url``), shared by every replica.
 
-``record`` (on the request path) gives the record its ledger id and appends it to a queue in
-memory; it never blocks and never raises. Off the request path:
-
-- with a durable queue (``stream``: a Redis Stream, when ``[shared] redis_url`` is set), a shipper
-  pushes what is queued to the stream within 10 ms (one entry per batch: what arrives in those
-  10 ms, or during a push, goes in one entry), and a consumer reads the batches waiting in the
-  stream every ``flush_interval`` seconds (at once while full batches wait), writes them to
-  PostgreSQL in one transaction and confirms them after the commit, and takes over the batches
-  another replica left unconfirmed for ``claim_after`` seconds (``gateway.usage.postgres.stream``,
-  ``gateway.usage.postgres.consumer``). A replica killed with SIGKILL loses only the records not
-  yet pushed: those of its last 10 ms and one Redis round trip. While Redis does
-  not answer, the shipper writes its batches to PostgreSQL itself (and tries the stream again
-  every few seconds);
-- without one, the shipper writes the queue to PostgreSQL every ``flush_interval`` seconds (or as
-  soon as a full batch waits): a crash loses what was queued, as with the SQLite ledger.
+``record`` (on the request path) gives the record its ledger id and queues it in memory; it never
+blocks nor raises. Off the request path, with a durable queue (``stream``: a Redis Stream, when
+``[shared] redis_url`` is set) a shipper pushes what is queued to the stream within 10 ms (one
+entry per batch) and a consumer writes the stream's batches to PostgreSQL, confirming them after
+the commit and taking over those another replica left unconfirmed (``gateway.usage.postgres.
+consumer``): a replica killed with SIGKILL loses only its last 10 ms. While Redis does not answer
+the shipper writes to PostgreSQL itself. Without a stream, the shipper writes the queue every
+``flush_interval`` seconds (a crash loses what was queued, as with the SQLite ledger).
 
 While PostgreSQL does not answer, batches wait (in the stream, or in memory up to ``max_queue``
-records, past which the oldest are dropped and counted in ``dropped``). One log line when
-PostgreSQL or Redis stops answering, one when it answers again. The schema is created or migrated
-at ``start`` (``gateway.usage.postgres.schema``); ``aclose`` ships and writes what it can within
-``drain_timeout``: what it cannot stays in the stream for the other replicas (or the next start).
+records; past it the oldest are dropped and counted). One log line per change of state
+(``gateway.usage.postgres.health``). The schema is created or migrated at ``start``; ``aclose``
+ships and writes what it can within ``drain_timeout`` (a second when PostgreSQL is known down):
+what it cannot stays in the stream for the other replicas (or the next start), or is counted as
+dropped. docs/usage.md, "The ledger on PostgreSQL", says the same for operators.
 """
 
 from __future__ import annotations
@@ -60,7 +54,7 @@ _REPORT_TIMEOUT = 30.0  # seconds /admin/usage may wait for PostgreSQL
 _WRITE_TIMEOUT = 30.0  # seconds a batch may take before the write counts as failed (and is retried)
 _LINGER = 0.01  # seconds the shipper gathers records before a push to the stream
 _STREAM_RETRY = 5.0  # seconds the shipper writes to PostgreSQL itself after the stream failed
-_START_TIMEOUT = 5.0  # seconds the start-up may wait for PostgreSQL (the writers retry after)
+_START_TIMEOUT = 3.0  # seconds the start-up may wait for PostgreSQL (the writers retry after)
 
 
 class LedgerUnavailable(GatewayError):
@@ -165,7 +159,8 @@ class PostgresLedger:
         self._stopping = True
         self._wake.set()
         self._health.closing.set()
-        deadline = time.monotonic() + self._drain_timeout
+        # PostgreSQL known down: a second for what can still go (to the stream), not the whole wait.
+        deadline = time.monotonic() + (1.0 if self._health.down("PostgreSQL") else self._drain_timeout)
         errors: tuple[type[BaseException], ...] = (*_PG_ERRORS, *self._stream_errors)
         try:
             shipper, consumer = self._tasks[:1], self._tasks[1:]
@@ -207,19 +202,27 @@ class PostgresLedger:
         """Hand the queue on in batches; False when a batch could not go (it is queued again)."""
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
-            if self._stream is not None and time.monotonic() >= self._stream_retry_at:
-                try:
-                    await self._stream.push(batch)
-                except self._stream_errors as exc:
-                    self._health.failed("Redis", exc)
-                    self._stream_retry_at = time.monotonic() + _STREAM_RETRY  # meanwhile straight to PostgreSQL
-                else:
-                    self._health.answered("Redis")
-                    continue
-            if not await self._write(batch):
+            try:
+                if not await self._hand_on(batch):
+                    self._queue.extendleft(reversed(batch))
+                    return False
+            except asyncio.CancelledError:  # aclose's deadline: counted as dropped there, not lost silently
                 self._queue.extendleft(reversed(batch))
-                return False
+                raise
         return True
+
+    async def _hand_on(self, batch: list[Entry]) -> bool:
+        """To the stream (while it answers), else to PostgreSQL; False when neither took it."""
+        if self._stream is not None and time.monotonic() >= self._stream_retry_at:
+            try:
+                await self._stream.push(batch)
+            except self._stream_errors as exc:
+                self._health.failed("Redis", exc)
+                self._stream_retry_at = time.monotonic() + _STREAM_RETRY  # meanwhile straight to PostgreSQL
+            else:
+                self._health.answered("Redis")
+                return True
+        return await self._write(batch)
 
     async def _write(self, batch: list[Entry]) -> bool:
         """Write a batch; False when PostgreSQL did not answer (the caller keeps the batch)."""
@@ -262,7 +265,7 @@ class PostgresLedger:
         task.add_done_callback(_forget(self._reads))
         try:
             result = await asyncio.wait_for(asyncio.shield(task), within)
-        except _PG_ERRORS as exc:
+        except (*_PG_ERRORS, psycopg.Error, LedgerError) as exc:  # never a 500 for the database's state
             self._health.failed("PostgreSQL", exc)
             raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
         self._health.answered("PostgreSQL")
@@ -277,7 +280,7 @@ class PostgresLedger:
         if self._migrated:
             return
         async with self._connection() as conn:
-            await migrate(conn)  # LedgerError (a newer schema) propagates: start fails
+            await migrate(conn)  # LedgerError (a newer schema): the start fails
         self._migrated = True
 
     def _drop(self, count: int) -> None:
@@ -294,6 +297,3 @@ def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None
             task.exception()  # retrieved: an overrun read's error is already answered as LedgerUnavailable
 
     return forget
-
-
-__all__ = ["LedgerError", "LedgerUnavailable", "PostgresLedger"]
