@@ -68,8 +68,12 @@ class StreamConsumer:
                 grouped = False
                 await health.pause(1.0)
                 continue
-            while items and not health.closing.is_set() and not await self._write_items(items):
-                await health.pause(1.0)  # PostgreSQL does not answer: the batches stay pending here
+            try:
+                while items and not health.closing.is_set() and not await self._write_items(items):
+                    await health.pause(1.0)  # PostgreSQL does not answer: the batches stay pending here
+            except Exception:  # a bug must not end the consuming for good: logged; the batches stay pending
+                logger.exception("ledger: writing from the stream failed")
+                await health.pause(1.0)
             if len(new) < stream.batch:  # the stream is drained: let the next batches gather
                 await health.pause(self._interval)
 
@@ -91,5 +95,8 @@ class StreamConsumer:
                 self.dropped += 1
         if entries and not await self._write(entries):
             return False
-        await self._stream.done([entry_id for entry_id, _ in items])
+        try:
+            await self._stream.done([entry_id for entry_id, _ in items])
+        except self._errors as exc:  # written but unconfirmed: taken over and written again (a no-op) later
+            self._health.failed("Redis", exc)
         return True

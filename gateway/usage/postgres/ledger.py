@@ -14,8 +14,7 @@ records; past it the oldest are dropped and counted). One log line per change of
 (``gateway.usage.postgres.health``). The schema is created or migrated at ``start``; ``aclose``
 ships and writes what it can within ``drain_timeout`` (a second when PostgreSQL is known down):
 what it cannot stays in the stream for the other replicas (or the next start), or is counted as
-dropped. docs/usage.md, "The ledger on PostgreSQL", says the same for operators.
-"""
+dropped. docs/usage.md, "The ledger on PostgreSQL", says the same for operators."""
 
 from __future__ import annotations
 
@@ -36,10 +35,10 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.errors import GatewayError
 from gateway.usage.postgres import reports
 from gateway.usage.postgres.consumer import StreamConsumer
 from gateway.usage.postgres.health import Health
+from gateway.usage.postgres.reports import LedgerUnavailable
 from gateway.usage.postgres.schema import migrate
 from gateway.usage.postgres.stream import RecordStream
 from gateway.usage.postgres.write import Entry, write_batch
@@ -55,13 +54,6 @@ _WRITE_TIMEOUT = 30.0  # seconds a batch may take before the write counts as fai
 _LINGER = 0.01  # seconds the shipper gathers records before a push to the stream
 _STREAM_RETRY = 5.0  # seconds the shipper writes to PostgreSQL itself after the stream failed
 _START_TIMEOUT = 3.0  # seconds the start-up may wait for PostgreSQL (the writers retry after)
-
-
-class LedgerUnavailable(GatewayError):
-    """A budgeted key's spend cannot be read while PostgreSQL does not answer."""
-
-    status = 503
-    code = "ledger_unavailable"
 
 
 class PostgresLedger:
@@ -194,7 +186,12 @@ class PostgresLedger:
             if self._stream is not None:
                 await self._health.pause(_LINGER)  # what arrives meanwhile goes in the same entry
             self._wake.clear()
-            if not await self._ship():
+            try:
+                shipped = await self._ship()
+            except Exception:  # a bug must not end the shipping for good: logged, then retried
+                logger.exception("ledger: shipping failed")
+                shipped = False
+            if not shipped:
                 await self._health.pause(min(1.0, self._flush_interval))
         await self._ship()
 
@@ -229,7 +226,7 @@ class PostgresLedger:
         try:
             async with asyncio.timeout(_WRITE_TIMEOUT):
                 await self._write_now(batch)
-        except (*_PG_ERRORS, LedgerError) as exc:
+        except (*_PG_ERRORS, LedgerError, psycopg.Error) as exc:  # the batch is kept and retried
             self._health.failed("PostgreSQL", exc)
             return False
         self._health.answered("PostgreSQL")
@@ -240,11 +237,11 @@ class PostgresLedger:
         async with self._connection() as conn:
             try:
                 await write_batch(conn, batch)
-            except psycopg.DataError:  # a value PostgreSQL cannot store: write the rest, drop it
+            except (psycopg.DataError, psycopg.IntegrityError):  # a value it cannot store: the rest, not it
                 for entry in batch:
                     try:
                         await write_batch(conn, [entry])
-                    except psycopg.DataError as exc:
+                    except (psycopg.DataError, psycopg.IntegrityError) as exc:
                         logger.error("ledger: a usage record could not be stored and was dropped (request %s): %s",
                                      entry.record.request_id, exc)  # fmt: skip
                         self._dropped += 1

@@ -19,10 +19,19 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
+from gateway.errors import GatewayError
 from gateway.usage.postgres.write import CACHED, LOCAL
 
 SummaryBy = Literal["key", "team", "model", "day"]
 Query = tuple[str, list[Any]]
+
+
+class LedgerUnavailable(GatewayError):
+    """A report, or a budgeted key's spend, cannot be read while PostgreSQL does not answer."""
+
+    status = 503
+    code = "ledger_unavailable"
+
 
 # The group of each report, on the daily totals and on the rows ('' is "no key/team" in the totals).
 _DAILY_GROUPS: Final[Mapping[str, str]] = MappingProxyType(
