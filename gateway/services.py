@@ -44,7 +44,6 @@ from gateway.upstream.aiohttp_client import AiohttpUpstream
 from gateway.upstream.base import HttpxUpstream, Upstream
 from gateway.upstream.breaker import Breakers
 from gateway.usage.ledger import Ledger
-from gateway.usage.reports import summarize
 
 if TYPE_CHECKING:
     from gateway.ops.spans import Tracing
@@ -71,8 +70,8 @@ class Services:
     jobs: JobOwners  # who created which video job (keys mode)
     tracing: Tracing | None  # None: tracing is off
     keys: KeyRing | None  # keys mode's key ring, swapped whole on a reload; None in the other modes
-    cache: ResponseCache | None = None  # the response cache ([cache] enabled)
     usage_summary: UsageSummary | None = None  # reads the ledger (None: no ledger)
+    cache: ResponseCache | None = None  # the response cache ([cache] enabled)
     open_streams: int = 0  # event streams being relayed now
     serving: bool = True  # False once shutdown has begun closing the services
 
@@ -110,14 +109,13 @@ async def open_services(
         catalog.start()
         stack.push_async_callback(catalog.aclose)
         usage = settings.usage
-        ledger: Ledger | PostgresLedger | None = None
-        if usage.database_url:
-            ledger = _postgres_ledger(settings)
-        elif usage.path:
-            ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval)
+        if usage.database_url:  # the ledger of record is on PostgreSQL: no SQLite file
+            usage = dataclasses.replace(usage, path="")
+        ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval) if usage.path else None
         if ledger is not None:
             await ledger.start()
             stack.push_async_callback(ledger.aclose)  # writes what is still queued
+        records = await _postgres_ledger(settings, stack) if usage.database_url else ledger  # the one in use
         services: Services | None = None
 
         def metrics_state() -> MetricsSnapshot | None:  # read at scrape time, once the services exist
@@ -128,13 +126,13 @@ async def open_services(
         if store is None:
             store = LocalStore(
                 RateLimiter(),
-                Budgets(ledger.spend_usd if ledger else None),
+                Budgets(records.spend_usd if records else None),
                 UpstreamShaper(up.concurrency, up.rpm, up.queue_timeout),
-                ledger,
+                records,
             )
             if settings.shared.redis_url:
                 shaping = (up.concurrency, up.rpm, up.queue_timeout)
-                spend = ledger.spend_usd if ledger else None
+                spend = records.spend_usd if records else None
                 shared = open_shared_store(settings.shared, store, spend, shaping=shaping)
                 await shared.start()
                 stack.push_async_callback(shared.aclose)  # settlements in flight get their timeout
@@ -163,8 +161,8 @@ async def open_services(
             jobs=JobOwners(),
             tracing=tracing,
             keys=KeyRing(settings.keys) if settings.auth_mode == "keys" else None,
+            usage_summary=_usage_summary(records, settings),
             cache=await _response_cache(settings, stack) if settings.cache.enabled else None,
-            usage_summary=_usage_summary(ledger, settings),
         )
         if services.keys is not None and config_path is not None:
             reloader = KeyReloader(config_path, env if env is not None else {}, settings, services)
@@ -176,8 +174,16 @@ async def open_services(
             services.serving = False  # readiness and metrics stop reading what is being closed
 
 
-def _postgres_ledger(settings: Settings) -> PostgresLedger:
-    """The ledger of record on PostgreSQL; its queue is a Redis Stream when ``[shared] redis_url`` is set."""
+async def _postgres_ledger(settings: Settings, stack: contextlib.AsyncExitStack) -> PostgresLedger:
+    """The ledger of record on PostgreSQL, started (its queue is a Redis Stream when ``[shared]
+    redis_url`` is set); closed with the services, writing what it still holds."""
+    ledger = _new_postgres_ledger(settings)
+    await ledger.start()
+    stack.push_async_callback(ledger.aclose)
+    return ledger
+
+
+def _new_postgres_ledger(settings: Settings) -> PostgresLedger:
     try:
         from gateway.usage.postgres.ledger import PostgresLedger
         from gateway.usage.postgres.stream import RecordStream, consumer_name
@@ -199,6 +205,8 @@ def _usage_summary(ledger: Ledger | PostgresLedger | None, settings: Settings) -
         return None
     if not isinstance(ledger, Ledger):
         return ledger.summarize
+    from gateway.usage.reports import summarize  # the SQLite ledger's reports
+
     path = Path(settings.usage.path)
 
     async def from_sqlite(by: Any, key: str | None, since: date | None) -> list[dict[str, Any]]:
