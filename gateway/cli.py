@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -21,7 +22,7 @@ from gateway.catalog.entries import ModelEntry, parse_catalog
 from gateway.cli_demo import DEMO_ADMIN, DEMO_USER, DEMO_USER_BUDGET_USD_DAILY, DEMO_USER_RPM, DemoLedger, demo_banner
 from gateway.cli_demo import demo as demo_command
 from gateway.cli_serve import discard_stdout, run, uvicorn_options
-from gateway.config import Settings, SettingsError, load_settings, resolve_config_path
+from gateway.config import POSTGRES_INSTALL, Settings, SettingsError, load_settings, resolve_config_path
 from gateway.endpoints import CATEGORIES
 from gateway.usage.reports import SUMMARY_GROUPS, summarize
 
@@ -93,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     new.set_defaults(run=_keys_new)
 
     usage = commands.add_parser("usage", help="usage and cost from the ledger, as a table")
-    usage.add_argument("--config", help="TOML config file (for [usage] path)")
+    usage.add_argument("--config", help="TOML config file (for [usage] path or database_url)")
     usage.add_argument("--by", choices=SUMMARY_GROUPS, default="key", help="group by (default: key)")
     usage.add_argument("--key", help="only this key's requests")
     usage.add_argument("--since", type=date.fromisoformat, metavar="YYYY-MM-DD", help="only from this day (UTC)")
@@ -190,11 +191,16 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    path = _settings(args.config).usage.path
-    if not path or not Path(path).is_file():
-        print(f"gateway: no usage ledger at {path!r} ([usage] path)", file=sys.stderr)
+    usage = _settings(args.config).usage
+    if usage.database_url:
+        rows = _postgres_summary(usage.database_url, args)
+        if rows is None:
+            return 1
+    elif not usage.path or not Path(usage.path).is_file():
+        print(f"gateway: no usage ledger at {usage.path!r} ([usage] path)", file=sys.stderr)
         return 1
-    rows = summarize(path, by=args.by, key=args.key, since=args.since)
+    else:
+        rows = summarize(usage.path, by=args.by, key=args.key, since=args.since)
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -217,6 +223,21 @@ def _usage(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _postgres_summary(url: str, args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The summary from the ledger on PostgreSQL ([usage] database_url); None when it cannot be read."""
+    try:
+        import psycopg
+
+        from gateway.usage.postgres.reports import summarize_blocking
+    except ImportError as exc:
+        raise SettingsError(f"[usage] database_url: psycopg is not installed ({exc}): {POSTGRES_INSTALL}") from exc
+    try:
+        return summarize_blocking(url, by=args.by, key=args.key, since=args.since)
+    except psycopg.Error as exc:  # its messages name the host and user, never the password
+        print(f"gateway: cannot read the usage ledger on PostgreSQL: {str(exc).strip()}", file=sys.stderr)
+        return None
 
 
 def _table(entries: list[ModelEntry]) -> str:

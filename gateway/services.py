@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -29,7 +31,7 @@ from gateway.catalog.admission import is_routable
 from gateway.catalog.cache import Catalog
 from gateway.catalog.health import LiveHealth
 from gateway.catalog.status import STATUS_PATH, StatusFeed
-from gateway.config import Settings
+from gateway.config import POSTGRES_INSTALL, Settings, SettingsError
 from gateway.exchange import Exchange
 from gateway.ops.drain import Drain
 from gateway.ops.logs import flush as flush_logs
@@ -53,6 +55,10 @@ from gateway.usage.rollups import RollupKeeper
 
 if TYPE_CHECKING:
     from gateway.ops.spans import Tracing
+    from gateway.usage.postgres.ledger import PostgresLedger
+
+# Totals by key, team, model or day (``gateway.usage.reports.summarize``'s rows) for GET /admin/usage.
+UsageSummary = Callable[[Any, str | None, date | None], Awaitable[list[dict[str, Any]]]]
 
 CATALOG_PATH = "/api/models"
 
@@ -75,6 +81,7 @@ class Services:
     health: LiveHealth  # each model's effective health (the catalog's and /api/status's)
     router: Router  # aliases and the candidates of a request (docs/routing.md)
     latencies: Latencies  # each model's measured time to first byte (the "fastest" strategy)
+    usage_summary: UsageSummary | None = None  # reads the ledger (None: no ledger)
     cache: ResponseCache | None = None  # the response cache ([cache] enabled)
     refusals: RecentRefusals | None = None  # the latest refusals (the console reads them)
     open_streams: int = 0  # event streams being relayed now
@@ -119,6 +126,8 @@ async def open_services(
         stack.push_async_callback(feed.aclose)
         latencies = Latencies(settings.routing.fastest_window)
         usage = settings.usage
+        if usage.database_url:  # the ledger of record is on PostgreSQL: no SQLite file
+            usage = dataclasses.replace(usage, path="")
         ledger = Ledger(Path(usage.path), flush_interval=usage.flush_interval) if usage.path else None
         if ledger is not None:
             await ledger.start()  # creates or migrates the database
@@ -132,6 +141,7 @@ async def open_services(
                 raise
             stack.push_async_callback(keeper.aclose)  # after the ledger's last write: rolls it up
             stack.push_async_callback(ledger.aclose)  # writes what is still queued
+        records = await _postgres_ledger(settings, stack) if usage.database_url else ledger  # the one in use
         services: Services | None = None
 
         def metrics_state() -> MetricsSnapshot | None:  # read at scrape time, once the services exist
@@ -143,13 +153,13 @@ async def open_services(
         if store is None:
             store = LocalStore(
                 RateLimiter(),
-                Budgets(ledger.spend_usd if ledger else None),
+                Budgets(records.spend_usd if records else None),
                 UpstreamShaper(up.concurrency, up.rpm, up.queue_timeout),
-                ledger,
+                records,
             )
             if settings.shared.redis_url:
                 shaping = (up.concurrency, up.rpm, up.queue_timeout)
-                spend = ledger.spend_usd if ledger else None
+                spend = records.spend_usd if records else None
                 shared = open_shared_store(settings.shared, store, spend, shaping=shaping)
                 await shared.start()
                 stack.push_async_callback(shared.aclose)  # settlements in flight get their timeout
@@ -183,6 +193,7 @@ async def open_services(
             health=LiveHealth(catalog, feed),
             router=Router(settings.routing, settings.aliases, latencies),
             latencies=latencies,
+            usage_summary=_usage_summary(records, settings),
             cache=await _response_cache(settings, stack) if settings.cache.enabled else None,
             refusals=refusals,
         )
@@ -194,6 +205,47 @@ async def open_services(
             yield services
         finally:
             services.serving = False  # readiness and metrics stop reading what is being closed
+
+
+async def _postgres_ledger(settings: Settings, stack: contextlib.AsyncExitStack) -> PostgresLedger:
+    """The ledger of record on PostgreSQL, started (its queue is a Redis Stream when ``[shared]
+    redis_url`` is set); closed with the services, writing what it still holds."""
+    ledger = _new_postgres_ledger(settings)
+    await ledger.start()
+    stack.push_async_callback(ledger.aclose)
+    return ledger
+
+
+def _new_postgres_ledger(settings: Settings) -> PostgresLedger:
+    try:
+        from gateway.usage.postgres.ledger import PostgresLedger
+        from gateway.usage.postgres.stream import RecordStream, consumer_name
+    except ImportError as exc:
+        raise SettingsError(f"[usage] database_url: psycopg is not installed ({exc}): {POSTGRES_INSTALL}") from exc
+    usage, shared = settings.usage, settings.shared
+    if not shared.redis_url:
+        return PostgresLedger(usage.database_url, flush_interval=usage.flush_interval, claim_after=usage.claim_after)
+    # Off the request path, so a second's room per call (a consumer waits on the stream for half of it).
+    client, errors = redis_client(dataclasses.replace(shared, timeout=max(shared.timeout, 1.0)))
+    stream = RecordStream(client, f"{shared.key_prefix}:ledger", consumer_name(), claim_after=usage.claim_after,
+                          batch=8)  # fmt: skip
+    return PostgresLedger(usage.database_url, stream=stream, stream_errors=errors,
+                          flush_interval=usage.flush_interval, claim_after=usage.claim_after)  # fmt: skip
+
+
+def _usage_summary(ledger: Ledger | PostgresLedger | None, settings: Settings) -> UsageSummary | None:
+    if ledger is None:
+        return None
+    if not isinstance(ledger, Ledger):
+        return ledger.summarize
+    from gateway.usage.reports import summarize  # the SQLite ledger's reports
+
+    path = Path(settings.usage.path)
+
+    async def from_sqlite(by: Any, key: str | None, since: date | None) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(summarize, path, by=by, key=key, since=since)
+
+    return from_sqlite
 
 
 async def _response_cache(settings: Settings, stack: contextlib.AsyncExitStack) -> ResponseCache:

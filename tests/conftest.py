@@ -21,6 +21,7 @@ from gateway.demo import DemoState, create_demo_upstream
 from gateway.server.thread import LocalServer, serve_in_thread
 from tests.helpers.clocks import FakeClock
 from tests.helpers.gateway import StartGateway, fresh_demo_state, gateway_env
+from tests.helpers.postgres import PostgresServer, postgres_server
 from tests.helpers.redis import RedisServer, redis_server
 
 
@@ -82,6 +83,13 @@ def http(gateway: LocalServer) -> Iterator[httpx.Client]:
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One real redis-server per test session (per worker); tests keep apart by key prefix."""
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server per test session (per worker); each test makes its own database."""
+    with postgres_server() as server:
         yield server
 
 

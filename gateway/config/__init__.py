@@ -5,6 +5,7 @@ The rest of the code imports the public names from here: ``from gateway.config i
 
 from gateway.config.loader import DEFAULT_CONFIG_PATH, ENV_PREFIX, load_settings, resolve_config_path
 from gateway.config.schema import (
+    POSTGRES_INSTALL,
     SHARED_INSTALL,
     TRACING_INSTALL,
     AliasSettings,
@@ -36,6 +37,7 @@ from gateway.config.schema import (
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
+    "POSTGRES_INSTALL",
     "SHARED_INSTALL",
     "TRACING_INSTALL",
     "AliasSettings",

@@ -29,6 +29,8 @@ def check_settings(s: Settings, *, check_auth: bool = True) -> None:
     if not s.catalog.routable_health:
         raise SettingsError("[catalog] routable_health: must name at least one health status")
     _check_tracing(s.tracing)
+    if s.usage.database_url and urlsplit(s.usage.database_url).scheme not in ("postgres", "postgresql"):
+        raise SettingsError("[usage] database_url: must be a postgresql:// URL (its scheme is not shown here)")
     if s.metrics.token_sha256 and not _SHA256_HEX.fullmatch(s.metrics.token_sha256.lower()):
         raise SettingsError("[metrics] token_sha256: must be 64 hex digits (the SHA-256 of the scrape token)")
 

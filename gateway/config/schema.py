@@ -27,6 +27,8 @@ RoutingStrategy = Literal["ordered", "cheapest", "fastest"]
 TRACING_INSTALL = "pip install 'flexai-gateway[tracing]'"
 # ... and when [shared] redis_url is set but redis-py is not installed.
 SHARED_INSTALL = "pip install 'flexai-gateway[shared]'"
+# ... and when [usage] database_url is set but psycopg is not installed.
+POSTGRES_INSTALL = "pip install 'flexai-gateway[postgres]'"
 
 
 class SettingsError(ValueError):
@@ -128,6 +130,10 @@ class UsageSettings:
     path: str = "$XDG_STATE_HOME/flexai-gateway/usage.db"
     # Seconds between batched writes: at most this much is lost on a crash.
     flush_interval: float = _bounded(1.0, gt=0)
+    # The ledger of record on PostgreSQL (gateway.usage.postgres); "" keeps the SQLite file above.
+    database_url: str = field(default="", repr=False)  # may hold a password
+    # Seconds a batch of records may stay unconfirmed with one replica before another takes it over.
+    claim_after: float = _bounded(30.0, gt=0)
     # Ask the upstream for usage on streamed chat/completions (the extra chunk is hidden again).
     include_usage: bool = True
     # Add the request's cost (usage.cost_usd) to the usage chunk of streams whose client asked for usage.

@@ -3,10 +3,8 @@ and the record of the 401s the key check answers (``key_refusal_recorder``)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import date
-from pathlib import Path
 from typing import Any, cast
 
 import orjson
@@ -24,7 +22,7 @@ from gateway.exchange import Exchange
 from gateway.ops.request_id import scope_request_id
 from gateway.routing.health import CIRCUIT_OPEN, shown_health
 from gateway.services import Services
-from gateway.usage.reports import SUMMARY_GROUPS, SummaryBy, summarize
+from gateway.usage.reports import SUMMARY_GROUPS, SummaryBy
 
 
 def model_object(entry: ModelEntry, health_source: str = "catalog") -> dict[str, Any]:
@@ -82,7 +80,6 @@ class LocalRoutes:
     def __init__(self, settings: Settings, runtime: Services) -> None:
         self._runtime = runtime
         self._routable = frozenset(settings.catalog.routable_health)
-        self._usage_path = Path(settings.usage.path) if settings.usage.path else None
 
     async def list_models(self, request: Request) -> Response:
         snapshot = await self._runtime.catalog.current()
@@ -137,8 +134,11 @@ class LocalRoutes:
 
     async def admin_usage(self, request: Request) -> Response:
         """GET /admin/usage?by=key|team|model|day&key=K&since=YYYY-MM-DD (keys mode, admin key)."""
-        if self._runtime.keys is None or self._usage_path is None:
-            raise UnknownPath('/admin/usage needs keys mode ([auth] mode = "keys") and a usage ledger ([usage] path).')
+        summary = self._runtime.usage_summary
+        if self._runtime.keys is None or summary is None:
+            raise UnknownPath(
+                '/admin/usage needs keys mode ([auth] mode = "keys") and a usage ledger ([usage] path or database_url).'
+            )
         params = request.query_params
         by = params.get("by", "key")
         if by not in SUMMARY_GROUPS:
@@ -149,8 +149,7 @@ class LocalRoutes:
                 since = date.fromisoformat(params["since"])
             except ValueError:
                 raise InvalidRequest("`since` must be a date, YYYY-MM-DD.", param="since") from None
-        group = cast(SummaryBy, by)
-        rows = await asyncio.to_thread(summarize, self._usage_path, by=group, key=params.get("key"), since=since)
+        rows = await summary(cast(SummaryBy, by), params.get("key"), since)
         return _json({"object": "list", "by": by, "data": rows})
 
     async def admin_cache_purge(self, request: Request) -> Response:

@@ -15,7 +15,10 @@ settled at), ``P:rl:{K}:res`` (HASH, request id -> reserved tokens), ``P:rl:{K}:
 request id -> reservation deadline), ``P:rl:{K}:meta`` (HASH: tokens in the window, reserved,
 the EWMA of a request's tokens), ``P:rl:{K}:done`` (ZSET, request ids settled in the window),
 ``P:rl:{K}:bg:daily:<start>`` and ``...:monthly:<start>`` (the spend of the period, micro-USD,
-seeded once from the ledger, kept a day past the period).
+seeded from the ledger whenever it is missing, kept a day past the period). A missing counter (the
+period's first request, or Redis restarted empty) is never taken for zero: ``ADMIT`` answers
+"seed", the replica seeds it from the ledger (SET NX: the first replica wins) and asks again, and
+``SETTLE`` leaves a missing counter alone (the ledger will count that request).
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ end
 # KEYS: the six limit keys, then the daily and monthly budget counters (micro-USD).
 # ARGV: window, request id, rpm (0: none), tpm (0: none), prompt tokens, requested tokens,
 # default completion reserve, reservation deadline (s), key ttl (ms), daily and monthly budget
-# (micro-USD, 0: none), the request's minimum cost (micro-USD), the budget counters' ttl (s).
-# Returns {admitted (1/0), what refused ("requests", "tokens", "daily", "monthly" or ""), estimate,
+# (micro-USD, 0: none), the request's minimum cost (micro-USD), the budget counters' ttl (s), and
+# "1" to answer "seed" (refusing nothing, writing nothing) when a budget counter is missing.
+# Returns {admitted (1/0), what refused ("requests", "tokens", "daily", "monthly", "seed" or ""), estimate,
 #          requests in window, tokens in window, reserved, requests reset (s), tokens reset (s),
 #          budget remaining (micro-USD)}; numbers as strings.
 ADMIT: Final = (
@@ -113,6 +117,13 @@ if tpm > 0 and tokens + reserved >= tpm then
 end
 local min_cost = tonumber(ARGV[12])
 local budgets = {{7, tonumber(ARGV[10]), 'daily', 13}, {8, tonumber(ARGV[11]), 'monthly', 14}}
+if ARGV[15] == '1' then
+  for _, b in ipairs(budgets) do
+    if b[2] > 0 and redis.call('EXISTS', KEYS[b[1]]) == 0 then
+      return {0, 'seed', estimate, requests, tokens, reserved, '0', '0', '0'}
+    end
+  end
+end
 for _, b in ipairs(budgets) do
   if b[2] > 0 then
     local remaining = b[2] - tonumber(redis.call('GET', KEYS[b[1]]) or '0')
@@ -156,8 +167,9 @@ if reserved then  -- else its deadline passed: the tokens still count
 end
 local spend = tonumber(ARGV[7])
 if spend ~= 0 then
-  if ARGV[8] == '1' then redis.call('INCRBY', KEYS[7], spend) end
-  if ARGV[9] == '1' then redis.call('INCRBY', KEYS[8], spend) end
+  -- a missing counter is seeded from the ledger later, which counts this request: never recreated here
+  if ARGV[8] == '1' and redis.call('EXISTS', KEYS[7]) == 1 then redis.call('INCRBY', KEYS[7], spend) end
+  if ARGV[9] == '1' and redis.call('EXISTS', KEYS[8]) == 1 then redis.call('INCRBY', KEYS[8], spend) end
 end
 if ARGV[5] == 'cancel' then
   redis.call('ZREM', KEYS[1], id)
@@ -215,14 +227,15 @@ def limit_keys(prefix: str, name: str, periods: tuple[Period, Period] | None = N
             daily, monthly]  # fmt: skip
 
 
-def admit_args(admission: Admission, deadline: float) -> list[Any]:
+def admit_args(admission: Admission, deadline: float, *, seed_check: bool = True) -> list[Any]:
+    """``seed_check``: answer "seed" when a budget counter is missing (else it counts from zero)."""
     caller = admission.caller
     ttl_ms = math.ceil((WINDOW + deadline) * 1000)
     daily, monthly = admission.periods
     return [WINDOW, admission.request_id, caller.rpm or 0, caller.tpm or 0, admission.prompt_tokens,
             admission.requested_tokens, DEFAULT_COMPLETION_RESERVE, deadline, ttl_ms,
             micro(caller.budget_usd_daily), micro(caller.budget_usd_monthly), micro(admission.min_cost),
-            budget_ttl(daily, admission.now), budget_ttl(monthly, admission.now)]  # fmt: skip
+            budget_ttl(daily, admission.now), budget_ttl(monthly, admission.now), int(seed_check)]  # fmt: skip
 
 
 def settle_args(ticket: SharedTicket, tokens: int, cost: float | None, deadline: float, *, cancel: bool) -> list[Any]:
@@ -243,6 +256,11 @@ def micro(usd: float | None) -> int:
 def budget_ttl(period: Period, now: float) -> int:
     """A budget counter outlives its period by a day (a settlement after midnight still finds it)."""
     return max(1, math.ceil(period.end - now + 86_400))
+
+
+def needs_seed(reply: list[Any]) -> bool:
+    """An ``ADMIT`` reply that asks for the budget counters to be seeded from the ledger first."""
+    return text(reply[1]) == "seed"
 
 
 def admitted(admission: Admission, reply: list[Any], prefix: str) -> SharedTicket:

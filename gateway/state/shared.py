@@ -40,6 +40,7 @@ from gateway.state.redis_limits import (
     budget_ttl,
     limit_keys,
     micro,
+    needs_seed,
     settle_args,
 )
 from gateway.state.redis_shaping import SharedShaper
@@ -81,7 +82,6 @@ class SharedStore:
         self._clock = clock
         self._wall_clock = wall_clock
         self._spend_since = spend_since  # the ledger's spend, to seed a period's shared counter
-        self._seeded: set[str] = set()
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
         self._heartbeat = client.register_script(HEARTBEAT)
@@ -127,13 +127,15 @@ class SharedStore:
                                   claim.min_cost if claim.budgeted else None, periods(now), now)  # fmt: skip
             prefix = self._settings.key_prefix
             keys = limit_keys(prefix, caller.name, admission.periods)
+            deadline = self._settings.reservation_deadline
             try:
                 async with asyncio.timeout(self._settings.timeout):
-                    if claim.budgeted:
-                        await self._seed_budgets(admission, keys)
-                    reply = await self._admit(
-                        keys=keys, args=admit_args(admission, self._settings.reservation_deadline)
-                    )
+                    reply = await self._admit(keys=keys, args=admit_args(admission, deadline))
+                if needs_seed(reply):  # a budget counter is missing: from the ledger, then ask again
+                    await self._seed_budgets(admission, keys)
+                    async with asyncio.timeout(self._settings.timeout):
+                        args = admit_args(admission, deadline, seed_check=False)
+                        reply = await self._admit(keys=keys, args=args)
             except self._errors as exc:
                 self._guard.failed(exc)
             else:
@@ -172,15 +174,16 @@ class SharedStore:
     # ------------------------------------------------------------------------------ internals
 
     async def _seed_budgets(self, admission: Admission, keys: list[str]) -> None:
-        """Start a period's shared spend from the ledger, once per counter (the first replica wins)."""
+        """Start a period's shared spend from the ledger (the first replica to set it wins). Reading
+        the ledger is not bounded by the Redis timeout (it has its own; ``LedgerUnavailable``)."""
         caller = admission.caller
         budgets = (caller.budget_usd_daily, caller.budget_usd_monthly)
         for period, key, budget in zip(admission.periods, keys[6:], budgets, strict=True):
-            if budget is None or key in self._seeded:
+            if budget is None:
                 continue
             spent = await self._spend_since(caller.name, period.start) if self._spend_since else 0.0
-            await self._client_set_nx(key, micro(spent), budget_ttl(period, admission.now))
-            self._seeded.add(key)
+            async with asyncio.timeout(self._settings.timeout):
+                await self._client_set_nx(key, micro(spent), budget_ttl(period, admission.now))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` off the request path; ``aclose`` gives what is still running its timeout."""

@@ -11,9 +11,9 @@ A request's accounting talks to a ``StateStore`` only, in four verbs:
 - ``upstream_slot()``: room for one more request to the upstream (the gateway's own shaping).
 
 ``LocalStore`` is the in-process backend (one process, one replica): the sliding-window limiter,
-the budgets seeded from the SQLite ledger, the upstream shaper. A shared backend (Redis for the
-counters, PostgreSQL for the ledger) implements the same protocol, so the request path does not
-change when it is added.
+the budgets seeded from the ledger, the upstream shaper, and the ledger (SQLite, or PostgreSQL:
+``gateway.usage.postgres``). The shared backend (``gateway.state.shared``: the counters in Redis)
+implements the same protocol around it, so the request path does not change when it is added.
 """
 
 from __future__ import annotations
@@ -27,8 +27,16 @@ from gateway.state.limits import RateLimiter, Ticket
 from gateway.state.redis_limits import SharedTicket
 from gateway.state.shaping import Slot, UpstreamShaper
 from gateway.types import Header
-from gateway.usage.ledger import Ledger
 from gateway.usage.schema import UsageRecord
+
+
+class UsageLedger(Protocol):
+    """Where ``record`` keeps usage: the SQLite ledger, or the PostgreSQL ledger of record."""
+
+    def record(self, r: UsageRecord) -> None: ...
+
+    @property
+    def dropped(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +94,11 @@ class StateStore(Protocol):
 
 
 class LocalStore:
-    """The in-process backend: this process's counters and its SQLite ledger (``ledger`` None: off)."""
+    """The in-process backend: this process's counters and the ledger (``ledger`` None: off)."""
 
-    def __init__(self, limiter: RateLimiter, budgets: Budgets, shaper: UpstreamShaper, ledger: Ledger | None) -> None:
+    def __init__(
+        self, limiter: RateLimiter, budgets: Budgets, shaper: UpstreamShaper, ledger: UsageLedger | None
+    ) -> None:
         self._limiter = limiter
         self._budgets = budgets
         self._shaper = shaper

@@ -54,6 +54,8 @@ def test_env_lists_are_comma_separated() -> None:
         ({"GATEWAY_UPSTREAM_URL": "not a url"}, "[upstream] url"),
         ({"GATEWAY_AUTH_MODE": "sometimes"}, "GATEWAY_AUTH_MODE: must be one of"),
         ({"GATEWAY_CATALOG_ROUTABLE_HEALTH": ""}, "routable_health: must name at least one"),
+        ({"GATEWAY_USAGE_DATABASE_URL": "mysql://u:pw@db/x"}, "[usage] database_url: must be a postgresql:// URL"),
+        ({"GATEWAY_USAGE_CLAIM_AFTER": "0"}, "GATEWAY_USAGE_CLAIM_AFTER: must be greater than 0"),
     ],
 )
 def test_bad_env_values_name_the_key(env: dict[str, str], message: str) -> None:
@@ -104,6 +106,15 @@ def test_auth_mode_combinations() -> None:
 def test_the_api_key_is_not_in_the_settings_repr() -> None:
     s = load_settings(None, {"GATEWAY_UPSTREAM_API_KEY": "sk-org-secret", "GATEWAY_AUTH_MODE": "open"})
     assert "sk-org-secret" not in repr(s)
+
+
+def test_the_ledger_database_url_is_neither_in_the_repr_nor_in_its_error() -> None:
+    s = load_settings(None, {"GATEWAY_USAGE_DATABASE_URL": "postgresql://gw:pg-secret@db/gw"})
+    assert s.usage.database_url == "postgresql://gw:pg-secret@db/gw"
+    assert "pg-secret" not in repr(s)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(None, {"GATEWAY_USAGE_DATABASE_URL": "postgres ql://gw:pg-secret@db/gw"})
+    assert "pg-secret" not in str(caught.value)
 
 
 def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,9 +42,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import kubernetes_validate
+import psycopg
 import pytest
 import yaml
 
+from tests.helpers.postgres import PostgresServer
 from tests.helpers.processes import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +73,8 @@ IMAGE_COMMAND = ["gateway", "serve", "--host", "0.0.0.0"]
 SHARED_URL_ENV = "GATEWAY_SHARED_REDIS_URL"  # [shared] redis_url
 SHARED_URL_KEY = "redis-url"  # its key in the Secret
 REDIS_PORT = 6379
+LEDGER_URL_ENV = "GATEWAY_USAGE_DATABASE_URL"  # [usage] database_url
+LEDGER_URL_KEY = "database-url"  # its key in the Secret
 
 slow = pytest.mark.slow
 
@@ -392,11 +396,15 @@ def test_deployment_env_config_and_key(pod_spec: Obj, container: Obj) -> None:
     # Redis (or a Secret made with the api-key alone) still starts.
     url_ref = env[SHARED_URL_ENV]["valueFrom"]["secretKeyRef"]
     assert url_ref == {"name": secret["metadata"]["name"], "key": SHARED_URL_KEY, "optional": True}
-    assert set(secret["stringData"]) == {"api-key", SHARED_URL_KEY}
+    # The ledger's PostgreSQL URL likewise (it holds a password too).
+    ledger_ref = env[LEDGER_URL_ENV]["valueFrom"]["secretKeyRef"]
+    assert ledger_ref == {"name": secret["metadata"]["name"], "key": LEDGER_URL_KEY, "optional": True}
+    assert set(secret["stringData"]) == {"api-key", SHARED_URL_KEY, LEDGER_URL_KEY}
     assert secret["stringData"][SHARED_URL_KEY] == "", "the template leaves shared state off"
+    assert secret["stringData"][LEDGER_URL_KEY] == "", "the template keeps the SQLite ledger"
     assert secret["metadata"]["namespace"] == NAMESPACE
-    # No other secret-looking values, and nothing besides the three above, in the pod's environment.
-    assert set(env) == {"GATEWAY_CONFIG", "GATEWAY_UPSTREAM_API_KEY", SHARED_URL_ENV}
+    # No other secret-looking values, and nothing besides the four above, in the pod's environment.
+    assert set(env) == {"GATEWAY_CONFIG", "GATEWAY_UPSTREAM_API_KEY", SHARED_URL_ENV, LEDGER_URL_ENV}
 
 
 def test_no_service_link_collides_with_gateway_settings(rendered: list[Obj], pod_spec: Obj) -> None:
@@ -524,7 +532,8 @@ def test_optional_servicemonitor_selects_the_service(rendered: list[Obj]) -> Non
 # The Redis (Valkey) of the shared state: compose's `redis` service and kubernetes/optional/redis.yaml
 
 # A version to the patch level, never `latest` or a moving minor tag.
-PINNED_IMAGE = re.compile(r"[a-z0-9][a-z0-9./-]*:\d+\.\d+\.\d+(?:-[a-z0-9.]+)?(?:@sha256:[0-9a-f]{64})?")
+# A full version: major.minor.patch, or major.minor where that is a release (PostgreSQL's 17.6).
+PINNED_IMAGE = re.compile(r"[a-z0-9][a-z0-9./-]*:\d+\.\d+(?:\.\d+)?(?:-[a-z0-9.]+)?(?:@sha256:[0-9a-f]{64})?")
 
 
 def redis_bytes(value: str) -> int:
@@ -964,8 +973,9 @@ def test_dockerfile_installs_the_tracing_and_shared_extras_pinned() -> None:
     project = pyproject()["project"]
     extras = project["optional-dependencies"]
     requirements = dockerfile_requirements()
-    # Everything but the dev extra: tracing for [tracing] enabled, shared for GATEWAY_SHARED_REDIS_URL.
-    assert requirements == [*project["dependencies"], *extras["tracing"], *extras["shared"]]
+    # Everything but the dev extra: tracing for [tracing] enabled, shared for GATEWAY_SHARED_REDIS_URL,
+    # postgres for GATEWAY_USAGE_DATABASE_URL.
+    assert requirements == [*project["dependencies"], *extras["tracing"], *extras["shared"], *extras["postgres"]]
     pinned = {
         requirement_name(line)[0]
         for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
@@ -979,6 +989,8 @@ def test_dockerfile_installs_the_tracing_and_shared_extras_pinned() -> None:
         for extra in requirement_name(requirement)[1]:
             assert extra in pinned, f"{requirement}: pin {extra} in constraints.txt"
     assert "redis" in {requirement_name(r)[0] for r in extras["shared"]}
+    # psycopg[binary]: the extra brings psycopg-binary (psycopg with its own libpq); pinned as well.
+    assert {"psycopg", "psycopg-binary", "psycopg-pool"} <= pinned
 
 
 def test_dockerfile_installs_pinned_dependencies() -> None:
@@ -1121,14 +1133,20 @@ def test_compose_shared_profile_runs_replicas_on_one_redis() -> None:
     gateway, redis, replicas = services["gateway"], services["redis"], shared_replicas()
     assert len(replicas) >= 2, "an example of several replicas"
     in_profile = {name for name, service in services.items() if "shared" in service.get("profiles", [])}
-    assert in_profile == {*replicas, "redis"}, "the shared profile is the replicas and their Redis"
+    assert in_profile == {*replicas, "redis", "postgres"}, "the shared profile: the replicas, Redis, PostgreSQL"
     for name, replica in replicas.items():
         assert replica["profiles"] == ["shared"]
         environment = service_environment(replica)
         url = urlsplit(environment.pop(SHARED_URL_ENV))
         assert (url.scheme, url.hostname, url.port, url.path) == ("redis", "redis", REDIS_PORT, "/0")
         assert url.password is None, f"{name}: a password belongs in gateway.env, not in compose.yaml"
-        assert replica["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        ledger = urlsplit(environment.pop(LEDGER_URL_ENV))
+        assert (ledger.scheme, ledger.hostname, ledger.port) == ("postgresql", "postgres", 5432)
+        assert ledger.password is None, f"{name}: a password belongs in gateway.env, not in compose.yaml"
+        assert replica["depends_on"] == {
+            "redis": {"condition": "service_healthy"},
+            "postgres": {"condition": "service_healthy"},
+        }
         # Otherwise the default gateway: image, config, key file, data volume, hardening, the image's CMD.
         assert environment == service_environment(gateway)
         assert set(replica) == {*gateway, "profiles", "depends_on"}, name
@@ -1147,6 +1165,24 @@ def test_compose_shared_profile_runs_replicas_on_one_redis() -> None:
     assert redis["tmpfs"] == ["/data"]
     assert redis["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in redis["security_opt"]
+
+
+def test_compose_postgres_keeps_the_ledger_on_a_volume_unpublished_and_unprivileged() -> None:
+    postgres = compose()["services"]["postgres"]
+    assert "ports" not in postgres, "reachable on the project's network only"
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    environment = service_environment(postgres)
+    ledger = urlsplit(service_environment(next(iter(shared_replicas().values())))[LEDGER_URL_ENV])
+    assert (environment["POSTGRES_USER"], environment["POSTGRES_DB"]) == (ledger.username, ledger.path[1:])
+    # The record of what was spent outlives the container: a named volume on the data directory.
+    [volume] = postgres["volumes"]
+    assert (volume["type"], volume["target"]) == ("volume", "/var/lib/postgresql/data")
+    uid = postgres["user"].partition(":")[0]
+    assert uid.isdigit()
+    assert int(uid) != 0
+    assert postgres["read_only"] is True
+    assert postgres["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in postgres["security_opt"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1419,7 +1455,9 @@ def gauge(metrics: str, name: str) -> float | None:
 
 @slow
 @pytest.mark.timeout(600)
-def test_compose_shared_replicas_share_a_redis_run_as_compose_runs_it(installed_gateway: Path, tmp_path: Path) -> None:
+def test_compose_shared_replicas_share_a_redis_run_as_compose_runs_it(
+    installed_gateway: Path, tmp_path: Path, postgres: PostgresServer
+) -> None:
     server = shutil.which("valkey-server") or shutil.which("redis-server")
     if server is None:
         pytest.skip("neither valkey-server nor redis-server is installed")
@@ -1454,12 +1492,14 @@ def test_compose_shared_replicas_share_a_redis_run_as_compose_runs_it(installed_
         # from deploy/, the URL with the compose host name `redis` pointing here), one shared /data.
         data = tmp_path / "data"
         data.mkdir()
+        ledger_url = postgres.database()
         command = image_command(parse_dockerfile().final)
         for name, service in sorted(shared_replicas().items()):
             environment = service_environment(service)
             mounts = {volume["target"]: volume for volume in service["volumes"]}
             url = urlsplit(environment[SHARED_URL_ENV])
             environment[SHARED_URL_ENV] = url._replace(netloc=f"127.0.0.1:{redis_port}").geturl()
+            environment[LEDGER_URL_ENV] = ledger_url  # the compose host name `postgres`, pointing here
             environment["GATEWAY_CONFIG"] = str(DEPLOY / mounts[environment["GATEWAY_CONFIG"]]["source"])
             environment["GATEWAY_UPSTREAM_API_KEY"] = "sk-test-not-a-key"  # from gateway.env
             environment["GATEWAY_UPSTREAM_URL"] = f"http://127.0.0.1:{free_port()}"  # closed: stays local
@@ -1486,11 +1526,16 @@ def test_compose_shared_replicas_share_a_redis_run_as_compose_runs_it(installed_
             logs = "\n\n".join(f"{shlex.join(other.argv)}:\n{other.log_tail()}" for other in replicas)
             assert seen == want, f"port {served.port}, replicas in Redis {members}:\n{logs}"
 
-        # Every key the gateway wrote has a TTL, which the volatile-* eviction policy needs.
+        # Every key the gateway wrote has a TTL, which the volatile-* eviction policy needs, except the
+        # ledger's queue: records not yet in PostgreSQL must never be evicted (it is empty once written).
         keys = list(client.scan_iter())
         assert keys, "the replicas wrote nothing to Redis"
         for key in keys:
-            assert client.pttl(key) > 0, f"{key!r} has no TTL"
+            assert key == b"gw:ledger" or client.pttl(key) > 0, f"{key!r} has no TTL"
+        assert client.type("gw:ledger") == b"stream"
+        # The replicas created the ledger's tables in the PostgreSQL the compose URL names.
+        with psycopg.connect(ledger_url) as conn:
+            assert conn.execute("SELECT version FROM usage_schema").fetchall() == [(1,)]
     finally:
         exit_codes = [stop(served.process, timeout=20) for served in replicas]
         client.close()

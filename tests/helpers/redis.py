@@ -46,10 +46,11 @@ def ping(port: int) -> bool:
 
 
 @contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
+def redis_server(directory: Path, port: int | None = None) -> Iterator[RedisServer]:
+    """A server on ``port`` (default: a free one; a given port restarts a server where clients expect it)."""
     binary = shutil.which("redis-server")
     assert binary is not None, "redis-server is not installed (.ci/run installs it: apt-get install redis-server)"
-    port = free_port()
+    port = port or free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(directory), "--daemonize", "no"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603

@@ -1,0 +1,281 @@
+"""The usage ledger on a real PostgreSQL server (and a real Redis for its durable queue): one row
+per settled request whatever is delivered twice, migrations that many replicas may run at once,
+and reports that answer exactly what the SQLite ledger's reports answer."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+from psycopg import AsyncConnection
+from redis.exceptions import RedisError
+
+from gateway.usage.ledger import Ledger
+from gateway.usage.postgres import reports as pg_reports
+from gateway.usage.postgres.ledger import PostgresLedger
+from gateway.usage.postgres.schema import SCHEMA_VERSION, migrate, schema_version
+from gateway.usage.postgres.stream import GROUP, RecordStream, consumer_name
+from gateway.usage.postgres.write import Entry, write_batch
+from gateway.usage.reports import spend_usd, summarize
+from gateway.usage.schema import LedgerError, UsageRecord
+from tests.helpers.postgres import PostgresServer
+from tests.helpers.processes import GATEWAY, clean_env, free_port
+from tests.helpers.redis import RedisServer
+
+DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
+DAY2 = datetime(2025, 3, 2, 8, tzinfo=UTC).timestamp()
+
+
+def rec(
+    i: int,
+    *,
+    ts: float = DAY1,
+    key: str | None = "alice",
+    team: str | None = "red",
+    model: str = "m1",
+    cost: float | None = 0.5,
+    tokens: tuple[int, int] = (10, 5),
+    status: int = 200,
+    outcome: str = "completed",
+    cache: str | None = None,
+    saved: float | None = None,
+) -> UsageRecord:
+    return UsageRecord(ts, f"req-{i}", key, team, model, "/v1/chat/completions", status, tokens[0], tokens[1],
+                       sum(tokens), cost, outcome, False, 12.5, 3.0, cache, saved)  # fmt: skip
+
+
+# Every kind of row a report tells apart: keys, teams and none, two days, unknown costs, refusals
+# (the gateway's own) and upstream failures (502: a request), dry runs, cache hits and what they saved.
+MIXED = [
+    rec(1, key="alice", team="red", model="m1", cost=1.0, tokens=(10, 1)),
+    rec(2, key="alice", team="red", model="m2", cost=None, tokens=(20, 2), ts=DAY2),
+    rec(3, key="bob", team="blue", model="m1", cost=0.25, tokens=(30, 3), ts=DAY2),
+    rec(4, key=None, team=None, model="m1", cost=None, tokens=(40, 4)),
+    rec(5, key="alice", cost=0.0, tokens=(0, 0), status=429, outcome="refused"),
+    rec(6, key="alice", cost=None, tokens=(0, 0), status=403, outcome="refused"),
+    rec(7, key="alice", cost=None, tokens=(0, 0), status=200, outcome="dry_run"),
+    rec(8, key="bob", team="blue", cost=None, tokens=(0, 0), status=502, outcome="refused", ts=DAY2),
+    rec(9, key="bob", team="blue", cost=0.0, tokens=(7, 7), outcome="cache_hit", cache="hit", saved=0.125, ts=DAY2),
+    rec(10, key="Zed", team="blue", model="M0", cost=0.1, ts=DAY2 + 3600),
+]
+
+
+@pytest.fixture
+async def conn(postgres: PostgresServer) -> AsyncIterator[AsyncConnection[Any]]:
+    async with await AsyncConnection.connect(postgres.database(), autocommit=True) as c:
+        await migrate(c)
+        yield c
+
+
+async def count(conn: AsyncConnection[Any], sql: str = "SELECT count(*) FROM usage") -> int:
+    cursor = await conn.execute(sql)
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_a_batch_delivered_twice_is_one_row_per_record_and_counted_once(conn: AsyncConnection[Any]) -> None:
+    first = [Entry("id-1", rec(1)), Entry("id-2", rec(2, cost=0.25))]
+    assert await write_batch(conn, first) == 2
+    # The same batch again (a replica died after its commit; another took the batch over), with a new record.
+    assert await write_batch(conn, [*first, Entry("id-3", rec(3)), Entry("id-3", rec(3))]) == 1
+    assert await count(conn) == 3
+    [alice] = await pg_reports.summarize(conn, by="key")
+    assert (alice["requests"], alice["prompt_tokens"], alice["cost_usd"]) == (3, 30, 1.25)
+    # The same X-Request-ID sent by a client twice is two requests: two rows (the key is the ledger's id).
+    assert await write_batch(conn, [Entry("id-4", rec(1))]) == 1
+    assert await count(conn, "SELECT count(*) FROM usage WHERE request_id = 'req-1'") == 2
+
+
+async def test_migrations_are_idempotent_and_safe_when_replicas_start_at_once(postgres: PostgresServer) -> None:
+    url = postgres.database()
+    connections = [await AsyncConnection.connect(url, autocommit=True) for _ in range(6)]
+    try:
+        assert await schema_version(connections[0]) == 0
+        results = await asyncio.gather(*(migrate(c) for c in connections))  # six replicas start at once
+        assert results == [SCHEMA_VERSION] * 6
+        assert await migrate(connections[0]) == SCHEMA_VERSION  # and again: nothing to do
+        assert await count(connections[0], "SELECT count(*) FROM usage_schema") == 1
+        assert await schema_version(connections[1]) == SCHEMA_VERSION
+        async with connections[0].transaction():
+            await connections[0].execute("UPDATE usage_schema SET version = version + 1")
+        with pytest.raises(LedgerError, match="newer than this gateway"):
+            await migrate(connections[1])
+    finally:
+        for c in connections:
+            await c.close()
+
+
+async def test_reports_answer_what_the_sqlite_ledger_answers(conn: AsyncConnection[Any], tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    async with Ledger(path) as sqlite_ledger:
+        for record in MIXED:
+            sqlite_ledger.record(record)
+    await write_batch(conn, [Entry(f"id-{i}", r) for i, r in enumerate(MIXED)])
+    sinces: list[datetime | date | float | None] = [None, date(2025, 3, 2), datetime(2025, 3, 1, 13), DAY2 + 1]
+    for by in ("key", "team", "model", "day"):
+        for key in (None, "alice", "bob", "nobody"):
+            for since in sinces:
+                expected = summarize(path, by=by, key=key, since=since)
+                answered = await pg_reports.summarize(conn, by=by, key=key, since=since)
+                assert answered == [_approx(row) for row in expected], (by, key, since)
+    assert [r["key"] for r in await pg_reports.summarize(conn, by="key")] == [None, "Zed", "alice", "bob"]
+    for key, since in (("alice", DAY1 - 3600), ("bob", datetime(2025, 3, 2, tzinfo=UTC).timestamp()), ("bob", DAY2)):
+        assert await pg_reports.spend_usd(conn, key, since) == pytest.approx(spend_usd(path, key, since))
+
+
+def _approx(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: pytest.approx(v) if isinstance(v, float) else v for k, v in row.items()}
+
+
+async def test_without_redis_records_are_written_in_batches_and_on_close(postgres: PostgresServer) -> None:
+    url = postgres.database()
+    ledger = PostgresLedger(url, flush_interval=0.05, max_batch=7)
+    await ledger.start()
+    for i in range(20):
+        ledger.record(rec(i, cost=0.5))
+    assert await ledger.spend_usd("alice", DAY1 - 1) == pytest.approx(10.0)  # rows and queued records, once each
+    for i in range(20, 25):
+        ledger.record(rec(i))
+    await ledger.aclose()  # writes what is still queued
+    ledger.record(rec(99))  # after close: counted as dropped, never raised
+    assert ledger.dropped == 1
+    async with await AsyncConnection.connect(url, autocommit=True) as c:
+        assert await count(c, "SELECT count(DISTINCT request_id) FROM usage") == 25
+        assert await count(c, "SELECT sum(rows) FROM usage_daily") == 25
+
+
+async def test_a_value_postgresql_cannot_store_drops_that_record_alone(postgres: PostgresServer) -> None:
+    url = postgres.database()
+    ledger = PostgresLedger(url, flush_interval=0.05)
+    await ledger.start()
+    for i in range(10):
+        ledger.record(rec(i, tokens=(10**30, 1)) if i == 3 else rec(i))
+    ledger.record(rec(10, model="bad\x00model"))
+    await ledger.aclose()
+    assert ledger.dropped == 2
+    async with await AsyncConnection.connect(url, autocommit=True) as c:
+        cursor = await c.execute("SELECT request_id FROM usage")
+        assert {row[0] for row in await cursor.fetchall()} == {f"req-{i}" for i in range(10)} - {"req-3"}
+
+
+def stream_ledger(url: str, redis: RedisServer, key: str, claim_after: float = 1.0) -> PostgresLedger:
+    client = aioredis.from_url(redis.url, socket_timeout=4)
+    stream = RecordStream(client, key, consumer_name(), claim_after=claim_after, batch=8)
+    return PostgresLedger(url, stream=stream, stream_errors=(RedisError,), claim_after=claim_after)
+
+
+async def wait_for(condition: Callable[[], Any], seconds: float = 10.0) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if await condition():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(await condition())
+
+
+async def test_replicas_share_the_stream_and_every_record_lands_once(
+    postgres: PostgresServer, redis: RedisServer
+) -> None:
+    url, key = postgres.database(), f"t{uuid.uuid4().hex[:8]}:ledger"
+    replicas = [stream_ledger(url, redis, key) for _ in range(3)]
+    for replica in replicas:
+        await replica.start()
+    async with await AsyncConnection.connect(url, autocommit=True) as c:
+        try:
+            for i in range(150):
+                replicas[i % 3].record(rec(i, cost=0.01))
+                if i % 10 == 0:
+                    await asyncio.sleep(0.001)
+
+            async def all_written() -> bool:
+                return await count(c) == 150
+
+            assert await wait_for(all_written)
+        finally:
+            for replica in replicas:
+                await replica.aclose()
+        assert await count(c, "SELECT count(DISTINCT request_id) FROM usage") == 150
+        assert await count(c, "SELECT sum(rows) FROM usage_daily") == 150
+    client = aioredis.from_url(redis.url)
+    try:
+        assert await client.xlen(key) == 0  # written batches are confirmed and removed
+        assert (await client.xpending(key, GROUP))["pending"] == 0
+    finally:
+        await client.aclose()
+
+
+async def test_batches_left_by_a_dead_consumer_are_taken_over(postgres: PostgresServer, redis: RedisServer) -> None:
+    url, key = postgres.database(), f"t{uuid.uuid4().hex[:8]}:ledger"
+    client = aioredis.from_url(redis.url, socket_timeout=4)
+    try:
+        dead = RecordStream(client, key, "dead-replica", claim_after=0.3, batch=8)
+        await dead.create_group()
+        await dead.push([Entry(f"x{i}", rec(i)) for i in range(5)])
+        assert len(await dead.read(None)) == 1  # read, then the replica "died" before writing it
+        survivor = stream_ledger(url, redis, key, claim_after=0.3)
+        await survivor.start()
+        try:
+            async with await AsyncConnection.connect(url, autocommit=True) as c:
+
+                async def written() -> bool:
+                    return await count(c) == 5
+
+                assert await wait_for(written)
+        finally:
+            await survivor.aclose()
+        assert (await client.xpending(key, GROUP))["pending"] == 0
+    finally:
+        await client.aclose()
+
+
+def test_the_usage_command_reads_postgresql(postgres: PostgresServer) -> None:
+    url = postgres.database()
+
+    async def fill() -> None:
+        async with await AsyncConnection.connect(url, autocommit=True) as c:
+            await migrate(c)
+            await write_batch(c, [Entry(f"id-{i}", r) for i, r in enumerate(MIXED)])
+
+    asyncio.run(fill())
+    rows = pg_reports.summarize_blocking(url, by="day", since=date(2025, 3, 2))
+    assert [(r["day"], r["requests"], r["cached"]) for r in rows] == [("2025-03-02", 4, 1)]
+    with pytest.raises(psycopg.OperationalError):
+        pg_reports.summarize_blocking(postgres.url("no_such_database"), by="key")
+
+
+async def test_with_redis_down_records_go_straight_to_postgresql(postgres: PostgresServer) -> None:
+    url = postgres.database()
+    closed = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1, socket_connect_timeout=1)
+    stream = RecordStream(closed, "down:ledger", consumer_name(), claim_after=1.0, batch=8)
+    ledger = PostgresLedger(url, stream=stream, stream_errors=(RedisError,))
+    await ledger.start()
+    try:
+        for i in range(12):
+            ledger.record(rec(i))
+        async with await AsyncConnection.connect(url, autocommit=True) as c:
+
+            async def written() -> bool:
+                return await count(c) == 12
+
+            assert await wait_for(written)
+    finally:
+        await ledger.aclose()
+    assert ledger.dropped == 0
+
+
+def test_the_usage_command_names_an_unreachable_database_without_its_password() -> None:
+    url = f"postgresql://gateway:s3cret-pw@127.0.0.1:{free_port()}/gateway"
+    env = clean_env({"GATEWAY_USAGE_DATABASE_URL": url})
+    done = subprocess.run([GATEWAY, "usage"], env=env, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
+    assert done.returncode == 1
+    assert "cannot read the usage ledger on PostgreSQL" in done.stderr
+    assert "s3cret-pw" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
