@@ -21,9 +21,11 @@ import matplotlib.pyplot as plt
 COLORS = {
     "direct": "#7f7f7f",
     "gateway": "#1f77b4",
+    "gateway-lean": "#98df8a",
     "gateway-cache": "#17becf",
     "baseline": "#aec7e8",
     "floor": "#9467bd",
+    "portkey": "#ff7f0e",
     "litellm": "#d62728",
     "runner-httpx": "#1f77b4",
     "runner-aiohttp": "#2ca02c",
