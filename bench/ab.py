@@ -4,6 +4,7 @@
     python bench/ab.py --rev 7b5acc1 --rounds 16 --scenario embed
     python bench/ab.py --rev HEAD --b-rev HEAD --rounds 8     # A/A: identical code, the noise floor
     python bench/ab.py --config lean                    # both with the access log and the ledger off
+    python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults   # what the defaults cost
     python bench/ab.py --render bench/results/ab-....json   # re-print a saved comparison
 
 Why: on a shared 2-CPU machine, two gateway processes running identical code differ by up to ~5 %
@@ -132,7 +133,8 @@ def start_side(
     workdir = work / f"seed{seed}-{side}"  # fresh: its own config and ledger
     workdir.mkdir(parents=True)
     port = b.free_port()
-    config = b.gateway_config(workdir, side, upstream, port, profile=args.config)
+    profile = args.b_config if side == "B" and args.b_config else args.config
+    config = b.gateway_config(workdir, side, upstream, port, profile=profile)
     argv = [str(b.PROJECT_BIN / "gateway"), "serve", "--config", str(config), "--port", str(port)]
     proc = b.spawn(f"gateway-{side}-seed{seed}", argv, workdir, cpus.proxy, env=side_env(side, seed, code))
     try:
@@ -243,6 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tree": None if args.b_rev else working_tree(),
         "scenario": args.scenario,
         "config": args.config,
+        "b_config": args.b_config,
         "connections": args.connections,
         "seconds": args.seconds,
         "warmup_s": args.warmup,
@@ -282,6 +285,14 @@ def _side_b(meta: dict[str, Any]) -> str:
     return f"the working tree ({meta['tree']})"
 
 
+def _configs(meta: dict[str, Any]) -> str:
+    a = meta.get("config", "quiet")
+    b_config = meta.get("b_config") or a
+    if a == b_config:
+        return CONFIGS[a]
+    return f"A: {CONFIGS[a]}; B: {CONFIGS[b_config]}"
+
+
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
@@ -308,7 +319,7 @@ def render(results: dict[str, Any]) -> str:
             f"## Interleaved A/B {m['date']}",
             "",
             f"A = `{m['rev']}` ({_short(m['rev_described'])}); B = {_side_b(m)}. Gateway configuration: "
-            f"{CONFIGS[m.get('config', 'quiet')]}. Scenario {m['scenario']}, {m['connections']} connections, "
+            f"{_configs(m)}. Scenario {m['scenario']}, {m['connections']} connections, "
             f"{m['seconds']} s wrk runs after a {m['warmup_s']} s warm-up of each, {m['rounds']} rounds per "
             f"hash seed, the order swapped every round; {m['pinning']} "
             f"(both gateways on the same CPU). Load average {m['loadavg_start'][0]:.2f} at the start, "
@@ -369,6 +380,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="defaults",
         help="both gateways' configuration: defaults (access log and ledger on, as users run it; the default), "
         'lean (both off), quiet (log_level = "warning": no access log, ledger on; the runs before 2026-12-05)',
+    )
+    parser.add_argument(
+        "--b-config",
+        choices=b.GATEWAY_PROFILES,
+        help="side B's configuration, when it differs from --config (--rev X --b-rev X --config lean --b-config "
+        "defaults: what the defaults cost, same code)",
     )
     parser.add_argument("--seconds", type=int, default=2, help="seconds per wrk run (default 2)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
