@@ -46,8 +46,8 @@ pytest: $(STAMP)
 constraints: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check | grep -v '^-e ' > constraints.txt
 
-## The benchmark (by hand, never in CI): direct vs the gateway vs LiteLLM; see bench/README.md.
-## Extra flags: make bench BENCH_ARGS="--no-litellm" (or --transport-experiment, --duration 10, ...).
+## The benchmark (by hand, never in CI): direct vs the gateway vs Portkey and LiteLLM; see bench/README.md.
+## Extra flags: make bench BENCH_ARGS="--no-litellm --no-portkey" (or --transport-experiment, --duration 10, ...).
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/validation_cost.py

@@ -3,6 +3,8 @@
     python bench/ab.py                                  # HEAD~1 vs the working tree: chat, seeds 0,1,2, 12 rounds
     python bench/ab.py --rev 7b5acc1 --rounds 16 --scenario embed
     python bench/ab.py --rev HEAD --b-rev HEAD --rounds 8     # A/A: identical code, the noise floor
+    python bench/ab.py --config lean                    # both with the access log and the ledger off
+    python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults   # what the defaults cost
     python bench/ab.py --render bench/results/ab-....json   # re-print a saved comparison
 
 Why: on a shared 2-CPU machine, two gateway processes running identical code differ by up to ~5 %
@@ -13,12 +15,13 @@ budget of a few percent; this tool can.
 How: nginx serves the canned answers (as in bench/run.py). For each hash seed, two gateways run at
 once, both pinned to the SAME proxy CPU, both with that ``PYTHONHASHSEED``, each with a fresh work
 directory and ledger of its own (a ledger written by a newer schema makes an older gateway refuse
-to start): A is the installed ``gateway`` console script with the ``gateway`` package of ``--rev``
-(extracted with ``git archive``, nothing else in the repository is touched) first on
-``PYTHONPATH``; B is the same console script on the working tree (or, with ``--b-rev``, on another
-extracted revision). Both are warmed up, then for ``--rounds`` rounds each gets one short wrk run
-(``--seconds``, ``--connections``), A first in even rounds and B first in odd ones, so that drift
-in the machine's load falls on both alike. Each run's
+to start), both configured as ``--config`` says (default: the gateway's defaults, access log and
+ledger on; the access log goes to a file in the work directory): A is the installed ``gateway``
+console script with the ``gateway`` package of ``--rev`` (extracted with ``git archive``, nothing
+else in the repository is touched) first on ``PYTHONPATH``; B is the same console script on the
+working tree (or, with ``--b-rev``, on another extracted revision). Both are warmed up, then for
+``--rounds`` rounds each gets one short wrk run (``--seconds``, ``--connections``), A first in even
+rounds and B first in odd ones, so that drift in the machine's load falls on both alike. Each run's
 CPU is the gateway process tree's user + system time from /proc, before and after; a round's
 figure is B's CPU per request divided by A's. Reported: every round's ratio, the median per seed,
 the median over all rounds, and the spread of the per-seed medians (the hash-seed effect).
@@ -53,6 +56,12 @@ import benchlib as b
 import payloads
 
 SIDES = ("A", "B")
+# What each --config means, for the report (a saved run without one used "quiet").
+CONFIGS = {
+    "defaults": "the defaults (access log on at log level info, to a file; SQLite ledger on)",
+    "lean": "the access log and the ledger off",
+    "quiet": 'log_level = "warning" (no access log lines; ledger on)',
+}
 SCENARIOS = {
     "chat": ("/v1/chat/completions", payloads.chat_request(False)),
     "embed": ("/v1/embeddings", payloads.embeddings_request()),
@@ -118,11 +127,14 @@ def check_imports(code: Code, cwd: Path) -> None:
             raise SystemExit(f"ab: side {side} imports gateway from {found}, expected {where}")
 
 
-def start_side(side: str, seed: int, work: Path, code: Code, upstream: str, cpus: b.Cpus) -> Side:
+def start_side(
+    side: str, seed: int, work: Path, code: Code, upstream: str, cpus: b.Cpus, args: argparse.Namespace
+) -> Side:
     workdir = work / f"seed{seed}-{side}"  # fresh: its own config and ledger
     workdir.mkdir(parents=True)
     port = b.free_port()
-    config = b.gateway_config(workdir, side, upstream, port)
+    profile = args.b_config if side == "B" and args.b_config else args.config
+    config = b.gateway_config(workdir, side, upstream, port, profile=profile)
     argv = [str(b.PROJECT_BIN / "gateway"), "serve", "--config", str(config), "--port", str(port)]
     proc = b.spawn(f"gateway-{side}-seed{seed}", argv, workdir, cpus.proxy, env=side_env(side, seed, code))
     try:
@@ -156,7 +168,7 @@ def measure_seed(
     with contextlib.ExitStack() as stack:
         sides: dict[str, Side] = {}
         for name in SIDES:
-            sides[name] = start_side(name, seed, work, code, upstream, cpus)
+            sides[name] = start_side(name, seed, work, code, upstream, cpus, args)
             stack.callback(sides[name].proc.stop)
         both = [pid for side in sides.values() for pid in side.pids]
         for name in SIDES:  # warm-up: imports, caches, the upstream pool, the first collections
@@ -232,6 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "b_rev": args.b_rev,
         "tree": None if args.b_rev else working_tree(),
         "scenario": args.scenario,
+        "config": args.config,
+        "b_config": args.b_config,
         "connections": args.connections,
         "seconds": args.seconds,
         "warmup_s": args.warmup,
@@ -271,6 +285,14 @@ def _side_b(meta: dict[str, Any]) -> str:
     return f"the working tree ({meta['tree']})"
 
 
+def _configs(meta: dict[str, Any]) -> str:
+    a = meta.get("config", "quiet")
+    b_config = meta.get("b_config") or a
+    if a == b_config:
+        return CONFIGS[a]
+    return f"A: {CONFIGS[a]}; B: {CONFIGS[b_config]}"
+
+
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
@@ -296,9 +318,10 @@ def render(results: dict[str, Any]) -> str:
         [
             f"## Interleaved A/B {m['date']}",
             "",
-            f"A = `{m['rev']}` ({_short(m['rev_described'])}); B = {_side_b(m)}. Scenario "
-            f"{m['scenario']}, {m['connections']} connections, {m['seconds']} s wrk runs after a {m['warmup_s']} s "
-            f"warm-up of each, {m['rounds']} rounds per hash seed, the order swapped every round; {m['pinning']} "
+            f"A = `{m['rev']}` ({_short(m['rev_described'])}); B = {_side_b(m)}. Gateway configuration: "
+            f"{_configs(m)}. Scenario {m['scenario']}, {m['connections']} connections, "
+            f"{m['seconds']} s wrk runs after a {m['warmup_s']} s warm-up of each, {m['rounds']} rounds per "
+            f"hash seed, the order swapped every round; {m['pinning']} "
             f"(both gateways on the same CPU). Load average {m['loadavg_start'][0]:.2f} at the start, "
             f"{m.get('loadavg_end', [0])[0]:.2f} at the end; CPU pressure at the end: "
             f"`{m.get('cpu_pressure_end', 'n/a')}`.",
@@ -351,6 +374,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=12, help="rounds per hash seed (default 12)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="PYTHONHASHSEED values (default 0,1,2)")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="chat", help="request (default chat)")
+    parser.add_argument(
+        "--config",
+        choices=b.GATEWAY_PROFILES,
+        default="defaults",
+        help="both gateways' configuration: defaults (access log and ledger on, as users run it; the default), "
+        'lean (both off), quiet (log_level = "warning": no access log, ledger on; the runs before 2026-12-05)',
+    )
+    parser.add_argument(
+        "--b-config",
+        choices=b.GATEWAY_PROFILES,
+        help="side B's configuration, when it differs from --config (--rev X --b-rev X --config lean --b-config "
+        "defaults: what the defaults cost, same code)",
+    )
     parser.add_argument("--seconds", type=int, default=2, help="seconds per wrk run (default 2)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per gateway and seed (default 2)")

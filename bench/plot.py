@@ -3,7 +3,7 @@
     bench/.venv-tools/bin/python bench/plot.py bench/results/bench-....json out.png
 
 Reads the ``summary`` block bench/run.py writes; every panel is a log-scale bar chart with each
-bar's value, and in the throughput panels its ratio to the LiteLLM row.
+bar's value, and in the throughput panels the gateway's and Portkey's ratio to the LiteLLM row.
 """
 
 from __future__ import annotations
@@ -21,13 +21,18 @@ import matplotlib.pyplot as plt
 COLORS = {
     "direct": "#7f7f7f",
     "gateway": "#1f77b4",
+    "gateway-lean": "#98df8a",
     "gateway-cache": "#17becf",
     "baseline": "#aec7e8",
     "floor": "#9467bd",
+    "portkey": "#ff7f0e",
     "litellm": "#d62728",
     "runner-httpx": "#1f77b4",
     "runner-aiohttp": "#2ca02c",
 }
+
+# Rows whose bars carry their ratio to LiteLLM's (the others' would overlap them).
+RATIO_ROWS = ("gateway", "portkey", "runner-httpx", "runner-aiohttp")
 
 PANELS: list[tuple[str, list[tuple[str, str]], str, bool]] = [
     # title, [(summary key, series label)], unit, show ratio to LiteLLM
@@ -80,7 +85,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
             for bar, (_, value, key) in zip(bars, points, strict=True):
                 text = _fmt(value)
                 lite = summary.get("litellm", {}).get(key)
-                if ratio and lite and row != "litellm":
+                if ratio and lite and row in RATIO_ROWS:
                     times = value / lite
                     text += f"\n{times:.2g}x LiteLLM" if times < 10 else f"\n{times:.0f}x LiteLLM"
                 ax.annotate(
@@ -99,7 +104,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
     fig.legend(handles, names, loc="upper center", ncol=len(rows), fontsize=9, bbox_to_anchor=(0.5, 0.995))
     fig.suptitle(
         f"{meta.get('date', '')}: {meta.get('nproc')} CPUs ({meta.get('cpu_model')}), {meta.get('pinning')}; "
-        f"LiteLLM {meta.get('litellm', 'not measured')}",
+        f"LiteLLM {meta.get('litellm', 'not measured')}; "
+        f"Portkey {meta.get('portkey', {}).get('@portkey-ai/gateway', 'not measured')}",
         fontsize=9,
         y=0.955,
     )

@@ -4,6 +4,7 @@
     python bench/profile_gateway.py --scenario paced_256  # the streaming relay instead
     python bench/profile_gateway.py --kind runner-aiohttp # the gateway on the httpx-aiohttp transport
     python bench/profile_gateway.py --kind gateway-cache --scenario embed_64   # answers from the cache
+    python bench/profile_gateway.py --kind gateway-lean  # the access log and the ledger off (default: on)
 
 Starts nginx (or the paced stand-in) and the gateway as bench/run.py does (same pinning), drives it
 with wrk (or bench/streams.py), and while the load runs attaches py-spy (installed into
@@ -76,7 +77,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--scenario", default="chat_64", choices=sorted(BY_NAME))
     parser.add_argument(
-        "--kind", default="gateway", choices=["gateway", "gateway-cache", "runner-httpx", "runner-aiohttp"]
+        "--kind",
+        default="gateway",
+        choices=["gateway", "gateway-lean", "gateway-cache", "runner-httpx", "runner-aiohttp"],
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds of sampling per recording")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")

@@ -160,10 +160,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     if url.hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit("streams.py only talks to loopback")
     body = args.body.encode()
+    if any(":" not in h or "\r" in h or "\n" in h for h in args.header):
+        raise SystemExit("streams.py: --header takes one 'Name: value' line")
     request = (
         f"POST {url.path or '/'} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
         f"Accept: text/event-stream\r\nAuthorization: Bearer {args.key}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        + "".join(f"{h}\r\n" for h in args.header)
+        + f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     totals = Totals()
     start = time.perf_counter()
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--url", required=True, help="http://127.0.0.1:PORT/v1/chat/completions")
     parser.add_argument("--body", required=True, help="the JSON request body (with stream: true)")
     parser.add_argument("--key", required=True, help="sent as Authorization: Bearer KEY")
+    parser.add_argument("--header", action="append", default=[], help="an extra request header, 'Name: value'")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=4.0, help="no stream starts after this")
     parser.add_argument("--stagger", type=float, default=1.0, help="spread worker starts over this")
