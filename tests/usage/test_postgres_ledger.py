@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 import redis.asyncio as aioredis
@@ -22,7 +23,7 @@ from gateway.usage.ledger import Ledger
 from gateway.usage.postgres import reports as pg_reports
 from gateway.usage.postgres.ledger import PostgresLedger
 from gateway.usage.postgres.schema import SCHEMA_VERSION, migrate, schema_version
-from gateway.usage.postgres.stream import GROUP, RecordStream, consumer_name
+from gateway.usage.postgres.stream import GROUP, RecordStream, consumer_name, decode, encode
 from gateway.usage.postgres.write import Entry, write_batch
 from gateway.usage.reports import spend_usd, summarize
 from gateway.usage.schema import LedgerError, UsageRecord
@@ -279,3 +280,17 @@ def test_the_usage_command_names_an_unreachable_database_without_its_password() 
     assert "cannot read the usage ledger on PostgreSQL" in done.stderr
     assert "s3cret-pw" not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_a_stream_entry_from_a_replica_without_the_routing_columns_still_decodes() -> None:
+    """A rolling upgrade: an older replica's batch in the stream has no requested_model and
+    fallback_from; it is read with those empty, never dropped as a bad entry."""
+    record = UsageRecord(1.0, "req-1", "alice", None, "m", "/v1/chat/completions", 200, 1, 2, 3, 0.5,
+                         "completed", False, 10.0, 2.0, None, None)  # fmt: skip
+    older = orjson.dumps([["ledger-id-1", *record[:17]]])
+    (entry,) = decode(older)
+    assert entry.id == "ledger-id-1"
+    assert entry.record == record
+    assert entry.record.requested_model is None
+    assert entry.record.fallback_from is None
+    assert decode(encode([entry])) == [entry]

@@ -45,7 +45,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             latency_ms double precision NOT NULL,
             ttfb_ms double precision,
             cache text,
-            saved_usd numeric
+            saved_usd numeric,
+            requested_model text,
+            fallback_from text
         )""",
         "CREATE INDEX usage_key_ts ON usage (key_name, ts)",
         "CREATE INDEX usage_team_ts ON usage (team, ts)",
