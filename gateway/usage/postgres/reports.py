@@ -56,7 +56,7 @@ class LedgerUnavailable(GatewayError):
 _NAMES: Final = MappingProxyType({"key": "key_name", "team": "team", "model": "model"})
 _ROLLUP_DIMS: Final = MappingProxyType({"key": "NULLIF(key_name, '')", "team": "NULLIF(team, '')", "model": "model"})
 _TIME_DIMS: Final = MappingProxyType({
-    "hourly": {"hour": "bucket", "day": f"(bucket - bucket % {DAY})"},
+    "hourly": {"hour": "bucket", "day": f"(bucket - mod(bucket, {DAY}))"},
     "daily": {"day": f"((day - DATE '1970-01-01')::bigint * {DAY})"},
     "raw": {"hour": bucket_sql(HOUR), "day": bucket_sql(DAY)},
 })  # fmt: skip

@@ -78,6 +78,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX usage_daily_key_day ON usage_daily (key_name, day)",
     ),
     (
+        # The record's fields added by catalog-aware routing (an alias served by another model).
+        "ALTER TABLE usage ADD COLUMN requested_model text, ADD COLUMN fallback_from text",
         # Totals per UTC hour (bucket: the hour's start, unix time), with every total the reports
         # show (the hourly charts, the partial days at the ends of a range); back-filled here.
         f"""CREATE TABLE usage_hourly (
