@@ -23,7 +23,15 @@ from gateway.server.thread import LocalServer, serve_in_thread
 from gateway.usage.postgres.reports import summarize_blocking
 from tests.console.conftest import ORG_KEY, SECRET_PROMPT, send_traffic
 from tests.console.test_console import cell
-from tests.helpers.gateway import fresh_demo_state, gateway_env, is_ready, key_secret, key_table, keys_config, wait_until
+from tests.helpers.gateway import (
+    fresh_demo_state,
+    gateway_env,
+    is_ready,
+    key_secret,
+    key_table,
+    keys_config,
+    wait_until,
+)
 from tests.helpers.postgres import PostgresServer
 
 TODAY = datetime.now(UTC).date().isoformat()
@@ -68,7 +76,7 @@ def requests_cell(html: str, row: str) -> str:
 def rows_of(url: str, sql: str, *params: object) -> dict[str | None, tuple[int, float]]:
     """Requests and cost per group, counted from the ledger's rows themselves (not its roll-ups)."""
     with psycopg.connect(url) as conn:
-        return {name: (int(n), float(cost)) for name, n, cost in conn.execute(sql, params)}  # type: ignore[arg-type]
+        return {name: (int(n), float(cost)) for name, n, cost in conn.execute(sql, params)}
 
 
 def test_the_usage_page_shows_the_postgresql_ledgers_numbers(pg_site: PgSite, admin: httpx.Client) -> None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -70,7 +69,7 @@ async def write_all(url: str, records: Sequence[UsageRecord], *, batch: int = 50
 
 
 @pytest.fixture(scope="module")
-def ledgers(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+def ledgers(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The same 3000 records in a SQLite ledger (partly rolled up) and on PostgreSQL."""
     records = seeded(3000)
     path = tmp_path_factory.mktemp("reports") / "usage.db"
@@ -79,7 +78,7 @@ def ledgers(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
     conn.close()
     url = postgres.database()
     asyncio.run(write_all(url, records))
-    yield path, url
+    return path, url
 
 
 def test_postgresql_gives_the_sqlite_ledgers_totals_for_any_range_and_grouping(ledgers: tuple[Path, str]) -> None:
@@ -159,7 +158,7 @@ async def test_a_ledger_of_version_1_gets_its_roll_ups_back_filled(postgres: Pos
             )
         local = "(outcome = 'dry_run' OR (outcome = 'refused' AND status NOT IN (502, 504)))"
         await conn.execute(  # what a version 1 gateway kept alongside
-            "INSERT INTO usage_daily SELECT (ts AT TIME ZONE 'UTC')::date, coalesce(key_name, ''), "
+            "INSERT INTO usage_daily SELECT (ts AT TIME ZONE 'UTC')::date, coalesce(key_name, ''), "  # noqa: S608
             f"coalesce(team, ''), model, count(*), count(*) FILTER (WHERE {local}), count(*) FILTER (WHERE cache "
             "IN ('hit', 'collapsed')), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), "
             "coalesce(sum(cost_usd), 0), count(cost_usd), coalesce(sum(saved_usd), 0), count(saved_usd), "
