@@ -47,6 +47,11 @@ class DemoLedger:
 
     path: str
     temporary: bool
+    postgres: bool = False  # [usage] database_url: the ledger is PostgreSQL (the path is not used)
+
+    @property
+    def kept(self) -> bool:
+        return bool(self.path) or self.postgres
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -94,7 +99,9 @@ def demo(args: argparse.Namespace) -> int:
             return 1
         stack.callback(sock.close)
         port: int = sock.getsockname()[1]
-        banner = demo_banner(settings, port, keys, DemoLedger(settings.usage.path, temporary))
+        on_postgres = bool(settings.usage.database_url)  # then no SQLite file is written
+        ledger = DemoLedger("" if on_postgres else settings.usage.path, temporary and not on_postgres, on_postgres)
+        banner = demo_banner(settings, port, keys, ledger)
         serve_on_socket(settings, sock, lambda: _print_banner(banner), config_path=reload_path, env=env)
     return 0
 
@@ -196,7 +203,10 @@ def demo_banner(settings: Settings, port: int, keys: DemoKeys | None, ledger: De
     if keys is not None:
         lines += _keys_examples(base, json_type, hello, ledger)
     lines += ["", *_sdk_example(base, sdk_env, sdk_key), ""]
-    if ledger.path:
+    if ledger.postgres:  # never the URL itself: it may hold a password
+        reader = f"{_gateway_command()} usage (with the same GATEWAY_USAGE_DATABASE_URL or --config)"
+        lines.append(f"Usage ledger: PostgreSQL ([usage] database_url); read it with: {reader}")
+    elif ledger.path:
         removed = " (temporary, removed at exit)" if ledger.temporary else ""
         reader = f"GATEWAY_USAGE_PATH={shlex.quote(ledger.path)} {_gateway_command()} usage"
         lines.append(f"Usage ledger: {ledger.path}{removed}; read it with: {reader}")
@@ -231,7 +241,7 @@ def _keys_examples(base: str, json_type: str, hello: str, ledger: DemoLedger) ->
         f"  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' {base}/v1/chat/completions \\\n"
         f"       {user} {json_type} -d '{hello}'; done; echo",
     ]
-    if ledger.path:
+    if ledger.kept:
         lines += [
             "  # usage and cost per key, with the admin key (written to the ledger within a second):",
             f'  curl -s {base}/admin/usage -H "Authorization: Bearer $DEMO_ADMIN_KEY" | python3 -m json.tool',

@@ -51,6 +51,7 @@ from gateway.upstream.aiohttp_client import AiohttpUpstream
 from gateway.upstream.base import HttpxUpstream, Upstream
 from gateway.upstream.breaker import Breakers
 from gateway.usage.ledger import Ledger
+from gateway.usage.report_source import SqliteReports, UsageReports
 from gateway.usage.rollups import RollupKeeper
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ class Services:
     router: Router  # aliases and the candidates of a request (docs/routing.md)
     latencies: Latencies  # each model's measured time to first byte (the "fastest" strategy)
     usage_summary: UsageSummary | None = None  # reads the ledger (None: no ledger)
+    usage_reports: UsageReports | None = None  # the report layer on the ledger in use (the console's)
     cache: ResponseCache | None = None  # the response cache ([cache] enabled)
     refusals: RecentRefusals | None = None  # the latest refusals (the console reads them)
     open_streams: int = 0  # event streams being relayed now
@@ -142,6 +144,7 @@ async def open_services(
             stack.push_async_callback(keeper.aclose)  # after the ledger's last write: rolls it up
             stack.push_async_callback(ledger.aclose)  # writes what is still queued
         records = await _postgres_ledger(settings, stack) if usage.database_url else ledger  # the one in use
+        reports = _usage_reports(records, settings)
         services: Services | None = None
 
         def metrics_state() -> MetricsSnapshot | None:  # read at scrape time, once the services exist
@@ -193,7 +196,8 @@ async def open_services(
             health=LiveHealth(catalog, feed),
             router=Router(settings.routing, settings.aliases, latencies),
             latencies=latencies,
-            usage_summary=_usage_summary(records, settings),
+            usage_summary=reports.summarize if reports is not None else None,
+            usage_reports=reports,
             cache=await _response_cache(settings, stack) if settings.cache.enabled else None,
             refusals=refusals,
         )
@@ -233,19 +237,13 @@ def _new_postgres_ledger(settings: Settings) -> PostgresLedger:
                           flush_interval=usage.flush_interval, claim_after=usage.claim_after)  # fmt: skip
 
 
-def _usage_summary(ledger: Ledger | PostgresLedger | None, settings: Settings) -> UsageSummary | None:
+def _usage_reports(ledger: Ledger | PostgresLedger | None, settings: Settings) -> UsageReports | None:
+    """The report layer on the ledger in use (the console's, and GET /admin/usage's)."""
     if ledger is None:
         return None
     if not isinstance(ledger, Ledger):
-        return ledger.summarize
-    from gateway.usage.reports import summarize  # the SQLite ledger's reports
-
-    path = Path(settings.usage.path)
-
-    async def from_sqlite(by: Any, key: str | None, since: date | None) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(summarize, path, by=by, key=key, since=since)
-
-    return from_sqlite
+        return ledger  # the PostgreSQL ledger reads its own roll-ups
+    return SqliteReports(Path(settings.usage.path))
 
 
 async def _response_cache(settings: Settings, stack: contextlib.AsyncExitStack) -> ResponseCache:

@@ -6,13 +6,11 @@ ledger's roll-ups): no console request goes upstream. Who may see them: ``gatewa
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, quote
 
@@ -72,7 +70,6 @@ class Console:
     def __init__(self, settings: Settings, services: Services) -> None:
         self._settings = settings
         self._services = services
-        self._ledger = Path(settings.usage.path) if settings.usage.path else None
         self._access = ConsoleAccess(lambda: services.keys, settings.upstream.api_key, settings.console.session_hours)
         self._live = LiveStats(services)
         env = jinja2.Environment(
@@ -145,8 +142,9 @@ class Console:
     async def usage(self, request: Request, viewer: str | None) -> Response:
         try:
             view = await self._usage_view(request)
-        except InvalidRequest as error:
-            return self._page(request, "usage.html", viewer, 400, error=error.message, view=None, charts=None)
+        except GatewayError as error:  # a bad query (400), the ledger not answering (503)
+            return self._page(request, "usage.html", viewer, error.status, error=error.message, view=None,
+                              charts=None)  # fmt: skip
         if view is None:
             return self._page(request, "usage.html", viewer, error=None, view=None, charts=None)
         money = [(row["label"], float(row["cost_usd"] or 0.0)) for row in view.series]
@@ -163,7 +161,7 @@ class Console:
     async def usage_csv(self, request: Request, viewer: str | None) -> Response:
         view = await self._usage_view(request)
         if view is None:
-            raise InvalidRequest("No usage ledger is configured ([usage] path).", code=None)
+            raise InvalidRequest("No usage ledger is configured ([usage] path or database_url).", code=None)
         table = request.query_params.get("table", "breakdown")
         rows, columns = _csv_table(view, table)
         out = io.StringIO()
@@ -179,11 +177,12 @@ class Console:
     async def _usage_view(self, request: Request) -> UsageView | None:
         today = datetime.now(UTC).date()
         query = UsageQuery.parse(request.query_params, today)
-        if self._ledger is None or not self._ledger.is_file():
+        ledger = self._services.usage_reports  # the SQLite file or PostgreSQL: the same report layer
+        if ledger is None:
             return None
         ring = self._services.keys
         callers = ring.callers() if ring is not None else []
-        return await asyncio.to_thread(usage_view, self._ledger, query, callers, time.time())
+        return await usage_view(ledger, query, callers, time.time())
 
     async def catalog(self, request: Request, viewer: str | None) -> Response:
         catalog = self._services.catalog

@@ -1,4 +1,5 @@
-"""The usage page's numbers: one range, read through the report layer (``gateway.usage.reports``).
+"""The usage page's numbers: one range, read through the report layer (``UsageReports``: the
+SQLite ledger's file or the PostgreSQL ledger, the same answers from either).
 
 ``UsageQuery.parse`` checks the page's query string; ``usage_view`` runs the aggregates for it (all
 from roll-ups, see the report layer) and returns plain rows for the template, the charts and CSV.
@@ -6,16 +7,15 @@ from roll-ups, see the report layer) and returns plain rows for the template, th
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any, Final, Literal
 
 from gateway.auth.keys import Caller
 from gateway.errors import InvalidRequest
-from gateway.usage.reports import DAY, HOUR, Dim, Groups, aggregate, reader, summary_fields
+from gateway.usage.report_source import UsageReports
+from gateway.usage.reports import DAY, HOUR, Dim, Groups, summary_fields
 
 By = Literal["key", "team", "model"]
 BYS: Final = ("key", "team", "model")
@@ -77,27 +77,21 @@ class UsageView:
     budgets: list[dict[str, Any]]
 
 
-def usage_view(source: Path, query: UsageQuery, callers: Sequence[Caller], now: float) -> UsageView:
-    with reader(source) as ledger:  # one connection for the page's queries
-        return _usage_view(ledger, query, callers, now)
-
-
-def _usage_view(ledger: sqlite3.Connection, query: UsageQuery, callers: Sequence[Caller], now: float) -> UsageView:
+async def usage_view(ledger: UsageReports, query: UsageQuery, callers: Sequence[Caller], now: float) -> UsageView:
     lo, hi = query.bounds
     where = {name: (value,) for name, value in query.filters.items()}
     period: Dim = query.period
     step = HOUR if period == "hour" else DAY
-    series_groups = aggregate(ledger, group=(period,), start=lo, end=hi, where=where)
-    by_groups = aggregate(ledger, group=(query.by,), start=lo, end=hi, where=where)
+    series_groups = await ledger.aggregate(group=(period,), start=lo, end=hi, where=where)
+    by_groups = await ledger.aggregate(group=(query.by,), start=lo, end=hi, where=where)
     breakdown = _ranked(by_groups, query.by)
-    tops = {
-        dim: breakdown[:TOP] if dim == query.by else _ranked(aggregate(ledger, group=(dim,), start=lo, end=hi,
-                                                                       where=where), dim)[:TOP]
-        for dim in ("key", "model")
-    }  # fmt: skip
+    tops = {}
+    for dim in ("key", "model"):
+        tops[dim] = breakdown[:TOP] if dim == query.by else _ranked(
+            await ledger.aggregate(group=(dim,), start=lo, end=hi, where=where), dim)[:TOP]  # fmt: skip
     top_names = [row["name"] for row in breakdown[:TOP] if row["name"] is not None]
-    top_groups = aggregate(ledger, group=(period, query.by), start=lo, end=hi,
-                           where={**where, query.by: tuple(top_names)}) if top_names else {}  # fmt: skip
+    top_groups = await ledger.aggregate(group=(period, query.by), start=lo, end=hi,
+                                        where={**where, query.by: tuple(top_names)}) if top_names else {}  # fmt: skip
     buckets = [lo + i * step for i in range(int((hi - lo) // step))]
     labels = [_label(b, period) for b in buckets]
     series = [
@@ -116,11 +110,11 @@ def _usage_view(ledger: sqlite3.Connection, query: UsageQuery, callers: Sequence
         top_series=top_series,
         top_keys=tops["key"],
         top_models=tops["model"],
-        budgets=_budgets(ledger, callers, now),
+        budgets=await _budgets(ledger, callers, now),
     )
 
 
-def _budgets(ledger: sqlite3.Connection, callers: Sequence[Caller], now: float) -> list[dict[str, Any]]:
+async def _budgets(ledger: UsageReports, callers: Sequence[Caller], now: float) -> list[dict[str, Any]]:
     """Each key with a budget: what it spent today and this month (UTC), and the share used."""
     budgeted = [c for c in callers if c.budget_usd_daily or c.budget_usd_monthly]
     if not budgeted:
@@ -128,8 +122,8 @@ def _budgets(ledger: sqlite3.Connection, callers: Sequence[Caller], now: float) 
     names = tuple(c.name for c in budgeted)
     today = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     month = today.replace(day=1)
-    spent_today = aggregate(ledger, group=("key",), start=today, where={"key": names})
-    spent_month = aggregate(ledger, group=("key",), start=month, where={"key": names})
+    spent_today = await ledger.aggregate(group=("key",), start=today, where={"key": names})
+    spent_month = await ledger.aggregate(group=("key",), start=month, where={"key": names})
     rows = []
     for c in budgeted:
         day_usd = float((spent_today.get((c.name,)) or {}).get("cost_usd", 0.0))

@@ -54,11 +54,7 @@ def aggregate(
     start time for "hour" and "day" (UTC). Times: a date is its midnight UTC, a naive datetime is
     UTC, a float is unix time; None is unbounded.
     """
-    unknown = [d for d in group if d not in DIMENSIONS] + [d for d in (where or {}) if d not in _COLUMNS]
-    if unknown:
-        raise ValueError(f"unknown dimension {unknown[0]!r}")
-    lo = -_FOREVER if start is None else _unix(start)
-    hi = _FOREVER if end is None else _unix(end)
+    lo, hi = bounds(group, where, start, end)
     result: Groups = {}
     if hi <= lo:
         return result
@@ -66,8 +62,7 @@ def aggregate(
         conn.execute("BEGIN")  # one snapshot: the roll-ups and the rows not rolled up yet agree
         try:
             last_id = last_rolled_id(conn)
-            finest = "hourly" if "hour" in group else "daily" if "day" in group else "monthly"
-            raw, rolled = _pieces(lo, hi, finest=finest)
+            raw, rolled = pieces(lo, hi, finest=finest_period(group))
             for period, a, b in rolled:
                 _merge(result, conn.execute(*_rollup_sql(period, a, b, group, where)))
             if rolled:  # the rows of those buckets that are not rolled up yet
@@ -100,9 +95,17 @@ def summarize(
     ``since`` keeps rows from that time on (a date: its midnight UTC; a naive datetime: UTC;
     a float: unix time).
     """
+    check_by(by)
+    return summary_rows(aggregate(source, group=(by,), start=since, where=None if key is None else {"key": (key,)}), by)
+
+
+def check_by(by: str) -> None:
     if by not in SUMMARY_GROUPS:
         raise ValueError(f"by must be one of {', '.join(SUMMARY_GROUPS)}, not {by!r}")
-    groups = aggregate(source, group=(by,), start=since, where=None if key is None else {"key": (key,)})
+
+
+def summary_rows(groups: Groups, by: SummaryBy) -> list[dict[str, Any]]:
+    """``summarize``'s rows from ``aggregate``'s groups by ``by`` (either ledger's)."""
     rows = []
     for (value,), totals in sorted(groups.items(), key=lambda item: _order(item[0][0])):
         name = _day(value) if by == "day" else value
@@ -135,7 +138,30 @@ def spend_usd(source: Path | str | sqlite3.Connection, key_name: str, since_ts: 
     return float(row[0])
 
 
-def _pieces(lo: float, hi: float, *, finest: str) -> tuple[list[tuple[float, float]], list[tuple[str, float, float]]]:
+def bounds(
+    group: Sequence[str],
+    where: Mapping[str, Sequence[str]] | None,
+    start: datetime | date | float | None,
+    end: datetime | date | float | None,
+) -> tuple[float, float]:
+    """``aggregate``'s range as unix times (unbounded: +-2**53); ValueError for an unknown dimension."""
+    unknown = [d for d in group if d not in DIMENSIONS] + [d for d in (where or {}) if d not in _COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown dimension {unknown[0]!r}")
+    return -_FOREVER if start is None else _unix(start), _FOREVER if end is None else _unix(end)
+
+
+def finest_period(group: Sequence[str]) -> str:
+    """The coarsest roll-up a report grouped by ``group`` may read."""
+    return "hourly" if "hour" in group else "daily" if "day" in group else "monthly"
+
+
+def bounded(t: float) -> bool:
+    """Whether ``t`` is a real time, not an unbounded end of a range."""
+    return abs(t) < _FOREVER
+
+
+def pieces(lo: float, hi: float, *, finest: str) -> tuple[list[tuple[float, float]], list[tuple[str, float, float]]]:
     """Split [lo, hi) into raw-row spans (partial hours at the ends) and roll-up spans, in time
     order: whole months from the monthly roll-ups, whole days from the daily ones, whole hours from
     the hourly ones, never coarser than ``finest`` (what the report groups by: "hourly", "daily",

@@ -3,9 +3,11 @@ through it, shared by a test module (``console_site``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -40,9 +42,9 @@ class Site:
     admin: dict[str, str]  # the admin key's Authorization header
 
 
-def send_traffic(url: str, ledger: Path) -> None:
+def send_traffic(url: str, ledger: Path | Callable[[], list[dict[str, Any]]]) -> None:
     """Chats by alice and bob, an embedding, and refusals (unknown models: counted, not in the ledger);
-    waits until the ledger holds the requests."""
+    waits until the ledger (a SQLite file, or a function giving its summary by key) holds the requests."""
     for name, count in (("alice", 3), ("bob", 2)):
         with openai.OpenAI(base_url=url + "/v1", api_key=key_secret(name), max_retries=0, timeout=15) as sdk:
             for i in range(count):
@@ -55,9 +57,8 @@ def send_traffic(url: str, ledger: Path) -> None:
                 sdk.chat.completions.create(
                     model="no-such-model-xyz", messages=[{"role": "user", "content": SECRET_PROMPT}]
                 )
-    assert wait_until(lambda: sum(r["requests"] for r in summarize(ledger, by="key")) == 6, timeout=10), summarize(
-        ledger, by="key"
-    )
+    by_key = partial(summarize, ledger, by="key") if isinstance(ledger, Path) else ledger
+    assert wait_until(lambda: sum(r["requests"] for r in by_key()) == 6, timeout=10), by_key()
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,11 @@ from gateway.cli import DEMO_USER, DEMO_USER_RPM, EXIT_STDOUT_CLOSED, DemoLedger
 from gateway.config import Settings
 from gateway.server.thread import LocalServer
 from gateway.usage.ledger import Ledger
+from gateway.usage.postgres.reports import summarize_blocking
 from gateway.usage.reports import summarize
 from gateway.usage.schema import UsageRecord
 from tests.helpers.gateway import CHAT_MODEL, chat_body, key_sha256, wait_until
+from tests.helpers.postgres import PostgresServer
 from tests.helpers.processes import GATEWAY, clean_env, free_port, running, stop, wait_ready
 from tests.helpers.upstreams import FaultMode, FaultyUpstream
 
@@ -459,6 +461,21 @@ def test_demo_keeps_a_ledger_the_operator_asked_for(tmp_path: Path) -> None:
         assert answer.status_code == 200
         assert demo.stop() == 0
     assert [row["requests"] for row in summarize(kept, by="model")] == [1]
+
+
+def test_demo_on_a_postgresql_ledger_names_it_not_a_file(tmp_path: Path, postgres: PostgresServer) -> None:
+    url = postgres.database()
+    port = free_port()
+    with gateway_process(["demo", "--port", str(port)], {"GATEWAY_USAGE_DATABASE_URL": url}, tmp_path) as demo:
+        banner = demo.out.wait_for(BANNER_END)
+        assert "Usage ledger: PostgreSQL ([usage] database_url); read it with:" in banner
+        assert ".db" not in banner
+        assert url not in banner
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT_BODY, timeout=10)
+        assert answer.status_code == 200
+        assert wait_until(lambda: bool(summarize_blocking(url, by="model")), timeout=10)
+        assert demo.stop() == 0
+    assert [row["requests"] for row in summarize_blocking(url, by="model")] == [1]
 
 
 # --------------------------------------------------------------------------- usage, closed pipes, reloads

@@ -77,3 +77,8 @@ def test_a_gateway_whose_ledger_database_is_down_at_start_serves_and_says_so(
     assert len(lines) == 1, lines  # one line, not one per attempt or per record
     assert lines[0].startswith("ledger: PostgreSQL unreachable (")
     assert all("pg-secret" not in r.getMessage() for r in caplog.records)
+    # The console's usage page (loopback, not keys mode) says the ledger is unavailable: a 503 page.
+    page = httpx.get(gateway.url + "/console/usage", timeout=40)
+    assert page.status_code == 503
+    assert "The usage ledger is unavailable" in page.text
+    assert "pg-secret" not in page.text

@@ -24,8 +24,8 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import date
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import date, datetime
 from functools import partial
 from itertools import count
 from typing import Any, TypeVar
@@ -42,6 +42,7 @@ from gateway.usage.postgres.reports import LedgerUnavailable
 from gateway.usage.postgres.schema import migrate
 from gateway.usage.postgres.stream import RecordStream
 from gateway.usage.postgres.write import Entry, write_batch
+from gateway.usage.reports import Dim, Groups, SummaryBy
 from gateway.usage.schema import LedgerError, UsageRecord
 
 logger = logging.getLogger("gateway.usage.postgres")
@@ -141,9 +142,21 @@ class PostgresLedger:
                      and e.record.ts >= since_ts)  # fmt: skip
         return queued + await self._read(reports.spend_usd, _SPEND_TIMEOUT, key_name, since_ts)
 
-    async def summarize(self, by: reports.SummaryBy, key: str | None, since: date | None) -> list[dict[str, Any]]:
+    async def summarize(self, by: SummaryBy, key: str | None, since: date | None) -> list[dict[str, Any]]:
         """``gateway.usage.postgres.reports.summarize`` (for ``GET /admin/usage``)."""
         return await self._read(partial(reports.summarize, by=by, key=key, since=since), _REPORT_TIMEOUT)
+
+    async def aggregate(
+        self,
+        *,
+        group: Sequence[Dim] = (),
+        start: datetime | date | float | None = None,
+        end: datetime | date | float | None = None,
+        where: Mapping[str, Sequence[str]] | None = None,
+    ) -> Groups:
+        """``gateway.usage.postgres.reports.aggregate`` (for the console: ``UsageReports``)."""
+        read = partial(reports.aggregate, group=group, start=start, end=end, where=where)
+        return await self._read(read, _REPORT_TIMEOUT)
 
     async def aclose(self) -> None:
         if self._closed or self._stopping:

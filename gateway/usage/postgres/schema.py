@@ -3,8 +3,9 @@
 ``usage`` holds one row per settled request, keyed by the id the gateway gave the record when the
 request settled (``id``; the request's ``X-Request-ID`` is the ``request_id`` column: a client may
 send the same one twice, so it cannot be the key). ``usage_daily`` holds the totals per UTC day,
-key, team and model that the reports read (kept by ``gateway.usage.postgres.write`` in the same
-transaction as the rows), so a report over millions of rows reads thousands.
+key, team and model, ``usage_hourly`` the same per UTC hour (schema version 2): the reports read
+them (``gateway.usage.postgres.reports``), and ``gateway.usage.postgres.write`` keeps both in the
+same statement as it inserts the rows, so a report over millions of rows reads thousands.
 
 ``migrate`` brings a database up to ``SCHEMA_VERSION``: one transaction under a transaction-level
 advisory lock, so replicas that start at once run the steps one after the other (the later ones
@@ -18,7 +19,11 @@ from typing import Final
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
-from gateway.usage.schema import LedgerError
+from gateway.usage.postgres.totals import DAILY_COLUMNS, hourly_upsert
+from gateway.usage.schema import ROLLUP_TOTALS, LedgerError
+
+_TYPES: Final = {"cost_usd": "numeric", "saved_usd": "numeric", "latency_ms": "double precision"}  # else bigint
+_HOURLY_TYPES: Final = ", ".join(f"{name} {_TYPES.get(name, 'bigint')} NOT NULL" for name in ROLLUP_TOTALS)
 
 # An arbitrary 64-bit number naming the advisory lock of this ledger's migrations.
 MIGRATION_LOCK: Final = 0x6761_7465_7761_7931
@@ -74,7 +79,33 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX usage_daily_key_day ON usage_daily (key_name, day)",
     ),
+    (
+        # The record's fields added by catalog-aware routing (an alias served by another model).
+        "ALTER TABLE usage ADD COLUMN requested_model text, ADD COLUMN fallback_from text",
+        # Totals per UTC hour (bucket: the hour's start, unix time), with every total the reports
+        # show (the hourly charts, the partial days at the ends of a range); back-filled here.
+        f"""CREATE TABLE usage_hourly (
+            bucket bigint NOT NULL,
+            key_name text NOT NULL,
+            team text NOT NULL,
+            model text NOT NULL,
+            {_HOURLY_TYPES},
+            PRIMARY KEY (bucket, key_name, team, model)
+        )""",
+        "CREATE INDEX usage_hourly_key_bucket ON usage_hourly (key_name, bucket)",
+        hourly_upsert("usage"),
+        # The daily totals gain the two the console shows (errors, latency), from the hours.
+        "ALTER TABLE usage_daily ADD COLUMN errors bigint NOT NULL DEFAULT 0, "
+        "ADD COLUMN latency_ms double precision NOT NULL DEFAULT 0",
+        "UPDATE usage_daily SET errors = h.errors, latency_ms = h.latency_ms FROM ("
+        "SELECT DATE '1970-01-01' + (bucket / 86400)::integer AS day, key_name, team, model, "
+        "sum(errors) AS errors, sum(latency_ms) AS latency_ms FROM usage_hourly GROUP BY 1, 2, 3, 4) AS h "
+        "WHERE usage_daily.day = h.day AND usage_daily.key_name = h.key_name AND usage_daily.team = h.team "
+        "AND usage_daily.model = h.model",
+    ),
 )
+assert DAILY_COLUMNS[3] == "errors"
+assert DAILY_COLUMNS[-1] == "latency_ms"
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -2,9 +2,9 @@
 
 Each record travels with the id the gateway gave it when its request settled (``Entry``). The
 batch is inserted with ``ON CONFLICT (id) DO NOTHING`` and only the rows really inserted are added
-to the daily totals (``usage_daily``), in the same statement: writing a batch twice (a replica
-that died after its commit, before confirming it; another that took the batch over) leaves one row
-per record and totals that count it once.
+to the daily and hourly totals (``usage_daily``, ``usage_hourly``), in the same statement: writing
+a batch twice (a replica that died after its commit, before confirming it; another that took the
+batch over) leaves one row per record and totals that count it once.
 
 Rows are inserted in id order and the totals updated in key order, so two replicas writing
 overlapping batches at once take their row locks in the same order (no deadlock).
@@ -18,6 +18,7 @@ from typing import Final, NamedTuple
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
+from gateway.usage.postgres.totals import DAILY_COLUMNS, ROW_TOTALS, hourly_upsert
 from gateway.usage.schema import UsageRecord
 
 
@@ -53,20 +54,12 @@ _ARRAYS: Final = (
 )
 assert tuple(name for name, _ in _ARRAYS[1:]) == UsageRecord._fields
 
-# Rows the gateway answered itself (as gateway.usage.reports counts them) and rows from the cache.
-LOCAL: Final = "(outcome = 'dry_run' OR (outcome = 'refused' AND status NOT IN (502, 504)))"
-CACHED: Final = "(cache IS NOT NULL AND cache IN ('hit', 'collapsed'))"
-
 _COLUMNS: Final = ", ".join(name for name, _ in _ARRAYS)
 _UNNEST: Final = ", ".join(f"%s::{kind}[]" for _, kind in _ARRAYS)
 _SELECT: Final = ", ".join(
     "to_timestamp(ts)" if name == "ts" else f"{name}::numeric" if name in ("cost_usd", "saved_usd") else name
     for name, _ in _ARRAYS
 )
-_TOTALS: Final = (
-    "rows", "local", "cached", "prompt_tokens", "completion_tokens", "total_tokens",
-    "cost_usd", "priced", "saved_usd", "saved", "unpriced",
-)  # fmt: skip
 
 INSERT_BATCH: Final = f"""
 WITH inserted AS (
@@ -75,19 +68,19 @@ WITH inserted AS (
     ORDER BY id
     ON CONFLICT (id) DO NOTHING
     RETURNING ts, key_name, team, model, status, outcome, cache, prompt_tokens, completion_tokens,
-              total_tokens, cost_usd, saved_usd
-), totals AS (
-    INSERT INTO usage_daily (day, key_name, team, model, {", ".join(_TOTALS)})
+              total_tokens, cost_usd, saved_usd, latency_ms
+), daily AS (
+    INSERT INTO usage_daily (day, key_name, team, model, {", ".join(DAILY_COLUMNS)})
     SELECT (ts AT TIME ZONE 'UTC')::date, coalesce(key_name, ''), coalesce(team, ''), model,
-           count(*), count(*) FILTER (WHERE {LOCAL}), count(*) FILTER (WHERE {CACHED}),
-           sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
-           coalesce(sum(cost_usd), 0), count(cost_usd), coalesce(sum(saved_usd), 0), count(saved_usd),
-           count(*) FILTER (WHERE cost_usd IS NULL AND NOT {LOCAL})
+           {", ".join(ROW_TOTALS)}
     FROM inserted
     GROUP BY 1, 2, 3, 4
     ORDER BY 1, 2, 3, 4
     ON CONFLICT (day, key_name, team, model) DO UPDATE SET
-        {", ".join(f"{c} = usage_daily.{c} + EXCLUDED.{c}" for c in _TOTALS)}
+        {", ".join(f"{c} = usage_daily.{c} + EXCLUDED.{c}" for c in DAILY_COLUMNS)}
+    RETURNING 1
+), hourly AS (
+    {hourly_upsert("inserted")}
     RETURNING 1
 )
 SELECT count(*) FROM inserted
