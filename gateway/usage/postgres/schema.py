@@ -50,9 +50,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             latency_ms double precision NOT NULL,
             ttfb_ms double precision,
             cache text,
-            saved_usd numeric,
-            requested_model text,
-            fallback_from text
+            saved_usd numeric
         )""",
         "CREATE INDEX usage_key_ts ON usage (key_name, ts)",
         "CREATE INDEX usage_team_ts ON usage (team, ts)",
