@@ -59,7 +59,9 @@ class Catalog:
         self._closed = False
         self.refreshes = 0
         self.refresh_failures = 0
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # why the latest refresh failed; None once one succeeds
+        self.last_failure: str | None = None  # why the latest failed refresh failed, kept after recovery
+        self._last_failure_at: float | None = None  # when, on the catalog's clock
 
     # --- state -------------------------------------------------------------------------------
 
@@ -71,6 +73,10 @@ class Catalog:
     def snapshot(self) -> Snapshot | None:
         """The last good snapshot, fresh or not (never waits)."""
         return self._last
+
+    def last_failure_age(self) -> float | None:
+        """Seconds since the latest failed refresh (None: none failed yet)."""
+        return None if self._last_failure_at is None else self._clock() - self._last_failure_at
 
     def age(self) -> float | None:
         return None if self._last is None else self._clock() - self._last.fetched_at
@@ -214,7 +220,8 @@ class Catalog:
         delay = min(self._settings.refresh_backoff_max, 2.0 ** (self._failures - 1))
         self._retry_at = self._clock() + delay
         reason = "timed out" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
-        self.last_error = reason[:200]
+        self.last_error = self.last_failure = reason[:200]
+        self._last_failure_at = self._clock()
         age = self.age()
         logger.warning(
             "catalog: refresh failed (%s); next attempt in %.0fs; %s",

@@ -200,7 +200,8 @@ class Console:
             if (not category or e.category == category) and wanted <= e.supports
         ]
         state = {"age": catalog.age(), "refreshes": catalog.refreshes, "failures": catalog.refresh_failures,
-                  "last_error": catalog.last_error, "skipped": snapshot.skipped if snapshot else ()}  # fmt: skip
+                  "last_error": catalog.last_error, "skipped": snapshot.skipped if snapshot else (),
+                  "last_failure": catalog.last_failure, "last_failure_age": catalog.last_failure_age()}  # fmt: skip
         return self._page(request, "catalog.html", viewer, models=models, total=len(entries), status=state,
                           categories=sorted(CATEGORIES), tags=tags, category=category, wanted=wanted)  # fmt: skip
 

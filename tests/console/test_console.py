@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from gateway.console.formats import usd
-from gateway.demo import default_catalog
+from gateway.demo import DemoState, default_catalog
 from gateway.usage.reports import summarize
 from tests.console.conftest import ORG_KEY, SECRET_PROMPT, Site
-from tests.helpers.gateway import assert_error_envelope, forwarded, key_secret, wait_until
+from tests.helpers.gateway import StartGateway, assert_error_envelope, forwarded, key_secret, wait_until
 
 TODAY = datetime.now(UTC).date().isoformat()
 
@@ -263,3 +263,46 @@ def test_the_gateway_keeps_the_roll_ups_up_to_date(console_site: Site) -> None:
         rolled = conn.execute("SELECT SUM(records) FROM usage_daily_total").fetchone()[0]
         raw = conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
     assert rolled == raw
+
+
+def test_the_catalog_page_keeps_the_last_refresh_failure_after_recovery(
+    start_gateway: StartGateway, demo_state: DemoState
+) -> None:
+    """Pass-through mode (the console answers loopback): a refresh fails, the next one succeeds; the
+    page says the catalog is fine now and what the last failure was."""
+    gateway = start_gateway({"GATEWAY_CATALOG_TTL": "0.2", "GATEWAY_CATALOG_REFRESH_BACKOFF_MAX": "0.2"})
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+
+        def status() -> str:
+            client.get("/v1/models")  # a request that needs the catalog refreshes it when it expired
+            page = client.get("/console/catalog")
+            assert page.status_code == 200, page.text
+            found = re.search(r'<p id="catalog-status">(.*?)</p>', page.text, re.S)
+            assert found is not None
+            return found.group(1)
+
+        assert "The last refresh succeeded." in status()
+        assert "last failure" not in status()
+        good = demo_state.catalog
+        demo_state.catalog = {"not": "a list"}  # type: ignore[assignment]  # a refresh now fails
+        assert wait_until(lambda: "Last refresh failed" in status())
+        demo_state.catalog = good
+        assert wait_until(lambda: "The last refresh succeeded." in status())
+        recovered = status()
+    assert "The last failure," in recovered
+    failure = re.search(r'<span id="last-failure">(.+?)</span>', recovered)
+    assert failure is not None
+    assert failure.group(1).strip()
+
+
+def test_a_refusal_of_an_unknown_model_names_the_model_asked_for(start_gateway: StartGateway) -> None:
+    gateway = start_gateway()
+    body = {"model": "no-such-model-xyz", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        refused = client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-client"})
+        assert refused.status_code == 404
+        page = client.get("/console/refusals")
+    assert page.status_code == 200
+    row = next(line for line in page.text.split("<tr") if "model_not_found" in line)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert cells[3] == "no-such-model-xyz"  # the Model column, not only the message
