@@ -145,3 +145,45 @@ def test_keyboard_and_labels(page: Page) -> None:
         page.goto(path)
         assert page.evaluate(UNLABELLED) == [], path
         assert page.evaluate("document.documentElement.lang") == "en"
+
+
+# Every visible element with text of its own: its colour against the first opaque background up its
+# ancestors, by WCAG 2.1's relative luminance; large text (24px, or 18.66px bold) needs 3:1, the
+# rest 4.5:1. Answers the elements below that, with their ratio.
+LOW_CONTRAST = """() => {
+  const rgb = (text) => (text.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => {
+    const c = [r, g, b].map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
+  };
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length === 3 || (c.length === 4 && c[3] > 0.99)) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const low = [];
+  for (const el of document.querySelectorAll('body *')) {
+    const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    const style = getComputedStyle(el);
+    if (!own || style.visibility === 'hidden' || el.getClientRects().length === 0) continue;
+    if (el.closest('.skip') && el !== document.activeElement) continue;  // off-screen until focused
+    const [a, b] = [lum(rgb(style.color).slice(0, 3)), lum(background(el))];
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    const size = parseFloat(style.fontSize), bold = parseInt(style.fontWeight, 10) >= 700;
+    const needed = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+    if (ratio < needed) low.push(`${el.tagName.toLowerCase()}.${el.className}: ${ratio.toFixed(2)}`);
+  }
+  return low;
+}"""
+
+
+def test_text_keeps_wcag_aa_contrast(page: Page) -> None:
+    page.goto("/console/login")
+    assert page.evaluate(LOW_CONTRAST) == []
+    sign_in(page, key_secret("admin"))
+    page.wait_for_url("**/console/usage")
+    for path in ("/console/usage?period=hour", "/console/catalog", "/console/live", "/console/refusals"):
+        page.goto(path)
+        assert page.evaluate(LOW_CONTRAST) == [], path
