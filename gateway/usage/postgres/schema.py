@@ -72,6 +72,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX usage_daily_key_day ON usage_daily (key_name, day)",
     ),
+    (
+        # Routing (docs/routing.md): the name the client sent when another model served, and the
+        # models passed over before it (x-gateway-fallback-from).
+        "ALTER TABLE usage ADD COLUMN requested_model text, ADD COLUMN fallback_from text",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -48,6 +48,8 @@ _ARRAYS: Final = (
     ("ttfb_ms", "float8"),
     ("cache", "text"),
     ("saved_usd", "float8"),
+    ("requested_model", "text"),
+    ("fallback_from", "text"),
 )
 assert tuple(name for name, _ in _ARRAYS[1:]) == UsageRecord._fields
 
