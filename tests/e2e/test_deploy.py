@@ -46,6 +46,7 @@ import psycopg
 import pytest
 import yaml
 
+from gateway.usage.postgres.schema import SCHEMA_VERSION
 from tests.helpers.postgres import PostgresServer
 from tests.helpers.processes import clean_env, free_port
 
@@ -1535,7 +1536,7 @@ def test_compose_shared_replicas_share_a_redis_run_as_compose_runs_it(
         assert client.type("gw:ledger") == b"stream"
         # The replicas created the ledger's tables in the PostgreSQL the compose URL names.
         with psycopg.connect(ledger_url) as conn:
-            assert conn.execute("SELECT version FROM usage_schema").fetchall() == [(1,)]
+            assert conn.execute("SELECT version FROM usage_schema").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         exit_codes = [stop(served.process, timeout=20) for served in replicas]
         client.close()
