@@ -14,13 +14,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 from gateway.auth.keys import new_key
-from gateway.catalog.entries import ModelEntry, parse_catalog
 from gateway.cli_demo import DEMO_ADMIN, DEMO_USER, DEMO_USER_BUDGET_USD_DAILY, DEMO_USER_RPM, DemoLedger, demo_banner
 from gateway.cli_demo import demo as demo_command
+from gateway.cli_models import format_table, models_command
 from gateway.cli_serve import discard_stdout, run, uvicorn_options
 from gateway.config import POSTGRES_INSTALL, Settings, SettingsError, load_settings, resolve_config_path
 from gateway.endpoints import CATEGORIES
@@ -101,13 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(run=_usage)
 
-    models = commands.add_parser("models", help="show the upstream's model catalog")
-    models.add_argument("--config", help="TOML config file (for the upstream URL)")
+    models = commands.add_parser("models", help="show the upstream's model catalog and the config's aliases")
+    models.add_argument("--config", help="TOML config file (the upstream URL and [[aliases]])")
     models.add_argument("--url", help="base URL serving /api/models (default: the configured upstream)")
     models.add_argument("--category", choices=sorted(CATEGORIES), help="only this category")
     models.add_argument("--supports", action="append", default=[], metavar="TAG", help="only models with TAG")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    models.set_defaults(run=_models)
+    models.set_defaults(run=models_command)
     return parser
 
 
@@ -168,28 +167,6 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(args: argparse.Namespace) -> int:
-    base = (args.url or _settings(args.config).upstream.url).rstrip("/")
-    try:
-        response = httpx.get(base + "/api/models", timeout=10.0, trust_env=False)
-        response.raise_for_status()
-        parsed = parse_catalog(orjson.loads(response.content))
-    except (httpx.HTTPError, ValueError) as exc:
-        print(f"gateway: cannot load the catalog from {base}/api/models: {exc}", file=sys.stderr)
-        return 1
-    wanted = {t.lower() for t in args.supports}
-    entries = [
-        e for e in parsed.entries if (args.category is None or e.category == args.category) and wanted <= e.supports
-    ]
-    if args.json:
-        print(orjson.dumps([dict(e.raw) for e in entries], option=orjson.OPT_INDENT_2).decode())
-    else:
-        print(_table(entries))
-    for reason in parsed.skipped:
-        print(f"skipped: {reason}", file=sys.stderr)
-    return 0
-
-
 def _usage(args: argparse.Namespace) -> int:
     usage = _settings(args.config).usage
     if usage.database_url:
@@ -206,7 +183,7 @@ def _usage(args: argparse.Namespace) -> int:
         return 0
     header = (args.by.upper(), "REQUESTS", "CACHED", "PROMPT TOK", "COMPLETION TOK", "COST USD", "SAVED USD")
     print(
-        _format_table(
+        format_table(
             header,
             [
                 (
@@ -238,34 +215,6 @@ def _postgres_summary(url: str, args: argparse.Namespace) -> list[dict[str, Any]
     except psycopg.Error as exc:  # its messages name the host and user, never the password
         print(f"gateway: cannot read the usage ledger on PostgreSQL: {str(exc).strip()}", file=sys.stderr)
         return None
-
-
-def _table(entries: list[ModelEntry]) -> str:
-    header = ("MODEL", "CATEGORY", "HEALTH", "CONTEXT", "IN $/MTOK", "OUT $/MTOK", "SUPPORTS")
-    rows = [
-        (
-            e.model_name,
-            e.category,
-            e.health_status or "-",
-            str(e.context_window or "-"),
-            _price(e.input_per_mtok),
-            _price(e.output_per_mtok),
-            ",".join(sorted(e.supports)),
-        )
-        for e in entries
-    ]
-    return _format_table(header, rows)
-
-
-def _format_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
-    )
-
-
-def _price(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

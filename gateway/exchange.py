@@ -72,6 +72,8 @@ class Exchange:
     saved_cost: float | None = None  # what a cached answer would have cost from the upstream
     requested_model: str | None = None  # the name the client sent, when another model serves (an alias)
     fallback_from: str | None = None  # the models passed over, as x-gateway-fallback-from says
+    # The same as (model passed over, why, the model that served or "none") for the metrics.
+    fallbacks: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def from_cache(self) -> bool:

@@ -89,6 +89,12 @@ class Services:
     open_streams: int = 0  # event streams being relayed now
     serving: bool = True  # False once shutdown has begun closing the services
 
+    def reload_routing(self, new: Settings) -> None:
+        """A config reload's ``[[aliases]]`` and ``[routing]``: a new router in one assignment (a
+        request in flight keeps the route it was given); the measured latencies are kept."""
+        self.latencies.resize(new.routing.fastest_window)
+        self.router = Router(new.routing, new.aliases, self.latencies)
+
     @property
     def in_flight(self) -> int:
         """Proxied requests being handled now (the drain tracks them)."""
@@ -202,7 +208,8 @@ async def open_services(
             refusals=refusals,
         )
         if services.keys is not None and config_path is not None:
-            reloader = KeyReloader(config_path, env if env is not None else {}, settings, services)
+            reloader = KeyReloader(config_path, env if env is not None else {}, settings, services,
+                                   apply=services.reload_routing, applied=("routing", "aliases"))  # fmt: skip
             watcher = asyncio.create_task(reloader.watch(settings.auth.reload_interval))
             stack.push_async_callback(_stop, watcher)
         try:

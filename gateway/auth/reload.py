@@ -2,7 +2,9 @@
 
 A reload validates the whole file exactly as start-up does. A bad file is refused with a log line
 and the running keys keep serving; a good one swaps the key ring in one assignment (atomic for the
-requests in flight). Other settings whose value in the file (or environment) changed since
+requests in flight), then hands the new settings to ``apply`` (the services' own swap of what else
+is reloadable: ``[[aliases]]`` and ``[routing]``, named in ``applied``), in the same turn of the
+event loop. Other settings whose value in the file (or environment) changed since
 start-up are reported as needing a restart; the settings the process was started with (command-line
 flags such as ``--port`` included) are not compared with the file, so only a real change is reported.
 """
@@ -16,7 +18,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from gateway.auth.keys import KeyRing
@@ -27,8 +29,20 @@ logger = logging.getLogger("gateway.auth.reload")
 
 
 class KeyReloader:
-    def __init__(self, path: Path, env: Mapping[str, str], running: Settings, runtime: HasKeyRing) -> None:
+    def __init__(
+        self,
+        path: Path,
+        env: Mapping[str, str],
+        running: Settings,
+        runtime: HasKeyRing,
+        apply: Callable[[Settings], None] | None = None,
+        applied: Collection[str] = (),
+    ) -> None:
+        """``apply`` swaps in the reloadable settings other than keys; ``applied`` names them (the
+        ``Settings`` fields), so a change there is not reported as needing a restart."""
         self._path = path
+        self._apply = apply
+        self._reloaded = frozenset(("keys", *applied))
         self._env = env
         self._running = running
         self._runtime = runtime
@@ -56,16 +70,19 @@ class KeyReloader:
             logger.error("config reload refused: [auth] mode changed to %r (needs a restart)", new.auth_mode)
             return False
         self._runtime.keys = KeyRing(new.keys)
+        if self._apply is not None:
+            self._apply(new)  # no await in between: requests see the old settings or the new ones
         self.reloads += 1
-        changed = changed_settings(self._started_from, new)
+        changed = changed_settings(self._started_from, new, self._reloaded)
         if changed:
             logger.warning(
-                "config reloaded: %d keys; changed since start-up, applied only after a restart: %s",
+                "config reloaded: %d keys, %d aliases; changed since start-up, applied only after a restart: %s",
                 len(new.keys),
+                len(new.aliases),
                 ", ".join(changed),
             )
         else:
-            logger.info("config reloaded: %d keys", len(new.keys))
+            logger.info("config reloaded: %d keys, %d aliases", len(new.keys), len(new.aliases))
         return True
 
     def _stat(self) -> float | None:
@@ -92,12 +109,12 @@ class KeyReloader:
                     loop.remove_signal_handler(signal.SIGHUP)
 
 
-def changed_settings(old: Settings, new: Settings) -> list[str]:
-    """The settings other than ``[[keys]]`` that differ, named as in the file (``port``,
-    ``[catalog] ttl``)."""
+def changed_settings(old: Settings, new: Settings, reloaded: Collection[str] = ("keys",)) -> list[str]:
+    """The settings other than the ``reloaded`` ones (``[[keys]]``) that differ, named as in the
+    file (``port``, ``[catalog] ttl``)."""
     changed: list[str] = []
     for f in dataclasses.fields(Settings):
-        if f.name == "keys":
+        if f.name in reloaded:
             continue
         before, after = getattr(old, f.name), getattr(new, f.name)
         if before == after:

@@ -23,7 +23,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 # Bumped whenever the material or the hashed tuple changes meaning: old keys then simply miss.
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: the body's model is left out of the material (the resolved model is a component)
 # What ``short`` keeps of a key: enough to tell entries apart in logs and headers.
 SHORT_KEY_CHARS = 12
 
@@ -97,7 +97,7 @@ def json_material(fields: Mapping[str, Any], omit: Collection[tuple[str, ...]] =
     return canonical_json(body if isinstance(body, dict) else dict(body))
 
 
-def multipart_material(body: bytes, boundary: bytes) -> bytes:
+def multipart_material(body: bytes, boundary: bytes, omit: Collection[bytes] = ()) -> bytes:
     """The meaning of a multipart/form-data body as bytes, independent of its boundary.
 
     For each part in order: its name and file name (from Content-Disposition, as python-multipart
@@ -107,6 +107,7 @@ def multipart_material(body: bytes, boundary: bytes) -> bytes:
     without one and a part with an empty one differ. Part data is hashed as it is parsed, never
     copied. Raises ValueError for a malformed or truncated body, and for a part that repeats its
     Content-Disposition or Content-Type (which one an upstream would honour is anyone's guess).
+    The parts named in ``omit`` are left out (their data is still parsed, never kept).
     """
     out = bytearray(_MULTIPART_DOMAIN)
     state: dict[str, Any] = {"ended": False, "open": False}
@@ -134,12 +135,15 @@ def multipart_material(body: bytes, boundary: bytes) -> bytes:
         headers: dict[bytes, bytes] = state["headers"]
         _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
         content_type, _ = parse_options_header(headers.get(b"content-type", b""))
-        out.extend(_field(disposition.get(b"name", b"")))
+        state["open"] = False
+        name = disposition.get(b"name", b"")
+        if name in omit:
+            return
+        out.extend(_field(name))
         filename = disposition.get(b"filename")
         out.extend(b"\x00" if filename is None else b"\x01" + _field(filename))
         out.extend(_field(content_type.lower()))
         out.extend(state["digest"].digest())
-        state["open"] = False
 
     def on_end() -> None:
         state["ended"] = True

@@ -266,7 +266,7 @@ class RoutingSettings:
 class AuthSettings:
     # None means "choose": passthrough without an upstream key; an upstream key needs an explicit mode.
     mode: AuthMode | None = None
-    # Seconds between checks of the config file for changed keys (0: only on SIGHUP).
+    # Seconds between checks of the config file for changed keys, aliases and routing (0: only on SIGHUP).
     reload_interval: float = _bounded(5.0, ge=0)
 
 

@@ -3,7 +3,8 @@
 Per-request metrics are observed once, from the finished ``Exchange``; point-in-time values (the
 catalog, in-flight requests, open streams, the upstream pool, open circuits) are read at scrape
 time by a collector. Label values are bounded: endpoints come from the routing table, models from
-the catalog ("unknown" otherwise), keys from the config.
+the catalog ("unknown" otherwise) and the aliases' model lists, keys from the config, reasons from
+the gateway's error codes and the upstream's 5xx/429 statuses.
 """
 
 from __future__ import annotations
@@ -202,6 +203,11 @@ class Metrics:
             "gateway_cache_saved_tokens", "Tokens served from the cache instead of the upstream.", ["model", "kind"]
         )
         self.saved_cost = Counter("gateway_cache_saved_usd", "What answers from the cache would have cost.", ["model"])
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            'Models passed over before the one that served (to_model "none": none did), by reason code.',
+            ["from_model", "to_model", "reason"],
+        )
         self.registry = CollectorRegistry()
         self.registry.register(
             _RequestCollector(
@@ -219,6 +225,7 @@ class Metrics:
                     self.cache,
                     self.saved_tokens,
                     self.saved_cost,
+                    self.fallbacks,
                 ]
             )
         )
@@ -250,6 +257,9 @@ class Metrics:
             self.cost.inc((model, key), exchange.cost)
         if exchange.cache is not None:
             self._observe_cache(exchange, endpoint[0], model)
+        if exchange.fallbacks and exchange.outcome != "dry_run":
+            for passed, reason, to in exchange.fallbacks:
+                self.fallbacks.inc((passed, to, reason))
 
     def _observe_cache(self, exchange: Exchange, endpoint: str, model: str) -> None:
         self.cache.inc((endpoint, exchange.cache or ""))

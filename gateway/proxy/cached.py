@@ -4,7 +4,8 @@ For a forwarded request with a model, ``CachingSource.forward``:
 
 1. asks the policy whether the cache applies (else ``Cache-Status: ...; fwd=bypass; detail=...``);
 2. computes the key: endpoint, resolved model, partition (whose answers this caller may get),
-   namespace, the canonical body (the fields the gateway rewrites left out), stream or not;
+   namespace, the canonical body (without ``model``: an alias and the model serving it share
+   entries; and without the fields the gateway rewrites), stream or not;
 3. replays a stored answer the request's ``Cache-Control`` accepts (``hit``, with ``Age``), or
    answers 504 ``not_cached`` to ``only-if-cached``;
 4. joins an identical request in flight (``collapsed``): at most ``collapse_timeout`` for its
@@ -65,9 +66,14 @@ class CachingSource:
         self._max_entry_bytes = settings.cache.max_entry_bytes
         # Collapsing across replicas: with the Redis tier, and collapsing on.
         self._fleet = cache.remote.flights if cache.remote is not None and settings.cache.collapse else None
-        # The gateway asks for a stream's usage itself when include_usage is on: that member is then
-        # the gateway's, not the client's, and two requests that differ only there get one answer.
-        self._omit = (("stream_options", "include_usage"),) if settings.usage.include_usage else ()
+        # The body's model is left out: the key has the resolved model (the one that serves) as its
+        # own component, so a request naming an alias and one naming the model that serves it share
+        # one entry. The gateway asks for a stream's usage itself when include_usage is on: that
+        # member is then the gateway's, not the client's, and two requests that differ only there
+        # get one answer.
+        self._omit: tuple[tuple[str, ...], ...] = (("model",),)
+        if settings.usage.include_usage:
+            self._omit += (("stream_options", "include_usage"),)
 
     async def forward(
         self, scope: Scope, endpoint: endpoints.Endpoint, body: bytes, exchange: Exchange, breaker_pass: Pass | None
@@ -196,7 +202,7 @@ class CachingSource:
             boundary = parse_options_header(content_type)[1].get(b"boundary")
             if not boundary:
                 raise ValueError("no multipart boundary")
-            return multipart_material(body, boundary)
+            return multipart_material(body, boundary, omit=(b"model",))
         return json_material(exchange.fields, self._omit)
 
     def _partition_of(self, headers: list[Header], caller: Caller | None) -> str:

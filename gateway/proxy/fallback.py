@@ -42,7 +42,7 @@ class Attempts:
         self._services = services
         self._source = source
         self._admitter = admitter
-        self._deadline = settings.routing.deadline or settings.upstream.first_byte_timeout
+        self._first_byte_timeout = settings.upstream.first_byte_timeout
 
     async def forward(
         self, scope: Scope, admission: Admission, body: bytes, exchange: Exchange, attempt: Attempt
@@ -110,21 +110,26 @@ class Attempts:
         if route is None or route.attempts <= 1:
             response = await forward
         else:
-            left = self._deadline - exchange.elapsed()
+            deadline = self._deadline()
+            left = deadline - exchange.elapsed()
             try:
                 async with asyncio.timeout(max(0.0, left)):
                     response = await forward
             except TimeoutError:
                 raise UpstreamTimeout(
-                    f"No model answered within the request's deadline of {self._deadline:g} seconds."
+                    f"No model answered within the request's deadline of {deadline:g} seconds."
                 ) from None
         started, answered, entry = exchange.upstream_started, exchange.upstream_answered, admission.entry
         if not exchange.from_cache and started is not None and answered is not None and entry is not None:
             self._services.latencies.record(entry.model_name, answered - started)
         return response
 
+    def _deadline(self) -> float:
+        """``[routing] deadline`` (the router's: a config reload may change it)."""
+        return self._services.router.settings.deadline or self._first_byte_timeout
+
     def _may_fall_back(self, route: Route, exchange: Exchange) -> bool:
-        return route.fallback and route.may_fall_back() and exchange.elapsed() < self._deadline
+        return route.fallback and route.may_fall_back() and exchange.elapsed() < self._deadline()
 
     def _fall_back(self, route: Route, admission: Admission, exchange: Exchange, reason: str | None,
                    error: GatewayError) -> NoReturn:  # fmt: skip

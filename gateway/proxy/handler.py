@@ -140,6 +140,8 @@ class Proxy:
         if route is not None and route.passed_over:
             passed = route.header()
             exchange.fallback_from = passed.decode("latin-1")
+            to = entry.model_name if entry is not None and serving else "none"
+            exchange.fallbacks = tuple((p.model, p.reason, to) for p in route.passed_over)
             out.append((FALLBACK_FROM, passed))
         if entry is not None and serving:
             name = entry.model_name

@@ -21,6 +21,12 @@ class Latencies:
             samples = self._samples[model] = deque(maxlen=self._window)
         samples.append(seconds)
 
+    def resize(self, window: int) -> None:
+        """Keep the latest ``window`` requests per model from now on (a config reload)."""
+        if window != self._window:
+            self._window = window
+            self._samples = {model: deque(s, maxlen=window) for model, s in self._samples.items()}
+
     def mean(self, model: str) -> float | None:
         """The mean time to first byte of the model's latest requests; None before the first."""
         samples = self._samples.get(model)

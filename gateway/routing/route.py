@@ -137,6 +137,10 @@ class Router:
         self._latencies = latencies
 
     @property
+    def settings(self) -> RoutingSettings:
+        return self._settings
+
+    @property
     def aliases(self) -> Mapping[str, AliasSettings]:
         return self._aliases
 

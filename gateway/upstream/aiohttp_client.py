@@ -30,6 +30,9 @@ from gateway.upstream.base import (
 # What aiohttp would otherwise add on its own: the client's headers are forwarded instead.
 _SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 _CHUNK_ERRORS = (aiohttp.ClientError, OSError)
+# aiohttp's ClientOSError when writing the request body failed (client_reqrep.ClientRequest.write_bytes):
+# its only mark (tests/upstream/test_reused_connection.py fails if a new aiohttp changes it).
+_BODY_NOT_WRITTEN = "Can not write request body"
 
 
 class _AiohttpResponse:
@@ -111,6 +114,12 @@ class AiohttpUpstream:
             raise UpstreamUnavailable(
                 f"The upstream could not be reached: {describe_error(exc)}.", retryable=True
             ) from None
+        except aiohttp.ClientOSError as exc:
+            # The body could not be handed to the connection (typically a kept-alive one the upstream
+            # closed just as it was reused): the upstream got at most a part of the request, never
+            # all of it, so it cannot have acted on it: safe to retry, on a new connection.
+            retryable = _BODY_NOT_WRITTEN in str(exc)
+            raise UpstreamUnavailable(f"The upstream failed: {describe_error(exc)}.", retryable=retryable) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(f"The upstream failed: {describe_error(exc)}.") from None
         return response

@@ -349,6 +349,16 @@ def test_field_boundaries_cannot_be_shifted() -> None:
     assert material(a) != material(b)
 
 
+def test_omitted_parts_are_left_out_and_only_those() -> None:
+    rest = PARTS[1:]  # PARTS without its model
+    alias = form(b"B", [(b'Content-Disposition: form-data; name="model"', b"stt-alias"), *rest])
+    direct = form(b"B", PARTS)
+    assert multipart_material(alias, b"B", omit=(b"model",)) == multipart_material(direct, b"B", omit=(b"model",))
+    assert multipart_material(alias, b"B", omit=(b"model",)) == multipart_material(form(b"B", rest), b"B")
+    assert multipart_material(alias, b"B") != multipart_material(direct, b"B")
+    assert multipart_material(direct, b"B", omit=(b"language",)) != multipart_material(direct, b"B", omit=(b"model",))
+
+
 def test_an_empty_form_has_material() -> None:
     assert multipart_material(b"--B--\r\n", b"B") == multipart_material(b"--C--\r\n", b"C")
 
@@ -388,7 +398,7 @@ def test_cache_key_is_a_stable_sha256_hex() -> None:
     assert key == cache_key(**FIELDS)
     assert len(key) == 64
     assert int(key, 16) >= 0
-    assert KEY_VERSION == 1
+    assert KEY_VERSION == 2  # 2: the body's model is no longer in the material
 
 
 @pytest.mark.parametrize("field", sorted(FIELDS))

@@ -151,3 +151,16 @@ def test_fastest_ranks_unmeasured_first_then_by_the_windows_mean() -> None:
     ranked = rank([qwen, llama, phi], "fastest", "/v1/chat/completions", {}, latencies)
     assert [e.model_name for e in ranked] == [phi.model_name, LLAMA, CHAT_MODEL]
     assert rank([qwen, llama], "ordered", "/v1/chat/completions", {}, latencies) == [qwen, llama]
+
+
+def test_a_reloaded_fastest_window_keeps_the_latest_measures() -> None:
+    latencies = Latencies(3)
+    for seconds in (9.0, 1.0, 2.0):
+        latencies.record(LLAMA, seconds)
+    latencies.resize(2)  # [routing] fastest_window changed by a config reload
+    assert latencies.mean(LLAMA) == 1.5
+    latencies.record(LLAMA, 4.0)
+    assert latencies.mean(LLAMA) == 3.0
+    latencies.resize(4)
+    latencies.record(LLAMA, 6.0)
+    assert latencies.mean(LLAMA) == 4.0  # 2, 4, 6

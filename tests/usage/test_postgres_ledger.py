@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from gateway.usage.ledger import Ledger
 from gateway.usage.postgres import reports as pg_reports
 from gateway.usage.postgres.ledger import PostgresLedger
-from gateway.usage.postgres.schema import SCHEMA_VERSION, migrate, schema_version
+from gateway.usage.postgres.schema import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version
 from gateway.usage.postgres.stream import GROUP, RecordStream, consumer_name, decode, encode
 from gateway.usage.postgres.write import Entry, write_batch
 from gateway.usage.reports import spend_usd, summarize
@@ -94,6 +94,28 @@ async def test_a_batch_delivered_twice_is_one_row_per_record_and_counted_once(co
     # The same X-Request-ID sent by a client twice is two requests: two rows (the key is the ledger's id).
     assert await write_batch(conn, [Entry("id-4", rec(1))]) == 1
     assert await count(conn, "SELECT count(*) FROM usage WHERE request_id = 'req-1'") == 2
+
+
+async def test_a_version_1_ledger_gains_the_routing_columns(postgres: PostgresServer) -> None:
+    async with await AsyncConnection.connect(postgres.database(), autocommit=True) as c:
+        async with c.transaction():  # a ledger written by a gateway before routing (schema version 1)
+            for statement in MIGRATIONS[0]:
+                await c.execute(statement)
+            await c.execute("CREATE TABLE usage_schema (version integer NOT NULL)")
+            await c.execute("INSERT INTO usage_schema VALUES (1)")
+            await c.execute(
+                "INSERT INTO usage (id, ts, request_id, model, endpoint, status, prompt_tokens, completion_tokens, "
+                "total_tokens, outcome, cut, latency_ms) VALUES ('old', now(), 'req-old', 'm1', "
+                "'/v1/chat/completions', 200, 1, 1, 2, 'completed', false, 1.0)"
+            )
+        assert await migrate(c) == SCHEMA_VERSION == 2
+        routed = rec(1)._replace(requested_model="chat-default", fallback_from="m0;reason=upstream_503")
+        assert await write_batch(c, [Entry("new", routed)]) == 1
+        cursor = await c.execute("SELECT id, model, requested_model, fallback_from FROM usage ORDER BY id")
+        assert await cursor.fetchall() == [
+            ("new", "m1", "chat-default", "m0;reason=upstream_503"),
+            ("old", "m1", None, None),
+        ]
 
 
 async def test_migrations_are_idempotent_and_safe_when_replicas_start_at_once(postgres: PostgresServer) -> None:
