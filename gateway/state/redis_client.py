@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from gateway.config import SHARED_INSTALL, SettingsError, SharedSettings
 from gateway.errors import GatewayError
+from gateway.state.redis_batch import PipelineClient
 
 
 class SharedStateUnavailable(GatewayError):
@@ -18,14 +19,8 @@ class SharedStateUnavailable(GatewayError):
     code = "shared_state_unavailable"
 
 
-class Script(Protocol):
-    """A registered Lua script (redis-py's ``AsyncScript``): run by digest, loaded on first miss."""
-
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any: ...
-
-
-class RedisClient(Protocol):
-    def register_script(self, script: str) -> Script: ...
+class RedisClient(PipelineClient, Protocol):
+    """redis-py's asyncio client, as the shared store uses it (its scripts: ``redis_batch``)."""
 
     def set(self, name: str, value: int, *, ex: int, nx: bool) -> Awaitable[Any]: ...
 
