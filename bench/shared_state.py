@@ -11,6 +11,10 @@ One run, ratios against the in-process row (bench/README.md, "Shared state"):
 - two replicas sharing one Redis, a key limited to ``--limit`` requests per minute, both driven at
   once: requests admitted / the limit (1.000 is exact) and the req/s offered.
 
+``--rev REV`` adds a row ``redis@REV``: the same as ``redis`` with the ``gateway`` package of a git
+revision (extracted with ``git archive``, first on ``PYTHONPATH``, as bench/ab.py does), so that
+before and after a change are measured in one interleaved run.
+
 nginx is the upstream (canned answers), as in run.py. The gateway under test is pinned alone to one
 CPU (``--no-pin``: not pinned); the two replicas are not pinned. Everything listens on 127.0.0.1.
 """
@@ -25,6 +29,7 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,7 +101,7 @@ def start_gateway(workdir: Path, name: str, upstream: str, cpus: tuple[int, ...]
                   env: dict[str, str]) -> tuple[b.Proc, int]:  # fmt: skip
     port = b.free_port()
     argv = [str(b.PROJECT_BIN / "gateway"), "serve", "--config", str(config(workdir, name, upstream, port, rpm))]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "PYTHONPATH"}
     proc = b.spawn(name, argv, workdir, cpus, env={**base, **env})
     try:
         b.wait_ready(proc, port, "/readyz", 30.0)
@@ -104,6 +109,16 @@ def start_gateway(workdir: Path, name: str, upstream: str, cpus: tuple[int, ...]
         proc.stop()
         raise
     return proc, port
+
+
+def extract(rev: str, workdir: Path) -> Path:
+    """The ``gateway`` package of ``rev`` in a directory of its own (for ``PYTHONPATH``)."""
+    target = workdir / f"rev-{rev.replace('/', '_')}"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(b.ROOT), "archive", rev, "gateway"], capture_output=True, check=True,
+                             timeout=60)  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True, timeout=60)
+    return target
 
 
 def compare(args: argparse.Namespace, workdir: Path, upstream: str, cpus: b.Cpus, rows: dict[str, dict[str, str]],
@@ -159,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=2000, help="the two replicas' key rpm (default 2000)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the gateway and the load apart")
     parser.add_argument("--no-postgres", action="store_true", help="skip the redis+postgres row")
+    parser.add_argument("--rev", help="add a row redis@REV: the redis row at a git revision (before/after)")
     args = parser.parse_args(argv)
     b.ensure_system_tools()
     cpus = b.Cpus.plan(not args.no_pin)
@@ -172,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(b.running(redis))
         redis_url = f"redis://{b.HOST}:{redis_port}/0"
         rows = {"in-process": {}, "redis": {"GATEWAY_SHARED_REDIS_URL": redis_url}}
+        if args.rev:
+            rows[f"redis@{args.rev}"] = {**rows["redis"], "PYTHONPATH": str(extract(args.rev, workdir))}
         if not args.no_postgres:
             from tests.helpers.postgres import postgres_server  # the tests' own server, in a temp dir
 

@@ -1,15 +1,16 @@
 """The shared store's way to Redis: its Lua scripts, pipelined.
 
 Each call is still one script (``EVALSHA``) and one round trip for the request that makes it; what
-the ``Batcher`` saves is the per-call cost around it. Calls made in the same turn of the event loop
-go out in one write on one connection and come back in one read (redis-py's pipeline, no
-transaction: each script is atomic on its own). Calls nobody waits for (``post``: settlements,
-lease releases) wait up to ``linger`` seconds to share a write with other posted calls, or leave
-with the next awaited call, whichever comes first: at one client a settlement rides along with the
-next admission, under load many share one write. A posted call is never dropped while the store
-runs: ``drain`` sends what is waiting and waits for what is in flight (shutdown). At most
-``flights`` writes are in flight at once; calls made meanwhile wait for one to come back and go out
-together (so the pool never holds more than ``flights`` connections for the scripts).
+the ``Batcher`` saves is the cost around it. Awaited calls (admissions, leases) made in the same
+turn of the event loop go out in one write on one connection and come back in one read (redis-py's
+pipeline, no transaction: each script is atomic on its own). Calls nobody waits for (``post``:
+settlements, lease releases) are off the request path: they wait ``linger`` seconds and go out
+together in a write of their own (never in front of an admission, which would wait for them). At
+most ``flights`` writes are in flight at once; calls made meanwhile go out together when one comes
+back, so under load the batches grow instead of the connections (redis-py's pool refuses past
+100). An awaited call whose caller gave up (its timeout) before it was written is not sent. A
+posted call is never dropped while the store runs: ``drain`` sends what is waiting and waits for
+what is in flight (shutdown).
 
 A script unknown to the server (Redis restarted empty) is loaded and its calls sent again, once.
 """
@@ -95,14 +96,21 @@ class Batcher:
     def post(self, script: LuaScript, keys: list[str], args: list[Any]) -> None:
         """Run ``script`` within ``linger`` seconds, nobody waiting (how it went: ``on_posted``)."""
         self._posted.append(_Call(script, ("EVALSHA", script.sha, len(keys), *keys, *args), None))
-        if self._later is None and self._soon is None:
-            self._later = asyncio.get_running_loop().call_later(self._linger, self._send)
+        if self._later is None:
+            self._later = asyncio.get_running_loop().call_later(self._linger, self._send_posted)
 
     async def drain(self) -> None:
         """Send everything waiting and wait for every write in flight (each within its timeout)."""
+        if self._soon is not None:
+            self._soon.cancel()
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         for _ in range(100):  # bounded: each turn sends or waits for a write that ends by its timeout
-            if self._waiting or self._posted:
+            if self._waiting:
                 self._send()
+            if self._posted:
+                self._send_posted()
             if not self._tasks:
                 return
             await asyncio.wait(set(self._tasks))
@@ -110,14 +118,24 @@ class Batcher:
     # ------------------------------------------------------------------------------ internals
 
     def _send(self) -> None:
+        """The awaited calls made since the last write."""
         self._soon = None
-        if self._later is not None:
-            self._later.cancel()
-            self._later = None
-        if not (self._waiting or self._posted) or len(self._tasks) >= self._flights:
+        if not self._waiting or len(self._tasks) >= self._flights:
             return  # sent when a write in flight comes back
-        batch = [*self._posted, *self._waiting]  # settlements first: an admission sees what they free
-        self._waiting, self._posted = [], []
+        batch = [call for call in self._waiting if call.future is not None and not call.future.done()]
+        self._waiting = []
+        if batch:
+            self._start(batch)
+
+    def _send_posted(self) -> None:
+        """The posted calls made since the last write of posted calls."""
+        self._later = None
+        if not self._posted or len(self._tasks) >= self._flights:
+            return  # sent when a write in flight comes back
+        self._start(self._posted)
+        self._posted = []
+
+    def _start(self, batch: list[_Call]) -> None:
         task = asyncio.get_running_loop().create_task(self._write(batch))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -126,8 +144,8 @@ class Batcher:
         self._tasks.discard(task)
         if self._waiting:
             self._send()
-        elif self._posted and self._later is None:
-            self._later = asyncio.get_running_loop().call_later(self._linger, self._send)
+        if self._posted and self._later is None:
+            self._later = asyncio.get_running_loop().call_later(self._linger, self._send_posted)
 
     async def _write(self, batch: list[_Call]) -> None:
         failure: BaseException | None = None
