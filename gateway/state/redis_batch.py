@@ -2,8 +2,8 @@
 
 Each call is still one script (``EVALSHA``) and one round trip for the request that makes it; what
 the ``Batcher`` saves is the cost around it. Awaited calls (admissions, leases) made in the same
-turn of the event loop go out in one write on one connection and come back in one read (redis-py's
-pipeline, no transaction: each script is atomic on its own). Calls nobody waits for (``post``:
+turn of the event loop go out in one write on one connection and come back in one read (a pipeline, no
+transaction: each script is atomic on its own; ``redis_client.pipelined`` sends it). Calls nobody waits for (``post``:
 settlements, lease releases) are off the request path: they wait ``linger`` seconds and go out
 together in a write of their own (never in front of an admission, which would wait for them). At
 most ``flights`` writes are in flight at once; calls made meanwhile go out together when one comes
@@ -19,27 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-
-class Pipeline(Protocol):
-    """redis-py's asyncio ``Pipeline`` (no transaction), as used here."""
-
-    def execute_command(self, *args: Any) -> Any: ...
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]: ...
-
-    async def __aenter__(self) -> Pipeline: ...
-
-    async def __aexit__(self, *exc: object) -> None: ...
-
-
-class PipelineClient(Protocol):
-    def pipeline(self, transaction: bool = True) -> Pipeline: ...
-
-    async def script_load(self, script: str) -> Any: ...
+# Commands in, one reply per command out (an error reply as its exception, not raised), on one
+# connection in one write: ``redis_client.pipelined``.
+Send = Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +48,7 @@ class _Call:
 class Batcher:
     def __init__(
         self,
-        client: PipelineClient,
+        send: Send,
         *,
         timeout: float,
         errors: tuple[type[Exception], ...],
@@ -72,7 +58,7 @@ class Batcher:
     ) -> None:
         """``timeout``: a whole write and its read; ``errors``: what the client raises when Redis is
         unreachable; ``on_posted``: how each write with posted calls went (None: answered)."""
-        self._client = client
+        self._send_commands = send
         self._timeout = timeout
         self._errors: tuple[type[BaseException], ...] = (*errors, TimeoutError, OSError)
         self._on_posted = on_posted
@@ -154,8 +140,7 @@ class Batcher:
                 replies = await self._pipeline(batch)
                 unknown = {c.script for c, r in zip(batch, replies, strict=True) if _no_script(r)}
                 if unknown:  # Redis restarted empty: load the scripts, send their calls again
-                    for script in unknown:
-                        await self._client.script_load(script.source)
+                    await self._send_commands([("SCRIPT", "LOAD", script.source) for script in unknown])
                     again = [i for i, (c, r) in enumerate(zip(batch, replies, strict=True)) if _no_script(r)]
                     for i, reply in zip(again, await self._pipeline([batch[i] for i in again]), strict=True):
                         replies[i] = reply
@@ -176,10 +161,7 @@ class Batcher:
             self._on_posted(failure)
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for call in batch:
-                pipe.execute_command(*call.command)
-            return await pipe.execute(raise_on_error=False)
+        return await self._send_commands([call.command for call in batch])
 
 
 def _no_script(reply: Any) -> bool:

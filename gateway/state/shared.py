@@ -29,7 +29,7 @@ from gateway.config import SharedSettings
 from gateway.state.budgets import SpendSince, periods
 from gateway.state.guard import Guard
 from gateway.state.redis_batch import Batcher, LuaScript
-from gateway.state.redis_client import RedisClient, SharedStateUnavailable, part, redis_client
+from gateway.state.redis_client import RedisClient, SharedStateUnavailable, part, pipelined, redis_client
 from gateway.state.redis_limits import (
     ADMIT,
     SETTLE,
@@ -98,7 +98,9 @@ class SharedStore:
         )
         # Every script goes through the batcher (one write for the calls of one turn of the loop);
         # settlements and lease releases are posted: off the request path, sent within 5 ms.
-        self._batcher = Batcher(client, timeout=settings.timeout * 4, errors=self._errors, on_posted=self._posted)
+        self._batcher = Batcher(
+            pipelined(client), timeout=settings.timeout * 4, errors=self._errors, on_posted=self._posted
+        )
         self._shaper = SharedShaper(self._batcher, settings, shaping, self._guard, self._errors,
                                     lambda: self.replicas, clock)  # fmt: skip
         self._beat: asyncio.Task[None] | None = None
