@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -86,6 +87,7 @@ class SharedStore:
         self._settle = LuaScript.of(SETTLE)
         self._heartbeat = LuaScript.of(HEARTBEAT)
         self._replica = uuid.uuid4().hex
+        self._ids = itertools.count()  # request ids: this replica's id and a count
         self.replicas = 1  # replicas seen alive at the last heartbeat (this one included)
         self.fallbacks = 0  # admissions decided by the fallback policy
         self._guard = Guard(
@@ -126,7 +128,8 @@ class SharedStore:
             return await self._local.admit(claim)
         if self._guard.available():
             now = self._wall_clock()
-            admission = Admission(caller, uuid.uuid4().hex, claim.prompt_tokens, claim.requested_tokens,
+            request_id = f"{self._replica}{next(self._ids):x}"  # unique across replicas, no syscall (uuid4 has one)
+            admission = Admission(caller, request_id, claim.prompt_tokens, claim.requested_tokens,
                                   claim.min_cost if claim.budgeted else None, periods(now), now)  # fmt: skip
             prefix = self._settings.key_prefix
             keys = limit_keys(prefix, caller.name, admission.periods)
