@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ path = "{workdir / f"{name}-usage.db"}"
 
 [catalog]
 ttl = 86400.0
+
+[metrics]
+public = true
 
 [[keys]]
 name = "bench"
@@ -143,7 +147,18 @@ def compare(args: argparse.Namespace, workdir: Path, upstream: str, cpus: b.Cpus
                 results[name]["p50_ms"].append(one["p50_us"] / 1000)
                 results[name]["rps"].append(many["rps"])
             b.log(f"round {round_ + 1}/{args.rounds} done")
+        for name, port in ports.items():  # a row measured on Redis must not have fallen back to local
+            results[name]["fallbacks"] = [fallbacks(port)]
     return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+
+
+def fallbacks(port: int) -> float:
+    """``gateway_shared_store_fallbacks_total``: admissions decided without Redis (0 without the metric)."""
+    with urllib.request.urlopen(f"http://{b.HOST}:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("gateway_shared_store_fallbacks_total"):
+                return float(line.split()[-1])
+    return 0.0
 
 
 def accuracy(args: argparse.Namespace, workdir: Path, upstream: str, redis_url: str, script: Path) -> dict[str, Any]:
@@ -199,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         compared = compare(args, workdir, upstream, cpus, rows, script)
         replicas = accuracy(args, workdir, upstream, redis_url, script)
     base = compared["in-process"]
-    print("| backend | p50 at 1 client (ms) | added p50 (ms) | req/s at 64 | req/s vs in-process |")
-    print("|---|---:|---:|---:|---:|")
+    print("| backend | p50 at 1 client (ms) | added p50 (ms) | req/s at 64 | req/s vs in-process | fallbacks |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, row in compared.items():
         print(f"| {name} | {row['p50_ms']:.3f} | {row['p50_ms'] - base['p50_ms']:+.3f} | {row['rps']:.0f} "
-              f"| {row['rps'] / base['rps']:.2f}x |")  # fmt: skip
+              f"| {row['rps'] / base['rps']:.2f}x | {row['fallbacks']:.0f} |")  # fmt: skip
     print(
         f"\nTwo replicas, one Redis, rpm {replicas['limit']}: admitted {replicas['admitted']} of "
         f"{replicas['offered']} offered ({replicas['offered_rps']:.0f} req/s): accuracy {replicas['accuracy']:.3f}"

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from gateway.auth.keys import Caller
 from gateway.config import SharedSettings
-from gateway.state.budgets import SpendSince, periods
+from gateway.state.budgets import Period, SpendSince, periods
 from gateway.state.guard import Guard
 from gateway.state.redis_batch import Batcher, LuaScript
 from gateway.state.redis_client import RedisClient, SharedStateUnavailable, part, pipelined, redis_client
@@ -87,6 +87,7 @@ class SharedStore:
         self._settle = LuaScript.of(SETTLE)
         self._heartbeat = LuaScript.of(HEARTBEAT)
         self._replica = uuid.uuid4().hex
+        self._periods: tuple[Period, Period] | None = None
         self._ids = itertools.count()  # request ids: this replica's id and a count
         self.replicas = 1  # replicas seen alive at the last heartbeat (this one included)
         self.fallbacks = 0  # admissions decided by the fallback policy
@@ -130,7 +131,7 @@ class SharedStore:
             now = self._wall_clock()
             request_id = f"{self._replica}{next(self._ids):x}"  # unique across replicas, no syscall (uuid4 has one)
             admission = Admission(caller, request_id, claim.prompt_tokens, claim.requested_tokens,
-                                  claim.min_cost if claim.budgeted else None, periods(now), now)  # fmt: skip
+                                  claim.min_cost if claim.budgeted else None, self._periods_at(now), now)  # fmt: skip
             prefix = self._settings.key_prefix
             keys = limit_keys(prefix, caller.name, admission.periods)
             deadline = self._settings.reservation_deadline
@@ -190,6 +191,13 @@ class SharedStore:
             spent = await self._spend_since(caller.name, period.start) if self._spend_since else 0.0
             async with asyncio.timeout(self._settings.timeout):
                 await self._client_set_nx(key, micro(spent), budget_ttl(period, admission.now))
+
+    def _periods_at(self, now: float) -> tuple[Period, Period]:
+        """Today and this month, computed once a day (a calendar computation per request showed in profiles)."""
+        cached = self._periods
+        if cached is None or not cached[0].start <= now < cached[0].end:
+            cached = self._periods = periods(now)
+        return cached
 
     def _posted(self, failure: BaseException | None) -> None:
         """How a write with settlements or releases went (a lost one ends at its deadline)."""
