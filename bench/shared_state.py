@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=2000, help="the two replicas' key rpm (default 2000)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the gateway and the load apart")
     parser.add_argument("--no-postgres", action="store_true", help="skip the redis+postgres row")
+    parser.add_argument("--redis-timeout", type=float, help="[shared] timeout of the Redis rows (default: the default)")
     parser.add_argument("--rev", help="add a row redis@REV: the redis row at a git revision (before/after)")
     args = parser.parse_args(argv)
     b.ensure_system_tools()
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(b.running(redis))
         redis_url = f"redis://{b.HOST}:{redis_port}/0"
         rows = {"in-process": {}, "redis": {"GATEWAY_SHARED_REDIS_URL": redis_url}}
+        if args.redis_timeout:  # a longer timeout: no admission falls back while the machine stalls
+            rows["redis"]["GATEWAY_SHARED_TIMEOUT"] = str(args.redis_timeout)
         if args.rev:
             rows[f"redis@{args.rev}"] = {**rows["redis"], "PYTHONPATH": str(extract(args.rev, workdir))}
         if not args.no_postgres:
