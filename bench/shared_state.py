@@ -11,6 +11,10 @@ One run, ratios against the in-process row (bench/README.md, "Shared state"):
 - two replicas sharing one Redis, a key limited to ``--limit`` requests per minute, both driven at
   once: requests admitted / the limit (1.000 is exact) and the req/s offered.
 
+``--rev REV`` adds a row ``redis@REV``: the same as ``redis`` with the ``gateway`` package of a git
+revision (extracted with ``git archive``, first on ``PYTHONPATH``, as bench/ab.py does), so that
+before and after a change are measured in one interleaved run.
+
 nginx is the upstream (canned answers), as in run.py. The gateway under test is pinned alone to one
 CPU (``--no-pin``: not pinned); the two replicas are not pinned. Everything listens on 127.0.0.1.
 """
@@ -25,9 +29,11 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,9 @@ path = "{workdir / f"{name}-usage.db"}"
 [catalog]
 ttl = 86400.0
 
+[metrics]
+public = true
+
 [[keys]]
 name = "bench"
 key_sha256 = "{digest}"
@@ -96,7 +105,7 @@ def start_gateway(workdir: Path, name: str, upstream: str, cpus: tuple[int, ...]
                   env: dict[str, str]) -> tuple[b.Proc, int]:  # fmt: skip
     port = b.free_port()
     argv = [str(b.PROJECT_BIN / "gateway"), "serve", "--config", str(config(workdir, name, upstream, port, rpm))]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "PYTHONPATH"}
     proc = b.spawn(name, argv, workdir, cpus, env={**base, **env})
     try:
         b.wait_ready(proc, port, "/readyz", 30.0)
@@ -104,6 +113,16 @@ def start_gateway(workdir: Path, name: str, upstream: str, cpus: tuple[int, ...]
         proc.stop()
         raise
     return proc, port
+
+
+def extract(rev: str, workdir: Path) -> Path:
+    """The ``gateway`` package of ``rev`` in a directory of its own (for ``PYTHONPATH``)."""
+    target = workdir / f"rev-{rev.replace('/', '_')}"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(b.ROOT), "archive", rev, "gateway"], capture_output=True, check=True,
+                             timeout=60)  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True, timeout=60)
+    return target
 
 
 def compare(args: argparse.Namespace, workdir: Path, upstream: str, cpus: b.Cpus, rows: dict[str, dict[str, str]],
@@ -128,7 +147,18 @@ def compare(args: argparse.Namespace, workdir: Path, upstream: str, cpus: b.Cpus
                 results[name]["p50_ms"].append(one["p50_us"] / 1000)
                 results[name]["rps"].append(many["rps"])
             b.log(f"round {round_ + 1}/{args.rounds} done")
+        for name, port in ports.items():  # a row measured on Redis must not have fallen back to local
+            results[name]["fallbacks"] = [fallbacks(port)]
     return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+
+
+def fallbacks(port: int) -> float:
+    """``gateway_shared_store_fallbacks_total``: admissions decided without Redis (0 without the metric)."""
+    with urllib.request.urlopen(f"http://{b.HOST}:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("gateway_shared_store_fallbacks_total"):
+                return float(line.split()[-1])
+    return 0.0
 
 
 def accuracy(args: argparse.Namespace, workdir: Path, upstream: str, redis_url: str, script: Path) -> dict[str, Any]:
@@ -159,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=2000, help="the two replicas' key rpm (default 2000)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the gateway and the load apart")
     parser.add_argument("--no-postgres", action="store_true", help="skip the redis+postgres row")
+    parser.add_argument("--redis-timeout", type=float, help="[shared] timeout of the Redis rows (default: the default)")
+    parser.add_argument("--rev", help="add a row redis@REV: the redis row at a git revision (before/after)")
     args = parser.parse_args(argv)
     b.ensure_system_tools()
     cpus = b.Cpus.plan(not args.no_pin)
@@ -172,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(b.running(redis))
         redis_url = f"redis://{b.HOST}:{redis_port}/0"
         rows = {"in-process": {}, "redis": {"GATEWAY_SHARED_REDIS_URL": redis_url}}
+        if args.redis_timeout:  # a longer timeout: no admission falls back while the machine stalls
+            rows["redis"]["GATEWAY_SHARED_TIMEOUT"] = str(args.redis_timeout)
+        if args.rev:
+            rows[f"redis@{args.rev}"] = {**rows["redis"], "PYTHONPATH": str(extract(args.rev, workdir))}
         if not args.no_postgres:
             from tests.helpers.postgres import postgres_server  # the tests' own server, in a temp dir
 
@@ -181,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         compared = compare(args, workdir, upstream, cpus, rows, script)
         replicas = accuracy(args, workdir, upstream, redis_url, script)
     base = compared["in-process"]
-    print("| backend | p50 at 1 client (ms) | added p50 (ms) | req/s at 64 | req/s vs in-process |")
-    print("|---|---:|---:|---:|---:|")
+    print("| backend | p50 at 1 client (ms) | added p50 (ms) | req/s at 64 | req/s vs in-process | fallbacks |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, row in compared.items():
         print(f"| {name} | {row['p50_ms']:.3f} | {row['p50_ms'] - base['p50_ms']:+.3f} | {row['rps']:.0f} "
-              f"| {row['rps'] / base['rps']:.2f}x |")  # fmt: skip
+              f"| {row['rps'] / base['rps']:.2f}x | {row['fallbacks']:.0f} |")  # fmt: skip
     print(
         f"\nTwo replicas, one Redis, rpm {replicas['limit']}: admitted {replicas['admitted']} of "
         f"{replicas['offered']} offered ({replicas['offered_rps']:.0f} req/s): accuracy {replicas['accuracy']:.3f}"

@@ -4,11 +4,12 @@ the shapes the stores use of it, and the answers shared by everything that depen
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from gateway.config import SHARED_INSTALL, SettingsError, SharedSettings
 from gateway.errors import GatewayError
+from gateway.state.redis_batch import Send
 
 
 class SharedStateUnavailable(GatewayError):
@@ -18,14 +19,8 @@ class SharedStateUnavailable(GatewayError):
     code = "shared_state_unavailable"
 
 
-class Script(Protocol):
-    """A registered Lua script (redis-py's ``AsyncScript``): run by digest, loaded on first miss."""
-
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any: ...
-
-
 class RedisClient(Protocol):
-    def register_script(self, script: str) -> Script: ...
+    """redis-py's asyncio client, as the shared store uses it (its scripts: ``pipelined``)."""
 
     def set(self, name: str, value: int, *, ex: int, nx: bool) -> Awaitable[Any]: ...
 
@@ -49,6 +44,47 @@ def redis_client(settings: SharedSettings) -> tuple[Any, tuple[type[Exception], 
         retry=Retry(NoBackoff(), 0),  # the callers' own timeout, breaker and fallback decide
     )
     return client, (RedisError,)
+
+
+def pipelined(client: Any) -> Send:
+    """Send commands on one of ``client``'s pooled connections in one write and read their replies.
+
+    Lower than redis-py's ``Pipeline`` on purpose: the commands are packed by hiredis in one call
+    each (redis-py encodes every argument in Python first: about 7 % of the gateway's CPU at 64
+    clients with the shared store), with no pipeline object per batch. Without hiredis (redis-py
+    installed without its extra), redis-py's own packer."""
+    from redis.exceptions import ResponseError
+
+    pack_command: Callable[..., bytes] | None
+    try:
+        from hiredis import pack_command
+    except ImportError:  # redis-py without its hiredis extra: its own packer, per connection
+        pack_command = None
+
+    pool = client.connection_pool
+
+    async def send(commands: list[tuple[Any, ...]]) -> list[Any]:
+        connection = await pool.get_connection()
+        try:
+            if pack_command is not None:
+                packed: bytes | list[bytes] = b"".join([pack_command(command) for command in commands])
+            else:
+                packed = connection.pack_commands(commands)
+            await connection.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # read whole: the connection stays in step
+                    replies.append(exc)
+        except BaseException:
+            await connection.disconnect(nowait=True)  # replies may be left unread: never reuse it
+            raise
+        finally:
+            await pool.release(connection)
+        return replies
+
+    return send
 
 
 def part(limit: int, replicas: int) -> int:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
 from gateway.config import SharedSettings
 from gateway.state.guard import Guard
 from gateway.state.limits import WINDOW
-from gateway.state.redis_client import RedisClient, SharedStateUnavailable, part, text
+from gateway.state.redis_batch import Batcher, LuaScript
+from gateway.state.redis_client import SharedStateUnavailable, part, text
 from gateway.state.shaping import Slot, UpstreamCapacity, UpstreamShaper
 
 # ARGV: lease id, concurrency (0: none), rpm (0: none), lease deadline (s), window (s).
@@ -65,23 +66,22 @@ class SharedShaper:
 
     def __init__(
         self,
-        client: RedisClient,
+        batcher: Batcher,
         settings: SharedSettings,
         shaping: tuple[int, int, float],
         guard: Guard,
         errors: tuple[type[Exception], ...],
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
         replicas: Callable[[], int],
         clock: Callable[[], float],
     ) -> None:
         """``shaping``: ``[upstream]`` concurrency, rpm and queue_timeout, fleet-wide."""
-        self._acquire = client.register_script(ACQUIRE)
-        self._release = client.register_script(RELEASE)
+        self._batcher = batcher
+        self._acquire = LuaScript.of(ACQUIRE)
+        self._release = LuaScript.of(RELEASE)
         self._settings = settings
         self._shaping = shaping
         self._guard = guard
         self._errors = errors
-        self._spawn = spawn
         self._replicas = replicas
         self._clock = clock
         self._fallback_shaper: tuple[int, UpstreamShaper] | None = None
@@ -101,7 +101,7 @@ class SharedShaper:
                 return await self._fallback_slot()
             try:
                 async with asyncio.timeout(self._settings.timeout):
-                    reply = await self._acquire(keys=keys, args=args)
+                    reply = await self._batcher.call(self._acquire, keys, args)
             except self._errors as exc:
                 self._guard.failed(exc)
                 return await self._fallback_slot()
@@ -131,14 +131,8 @@ class SharedShaper:
         return await self._fallback_shaper[1].acquire()
 
     def _give_back(self, lease: str) -> None:
-        self._spawn(self._release_quietly(lease))
-
-    async def _release_quietly(self, lease: str) -> None:
-        try:
-            async with asyncio.timeout(self._settings.timeout * 4):
-                await self._release(keys=shaping_keys(self._settings.key_prefix), args=[lease])
-        except self._errors as exc:
-            self._guard.failed(exc)  # the lease ends at its deadline
+        """Posted, off the request path (lost: the lease ends at its deadline)."""
+        self._batcher.post(self._release, shaping_keys(self._settings.key_prefix), [lease])
 
 
 def _capacity(reason: str, rpm: int, wait: float) -> UpstreamCapacity:

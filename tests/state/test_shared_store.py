@@ -21,8 +21,9 @@ from gateway.errors import BudgetExceeded, RateLimited
 from gateway.server.thread import LocalServer
 from gateway.state.budgets import Budgets
 from gateway.state.limits import RateLimiter
+from gateway.state.redis_batch import LuaScript
 from gateway.state.redis_client import SharedStateUnavailable
-from gateway.state.redis_limits import SharedTicket, limit_keys, settle_args
+from gateway.state.redis_limits import SETTLE, SharedTicket, limit_keys, settle_args
 from gateway.state.shaping import UpstreamCapacity, UpstreamShaper
 from gateway.state.shared import SharedStore, open_shared_store
 from gateway.state.store import Claim, LocalStore
@@ -89,7 +90,7 @@ async def test_tokens_per_minute_count_what_was_used_and_settling_twice_counts_o
     # The same settlement replayed on the server (a retried call): counted once.
     keys = limit_keys(store._settings.key_prefix, who.name)
     replayed = settle_args(ticket, 60, None, 3600, cancel=False)
-    assert await store._settle(keys=keys, args=replayed) == 0
+    assert await store._batcher.call(LuaScript.of(SETTLE), keys, replayed) == 0
     after = await store.admit(claim(who, prompt=5, requested=5))
     assert (b"x-ratelimit-remaining-tokens", b"30") in after.headers  # 100 - 60 used - 10 reserved
 
