@@ -176,6 +176,35 @@ async def test_without_redis_records_are_written_in_batches_and_on_close(postgre
         assert await count(c, "SELECT sum(rows) FROM usage_daily") == 25
 
 
+async def test_a_batch_being_written_counts_towards_spend_once(postgres: PostgresServer) -> None:
+    """Between leaving the queue and its commit a batch is in neither place: spend_usd (what budgets
+    read) still counts it, and counts it once after the commit."""
+    url = postgres.database()
+    ledger = PostgresLedger(url, flush_interval=0.05, max_batch=100)
+    await ledger.start()
+    async with await AsyncConnection.connect(url, autocommit=True) as watcher:
+
+        async def insert_waits() -> bool:
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT%'"
+            return await count(watcher, waiting) == 1
+
+        async with await AsyncConnection.connect(url) as locker, locker.transaction():
+            # Writes to the hourly totals wait (the batch's one statement with them); reads do not.
+            await locker.execute("LOCK TABLE usage_hourly IN EXCLUSIVE MODE")
+            for i in range(4):
+                ledger.record(rec(i, cost=0.5))
+            assert await wait_for(insert_waits)  # the batch is out of the queue, not written
+            assert await ledger.spend_usd("alice", DAY1 - 1) == pytest.approx(2.0)
+        await ledger.aclose()
+        assert await count(watcher) == 4
+    reader = PostgresLedger(url)
+    await reader.start()
+    try:
+        assert await reader.spend_usd("alice", DAY1 - 1) == pytest.approx(2.0)
+    finally:
+        await reader.aclose()
+
+
 async def test_a_value_postgresql_cannot_store_drops_that_record_alone(postgres: PostgresServer) -> None:
     url = postgres.database()
     ledger = PostgresLedger(url, flush_interval=0.05)

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import date, datetime
 from functools import partial
-from itertools import count
+from itertools import chain, count
 from typing import Any, TypeVar
 
 import psycopg
@@ -81,6 +81,7 @@ class PostgresLedger:
         self._max_queue = max_queue
         self._drain_timeout = drain_timeout
         self._queue: deque[Entry] = deque()
+        self._handing: list[Entry] = []  # the batch being handed on (to the stream or PostgreSQL)
         self._prefix = os.urandom(8).hex()  # ledger ids: unique per process, then a counter
         self._ids = count(1)
         self._dropped = 0
@@ -138,8 +139,9 @@ class PostgresLedger:
 
     async def spend_usd(self, key_name: str, since_ts: float) -> float:
         """The key's spend since ``since_ts``: written rows plus the records queued here."""
-        queued = sum(e.record.cost_usd or 0.0 for e in self._queue if e.record.key_name == key_name
-                     and e.record.ts >= since_ts)  # fmt: skip
+        # Summed before the read: a batch committed meanwhile counts twice (refuses early), never zero times.
+        queued = sum(e.record.cost_usd or 0.0 for e in chain(self._queue, self._handing)
+                     if e.record.key_name == key_name and e.record.ts >= since_ts)  # fmt: skip
         return queued + await self._read(reports.spend_usd, _SPEND_TIMEOUT, key_name, since_ts)
 
     async def summarize(self, by: SummaryBy, key: str | None, since: date | None) -> list[dict[str, Any]]:
@@ -212,6 +214,7 @@ class PostgresLedger:
         """Hand the queue on in batches; False when a batch could not go (it is queued again)."""
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+            self._handing = batch  # still counted by spend_usd until it is written (or queued again)
             try:
                 if not await self._hand_on(batch):
                     self._queue.extendleft(reversed(batch))
@@ -219,6 +222,8 @@ class PostgresLedger:
             except asyncio.CancelledError:  # aclose's deadline: counted as dropped there, not lost silently
                 self._queue.extendleft(reversed(batch))
                 raise
+            finally:
+                self._handing = []
         return True
 
     async def _hand_on(self, batch: list[Entry]) -> bool:
