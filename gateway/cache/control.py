@@ -1,6 +1,7 @@
 """HTTP caching directives for the response cache: what a request's Cache-Control (and Pragma)
 asks of a shared cache (RFC 9111 sections 5.2.1 and 5.4), whether an upstream's answer forbids
-storing it (section 5.2.2), whether an entry of a given age may answer (section 4.2), and the
+storing it (section 5.2.2), whether an entry of a given age may answer (section 4.2), whether a
+stored body's content coding is one the client accepts (RFC 9110 section 12.5.3), and the
 Cache-Status response header that says what the cache did (RFC 9211).
 
 hishel (2.x) was considered and not adopted: its Cache-Control parser is private, rejects a whole
@@ -16,6 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from gateway.headers import header_value
 from gateway.types import Header
 
 # RFC 9111 section 1.2.2: delta-seconds too large to represent are taken as 2**31.
@@ -254,3 +256,26 @@ def _sf_token(text: str, not_allowed: re.Pattern[str]) -> str:
     if not token or not token[0].isascii() or not token[0].isalpha():
         token = "x" + token
     return token
+
+
+def accepts_coding(headers: Sequence[Header], coding: bytes | None) -> bool:
+    """Whether a request (its Accept-Encoding) accepts a body in content coding ``coding``
+    (None: identity, always accepted)."""
+    if coding is None:
+        return True
+    for item in (header_value(headers, b"accept-encoding") or b"").split(b","):
+        name, _, params = item.partition(b";")
+        if name.strip().lower() in (coding.lower(), b"*") and _quality(params) > 0:
+            return True
+    return False
+
+
+def _quality(params: bytes) -> float:
+    for param in params.split(b";"):
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"q":
+            try:
+                return float(value.strip())
+            except ValueError:
+                return 0.0
+    return 1.0

@@ -28,7 +28,7 @@ from python_multipart.multipart import parse_options_header
 
 from gateway import endpoints
 from gateway.auth.keys import Caller
-from gateway.cache.control import cache_status, remaining_ttl, request_directives, usable
+from gateway.cache.control import accepts_coding, cache_status, remaining_ttl, request_directives, usable
 from gateway.cache.control import response_forbids_storing as upstream_forbids_storing
 from gateway.cache.flights import Flight, FlightListener, FlightReader
 from gateway.cache.key import cache_key, json_material, multipart_material, partition_of_credential
@@ -107,7 +107,7 @@ class CachingSource:
             stored = self._cache.lookup(key)
             if stored is None and self._cache.remote is not None:
                 stored = await self._cache.lookup_remote(key)
-            if stored is not None and _acceptable(stored, headers):
+            if stored is not None and accepts_coding(headers, header_value(stored.headers, b"content-encoding")):
                 age = self._cache.now() - stored.stored_at
                 if usable(age, stored.ttl, directives):
                     self._admitted()
@@ -259,29 +259,6 @@ def _namespace(headers: list[Header]) -> str:
             code="invalid_cache_namespace",
         )
     return text
-
-
-def _acceptable(entry: Entry, headers: list[Header]) -> bool:
-    """A stored body in a content coding the client accepts (identity always is)."""
-    coding = header_value(entry.headers, b"content-encoding")
-    if coding is None:
-        return True
-    for item in (header_value(headers, b"accept-encoding") or b"").split(b","):
-        name, _, params = item.partition(b";")
-        if name.strip().lower() in (coding.lower(), b"*") and _quality(params) > 0:
-            return True
-    return False
-
-
-def _quality(params: bytes) -> float:
-    for param in params.split(b";"):
-        name, _, value = param.partition(b"=")
-        if name.strip().lower() == b"q":
-            try:
-                return float(value.strip())
-            except ValueError:
-                return 0.0
-    return 1.0
 
 
 class Replay:
