@@ -82,6 +82,12 @@ class FloorRelay:
                 return
 
 
+def granian_app() -> FloorRelay:
+    """The same relay for another server (bench/server_trial.py: ``granian --factory
+    relay_floor:granian_app``), its upstream from ``FLOOR_UPSTREAM``."""
+    return FloorRelay(os.environ["FLOOR_UPSTREAM"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", required=True)
