@@ -40,6 +40,7 @@ typecheck: $(STAMP)
 
 ## On every CPU (pytest-xdist); one file's tests stay on one worker, so its module fixtures start once.
 pytest: $(STAMP)
+	bash tests/system-packages.sh
 	$(BIN)/pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 ## Re-pin constraints.txt from what is installed in .venv (after changing pyproject.toml).

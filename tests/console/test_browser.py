@@ -27,8 +27,8 @@ TODAY = datetime.now(UTC).date().isoformat()
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    # A missing browser is a failure, not a skip: .ci/run installs Debian's chromium.
-    assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
+    # A missing browser is a failure, not a skip: make test installs Debian's chromium (tests/system-packages.sh).
+    assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: apt-get install chromium (make test does)"
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                               args=["--no-sandbox", "--disable-dev-shm-usage"])  # fmt: skip

@@ -4,7 +4,7 @@ too), stopped by its pid. Each test takes a fresh database of its own (``Postgre
 
 The server refuses to run as root, so as root (CI) both run as the ``postgres`` user that Debian's
 package creates, in a directory that user owns. A missing binary is a failure, not a skip:
-`.ci/run` installs Debian's ``postgresql``. Debian keeps the binaries in
+`make test` installs Debian's ``postgresql`` (tests/system-packages.sh). Debian keeps the binaries in
 /usr/lib/postgresql/<version>/bin (not on PATH); the newest version there wins, else PATH.
 """
 
@@ -30,7 +30,7 @@ import psycopg
 from tests.helpers.processes import free_port
 
 DEBIAN_BINARIES = Path("/usr/lib/postgresql")
-INSTALL_HINT = ".ci/run installs it: apt-get install postgresql"
+INSTALL_HINT = "make test installs it (tests/system-packages.sh): apt-get install postgresql"
 
 
 def binaries() -> Path:

@@ -1,7 +1,7 @@
 """A real redis-server for the tests of the shared state store: started in a temporary directory on
 a free loopback port (no persistence), answered PING before it is used, stopped by its pid.
 
-A missing binary is a failure, not a skip: `.ci/run` installs Debian's redis-server.
+A missing binary is a failure, not a skip: `make test` installs Debian's redis-server (tests/system-packages.sh).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def ping(port: int) -> bool:
 def redis_server(directory: Path, port: int | None = None) -> Iterator[RedisServer]:
     """A server on ``port`` (default: a free one; a given port restarts a server where clients expect it)."""
     binary = shutil.which("redis-server")
-    assert binary is not None, "redis-server is not installed (.ci/run installs it: apt-get install redis-server)"
+    assert binary is not None, "redis-server is not installed (make test installs it: apt-get install redis-server)"
     port = port or free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(directory), "--daemonize", "no"]  # fmt: skip
