@@ -235,13 +235,14 @@ def _new_postgres_ledger(settings: Settings) -> PostgresLedger:
         raise SettingsError(f"[usage] database_url: psycopg is not installed ({exc}): {POSTGRES_INSTALL}") from exc
     usage, shared = settings.usage, settings.shared
     if not shared.redis_url:
-        return PostgresLedger(usage.database_url, flush_interval=usage.flush_interval, claim_after=usage.claim_after)
+        return PostgresLedger(usage.database_url, flush_interval=usage.flush_interval, claim_after=usage.claim_after,
+                              retention_days=usage.raw_retention_days)  # fmt: skip
     # Off the request path, so a second's room per call (a consumer waits on the stream for half of it).
     client, errors = redis_client(dataclasses.replace(shared, timeout=max(shared.timeout, 1.0)))
     stream = RecordStream(client, f"{shared.key_prefix}:ledger", consumer_name(), claim_after=usage.claim_after,
                           batch=8)  # fmt: skip
-    return PostgresLedger(usage.database_url, stream=stream, stream_errors=errors,
-                          flush_interval=usage.flush_interval, claim_after=usage.claim_after)  # fmt: skip
+    return PostgresLedger(usage.database_url, stream=stream, stream_errors=errors, flush_interval=usage.flush_interval,
+                          claim_after=usage.claim_after, retention_days=usage.raw_retention_days)  # fmt: skip
 
 
 def _usage_reports(ledger: Ledger | PostgresLedger | None, settings: Settings) -> UsageReports | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
@@ -22,6 +23,7 @@ from redis.exceptions import RedisError
 from gateway.usage.ledger import Ledger
 from gateway.usage.postgres import reports as pg_reports
 from gateway.usage.postgres.ledger import PostgresLedger
+from gateway.usage.postgres.retention import prune
 from gateway.usage.postgres.schema import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version
 from gateway.usage.postgres.stream import GROUP, RecordStream, consumer_name, decode, encode
 from gateway.usage.postgres.write import Entry, write_batch
@@ -345,3 +347,38 @@ def test_a_stream_entry_from_a_replica_without_the_routing_columns_still_decodes
     assert entry.record.requested_model is None
     assert entry.record.fallback_from is None
     assert decode(encode([entry])) == [entry]
+
+
+async def test_retention_deletes_old_raw_rows_and_keeps_their_totals(postgres: PostgresServer) -> None:
+    """[usage] raw_retention_days on PostgreSQL: a ledger started with it prunes at once; the reports
+    (summaries, grouped totals) answer what they did before from the hourly and daily roll-ups."""
+    url = postgres.database()
+    now = time.time()
+    old = [Entry(f"old-{i}", rec(i, ts=now - 40 * 86400 + i, cost=0.5)) for i in range(30)]
+    recent = [Entry(f"new-{i}", rec(100 + i, ts=now - 3600 + i, cost=0.25)) for i in range(5)]
+    async with await AsyncConnection.connect(url, autocommit=True) as c:
+        await migrate(c)
+        assert await write_batch(c, old + recent) == 35
+        before = await pg_reports.summarize(c, by="day")
+        grouped = await pg_reports.aggregate(c, group=("key",))
+        assert await prune(c, now - 39 * 86400, chunk=7) == 30  # several chunks
+        assert await count(c) == 5
+        assert await pg_reports.summarize(c, by="day") == before
+        assert await pg_reports.aggregate(c, group=("key",)) == grouped
+        assert await write_batch(c, old[:3]) == 3  # (rows written anew are counted anew: never that old)
+        assert await prune(c, now - 39 * 86400) == 3
+        assert await write_batch(c, [Entry("older", rec(200, ts=now - 33 * 86400))]) == 1
+        assert await count(c) == 6
+        totals = await pg_reports.aggregate(c, group=("key",))
+    ledger = PostgresLedger(url, retention_days=32)
+    await ledger.start()  # prunes at once, then hourly
+    try:
+        async with await AsyncConnection.connect(url, autocommit=True) as c:
+            assert await wait_for(lambda: _count_is(c, 5))
+            assert await pg_reports.aggregate(c, group=("key",)) == totals  # "older" still counted
+    finally:
+        await ledger.aclose()
+
+
+async def _count_is(conn: AsyncConnection[Any], expected: int) -> bool:
+    return await count(conn) == expected

@@ -39,6 +39,7 @@ from gateway.usage.postgres import reports
 from gateway.usage.postgres.consumer import StreamConsumer
 from gateway.usage.postgres.health import Health
 from gateway.usage.postgres.reports import LedgerUnavailable
+from gateway.usage.postgres.retention import Pruner
 from gateway.usage.postgres.schema import migrate
 from gateway.usage.postgres.stream import RecordStream
 from gateway.usage.postgres.write import Entry, write_batch
@@ -69,7 +70,9 @@ class PostgresLedger:
         max_batch: int = 500,
         max_queue: int = 100_000,
         drain_timeout: float = 10.0,
+        retention_days: int = 0,
     ) -> None:
+        """``retention_days``: raw rows older than that are deleted, their totals kept (0: keep all)."""
         self._pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
             url, min_size=1, max_size=4, open=False, timeout=5.0, check=AsyncConnectionPool.check_connection,
             kwargs={"application_name": "flexai-gateway", "connect_timeout": 5},
@@ -93,6 +96,8 @@ class PostgresLedger:
         self._stopping = False
         self._closed = False
         self._health = Health()
+        self._pruner = Pruner(self._connection, retention_days) if retention_days > 0 else None
+        self._pruning: asyncio.Task[None] | None = None
         self._consumer = (
             None
             if stream is None
@@ -123,6 +128,8 @@ class PostgresLedger:
         except _PG_ERRORS as exc:  # PostgreSQL not answering yet: the writers retry
             self._health.failed("PostgreSQL", exc)
         self._tasks.append(asyncio.create_task(self._ship_forever(), name="ledger-shipper"))
+        if self._pruner is not None:
+            self._pruning = asyncio.create_task(self._pruner.run(), name="ledger-retention")
         if self._consumer is not None:
             self._tasks.append(asyncio.create_task(self._consumer.run(), name="ledger-consumer"))
 
@@ -166,6 +173,9 @@ class PostgresLedger:
         self._stopping = True
         self._wake.set()
         self._health.closing.set()
+        if self._pruning is not None:
+            self._pruning.cancel()
+            await asyncio.gather(self._pruning, return_exceptions=True)
         # PostgreSQL known down: a second for what can still go (to the stream), not the whole wait.
         deadline = time.monotonic() + (1.0 if self._health.down("PostgreSQL") else self._drain_timeout)
         errors: tuple[type[BaseException], ...] = (*_PG_ERRORS, *self._stream_errors)
