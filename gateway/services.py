@@ -169,7 +169,8 @@ async def open_services(
             if settings.shared.redis_url:
                 shaping = (up.concurrency, up.rpm, up.queue_timeout)
                 spend = records.spend_usd if records else None
-                shared = open_shared_store(settings.shared, store, spend, shaping=shaping)
+                recent = records.recent_requests if records else None
+                shared = open_shared_store(settings.shared, store, spend, recent_since=recent, shaping=shaping)
                 await shared.start()
                 stack.push_async_callback(shared.aclose)  # settlements in flight get their timeout
                 store = shared

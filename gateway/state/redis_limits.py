@@ -18,7 +18,9 @@ the EWMA of a request's tokens), ``P:rl:{K}:done`` (ZSET, request ids settled in
 seeded from the ledger whenever it is missing, kept a day past the period). A missing counter (the
 period's first request, or Redis restarted empty) is never taken for zero: ``ADMIT`` answers
 "seed", the replica seeds it from the ledger (SET NX: the first replica wins) and asks again, and
-``SETTLE`` leaves a missing counter alone (the ledger will count that request).
+``SETTLE`` leaves a missing counter alone (the ledger will count that request). A key with an RPM
+or TPM whose window state is missing gets "seed" too: its window is seeded from the ledger
+(``gateway.state.redis_seed``).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ end
 # ARGV: window, request id, rpm (0: none), tpm (0: none), prompt tokens, requested tokens,
 # default completion reserve, reservation deadline (s), key ttl (ms), daily and monthly budget
 # (micro-USD, 0: none), the request's minimum cost (micro-USD), the budget counters' ttl (s), and
-# "1" to answer "seed" (refusing nothing, writing nothing) when a budget counter is missing.
+# "1" to answer "seed" (refusing nothing, writing nothing) when a budget counter or the window state is missing.
 # Returns {admitted (1/0), what refused ("requests", "tokens", "daily", "monthly", "seed" or ""), estimate,
 #          requests in window, tokens in window, reserved, requests reset (s), tokens reset (s),
 #          budget remaining (micro-USD)}; numbers as strings.
@@ -118,6 +120,10 @@ end
 local min_cost = tonumber(ARGV[12])
 local budgets = {{7, tonumber(ARGV[10]), 'daily', 13}, {8, tonumber(ARGV[11]), 'monthly', 14}}
 if ARGV[15] == '1' then
+  -- no window state at all: idle past its ttl, or Redis restarted empty: the ledger seeds it first
+  if (rpm > 0 or tpm > 0) and redis.call('EXISTS', KEYS[5]) == 0 then
+    return {0, 'seed', estimate, requests, tokens, reserved, '0', '0', '0'}
+  end
   for _, b in ipairs(budgets) do
     if b[2] > 0 and redis.call('EXISTS', KEYS[b[1]]) == 0 then
       return {0, 'seed', estimate, requests, tokens, reserved, '0', '0', '0'}
@@ -259,7 +265,7 @@ def budget_ttl(period: Period, now: float) -> int:
 
 
 def needs_seed(reply: list[Any]) -> bool:
-    """An ``ADMIT`` reply that asks for the budget counters to be seeded from the ledger first."""
+    """An ``ADMIT`` reply that asks for the window or budget counters to be seeded from the ledger first."""
     return text(reply[1]) == "seed"
 
 

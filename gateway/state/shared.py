@@ -29,6 +29,7 @@ from gateway.auth.keys import Caller
 from gateway.config import SharedSettings
 from gateway.state.budgets import Period, SpendSince, periods
 from gateway.state.guard import Guard
+from gateway.state.limits import WINDOW
 from gateway.state.redis_batch import Batcher, LuaScript
 from gateway.state.redis_client import RedisClient, SharedStateUnavailable, part, pipelined, redis_client
 from gateway.state.redis_limits import (
@@ -44,6 +45,7 @@ from gateway.state.redis_limits import (
     needs_seed,
     settle_args,
 )
+from gateway.state.redis_seed import SEED, RecentSince, seed_args
 from gateway.state.redis_shaping import SharedShaper
 from gateway.state.shaping import Slot
 from gateway.state.store import Claim, Hold, LocalStore, SharedState
@@ -72,6 +74,7 @@ class SharedStore:
         errors: tuple[type[Exception], ...],
         shaping: tuple[int, int, float] = (0, 0, 0.0),
         spend_since: SpendSince | None = None,
+        recent_since: RecentSince | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -83,7 +86,9 @@ class SharedStore:
         self._clock = clock
         self._wall_clock = wall_clock
         self._spend_since = spend_since  # the ledger's spend, to seed a period's shared counter
+        self._recent_since = recent_since  # the ledger's recent requests, to seed a key's window
         self._admit = LuaScript.of(ADMIT)
+        self._seed_window = LuaScript.of(SEED)
         self._settle = LuaScript.of(SETTLE)
         self._heartbeat = LuaScript.of(HEARTBEAT)
         self._replica = uuid.uuid4().hex
@@ -138,8 +143,8 @@ class SharedStore:
             try:
                 async with asyncio.timeout(self._settings.timeout):
                     reply = await self._batcher.call(self._admit, keys, admit_args(admission, deadline))
-                if needs_seed(reply):  # a budget counter is missing: from the ledger, then ask again
-                    await self._seed_budgets(admission, keys)
+                if needs_seed(reply):  # window state or a budget counter missing: from the ledger, then again
+                    await self._seed(admission, keys)
                     async with asyncio.timeout(self._settings.timeout):
                         args = admit_args(admission, deadline, seed_check=False)
                         reply = await self._batcher.call(self._admit, keys, args)
@@ -180,10 +185,16 @@ class SharedStore:
 
     # ------------------------------------------------------------------------------ internals
 
-    async def _seed_budgets(self, admission: Admission, keys: list[str]) -> None:
-        """Start a period's shared spend from the ledger (the first replica to set it wins). Reading
-        the ledger is not bounded by the Redis timeout (it has its own; ``LedgerUnavailable``)."""
+    async def _seed(self, admission: Admission, keys: list[str]) -> None:
+        """Start the key's window (``gateway.state.redis_seed``) and a period's shared spend from the
+        ledger (the first replica to write either wins). Reading the ledger is not bounded by the
+        Redis timeout (it has its own; ``LedgerUnavailable``)."""
         caller = admission.caller
+        if (caller.rpm is not None or caller.tpm is not None) and self._recent_since is not None:
+            recent = await self._recent_since(caller.name, admission.now - WINDOW)
+            async with asyncio.timeout(self._settings.timeout):
+                await self._batcher.call(self._seed_window, keys[:6],
+                                         seed_args(recent, self._settings.reservation_deadline))  # fmt: skip
         budgets = (caller.budget_usd_daily, caller.budget_usd_monthly)
         for period, key, budget in zip(admission.periods, keys[6:], budgets, strict=True):
             if budget is None:
@@ -253,12 +264,14 @@ def open_shared_store(
     local: LocalStore,
     spend_since: SpendSince | None = None,
     *,
+    recent_since: RecentSince | None = None,
     shaping: tuple[int, int, float] = (0, 0, 0.0),
     clock: Callable[[], float] = time.monotonic,
 ) -> SharedStore:
     """A ``SharedStore`` on its own redis-py client."""
     client, errors = redis_client(settings)
-    return SharedStore(client, settings, local, errors=errors, shaping=shaping, spend_since=spend_since, clock=clock)
+    return SharedStore(client, settings, local, errors=errors, shaping=shaping, spend_since=spend_since,
+                       recent_since=recent_since, clock=clock)  # fmt: skip
 
 
 def _unlimited(caller: Caller) -> Caller:

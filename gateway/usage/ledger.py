@@ -40,7 +40,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from gateway.usage.reports import spend_usd
+from gateway.usage.reports import recent_requests, spend_usd
 from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, UsageRecord, migrate
 
 logger = logging.getLogger("gateway.usage.ledger")
@@ -120,6 +120,15 @@ class Ledger:
         # The executor runs jobs in order: batches taken from the queue before this line are
         # written before the query runs; records still queued now are written after it.
         return queued + await self._in_thread(spend_usd, self._conn, key_name, since_ts)
+
+    async def recent_requests(self, key_name: str, since_ts: float) -> list[tuple[float, int]]:
+        """The key's requests since ``since_ts`` the rate limiter counted, as (time, tokens): rows
+        and records still queued, each once (to seed a shared window again: Redis restarted empty)."""
+        queued = [(r.ts, r.total_tokens) for r in self._queue if r.key_name == key_name and r.ts >= since_ts
+                  and not counted_locally(r)]  # fmt: skip
+        if self._conn is None:
+            return queued
+        return await self._in_thread(recent_requests, self._conn, key_name, since_ts) + queued
 
     async def aclose(self) -> None:
         """Write everything still queued, then close the database. Idempotent."""
@@ -270,3 +279,8 @@ def _write_each(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -
         conn.execute("ROLLBACK")
         raise
     return rejected
+
+
+def counted_locally(r: UsageRecord) -> bool:
+    """A record the gateway answered itself (as ``gateway.usage.rollups.LOCAL_SQL`` says of a row)."""
+    return r.outcome == "dry_run" or (r.outcome == "refused" and r.status not in (502, 504))

@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from gateway.usage.rollups import ROW_TOTALS, bucket_sql, last_rolled_id
+from gateway.usage.rollups import LOCAL_SQL, ROW_TOTALS, bucket_sql, last_rolled_id
 from gateway.usage.schema import (
     BUSY_TIMEOUT_S,
     ROLLUP_CUTS,
@@ -26,6 +26,9 @@ from gateway.usage.schema import (
     LedgerError,
     user_version,
 )
+
+# The most rows recent_requests returns (a key's window is at most its rpm; this bounds a read).
+MAX_RECENT: Final = 100_000
 
 SummaryBy = Literal["key", "team", "model", "day"]
 Dim = Literal["key", "team", "model", "hour", "day"]
@@ -136,6 +139,18 @@ def spend_usd(source: Path | str | sqlite3.Connection, key_name: str, since_ts: 
             "SELECT TOTAL(cost_usd) FROM usage WHERE key_name = ? AND ts >= ?", (key_name, since_ts)
         ).fetchone()
     return float(row[0])
+
+
+def recent_requests(source: Path | str | sqlite3.Connection, key_name: str, since_ts: float) -> list[tuple[float, int]]:
+    """When each of the key's requests since ``since_ts`` was admitted and its tokens: the rows the
+    rate limiter counted (sent upstream or answered from the cache; not the gateway's own refusals)."""
+    with reader(source) as conn:
+        rows = conn.execute(
+            f"SELECT ts, total_tokens FROM usage WHERE key_name = ? AND ts >= ? AND NOT {LOCAL_SQL} "  # noqa: S608
+            "ORDER BY ts LIMIT ?",
+            (key_name, since_ts, MAX_RECENT),
+        ).fetchall()
+    return [(float(ts), int(tokens)) for ts, tokens in rows]
 
 
 def bounds(

@@ -65,3 +65,29 @@ def test_redis_restarted_empty_reseeds_budgets_from_the_ledger_and_nothing_is_sp
             assert client.exists(f"{prefix}:ledger") == 1
         finally:
             client.close()
+
+
+def test_redis_restarted_empty_keeps_a_keys_minute_from_the_ledger(start_gateway: StartGateway, tmp_path: Path) -> None:
+    """A key's RPM window is gone with Redis; the requests of its last minute are in the ledger (rows
+    or records still queued): the window is seeded from them, so the restart gives no fresh minute."""
+    port, prefix = free_port(), f"t{uuid.uuid4().hex[:8]}"
+    config = keys_config(tmp_path / "gateway.toml", key_table("spender", "rpm = 3"), ledger=tmp_path / "usage.db")
+    env = {"GATEWAY_UPSTREAM_API_KEY": "sk-org", "GATEWAY_SHARED_KEY_PREFIX": prefix, "GATEWAY_SHARED_TIMEOUT": "1.0",
+           "GATEWAY_SHARED_BREAKER_COOLDOWN": "0.2", "GATEWAY_USAGE_PATH": str(tmp_path / "usage.db")}  # fmt: skip
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis", port) as first:
+        gateway = start_gateway({**env, "GATEWAY_SHARED_REDIS_URL": first.url}, config=config)
+        assert [spend(gateway, f"before-{i}").status_code for i in range(4)] == [200, 200, 200, 429]
+        first.proc.kill()  # SIGKILL: its windows are gone
+        first.proc.wait(5)
+    with redis_server(tmp_path / "redis", port) as second:
+        client = Redis.from_url(second.url)
+        try:
+            assert client.dbsize() == 0  # restarted empty
+            refused = [spend(gateway, f"after-{i}") for i in range(2)]
+            assert [r.status_code for r in refused] == [429, 429]  # the minute's three, from the ledger
+            assert refused[0].json()["error"]["code"] == "rate_limit_exceeded"
+            assert refused[0].headers["x-ratelimit-remaining-requests"] == "0"
+            assert client.zcard(f"{prefix}:rl:{{spender}}:req") == 3  # seeded: the three admitted before
+        finally:
+            client.close()

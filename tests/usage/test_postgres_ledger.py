@@ -382,3 +382,28 @@ async def test_retention_deletes_old_raw_rows_and_keeps_their_totals(postgres: P
 
 async def _count_is(conn: AsyncConnection[Any], expected: int) -> bool:
     return await count(conn) == expected
+
+
+async def test_recent_requests_are_what_the_rate_limiter_counted(postgres: PostgresServer) -> None:
+    """What seeds a key's shared window after Redis restarted empty: the key's requests of the last
+    minute that were sent upstream or answered from the cache (rows, and records not written yet),
+    never the gateway's own refusals."""
+    url = postgres.database()
+    now = time.time()
+    async with await AsyncConnection.connect(url, autocommit=True) as c:
+        await migrate(c)
+        await write_batch(c, [
+            Entry("a", rec(1, ts=now - 30, tokens=(3, 4))),
+            Entry("b", rec(2, ts=now - 20, status=429, outcome="refused")),  # refused by the gateway
+            Entry("c", rec(3, ts=now - 10, status=502, outcome="refused")),  # sent upstream, it failed
+            Entry("d", rec(4, ts=now - 90)),  # before the window
+            Entry("e", rec(5, ts=now - 5, key="bob")),
+        ])  # fmt: skip
+    ledger = PostgresLedger(url, flush_interval=60.0)
+    await ledger.start()
+    try:
+        ledger.record(rec(6, ts=now - 1, tokens=(1, 1)))  # still queued here
+        recent = await ledger.recent_requests("alice", now - 60)
+    finally:
+        await ledger.aclose()
+    assert [(round(now - at), tokens) for at, tokens in sorted(recent)] == [(30, 7), (10, 15), (1, 2)]

@@ -35,6 +35,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from gateway.usage.ledger import counted_locally
 from gateway.usage.postgres import reports
 from gateway.usage.postgres.consumer import StreamConsumer
 from gateway.usage.postgres.health import Health
@@ -150,6 +151,14 @@ class PostgresLedger:
         queued = sum(e.record.cost_usd or 0.0 for e in chain(self._queue, self._handing)
                      if e.record.key_name == key_name and e.record.ts >= since_ts)  # fmt: skip
         return queued + await self._read(reports.spend_usd, _SPEND_TIMEOUT, key_name, since_ts)
+
+    async def recent_requests(self, key_name: str, since_ts: float) -> list[tuple[float, int]]:
+        """The key's requests since ``since_ts`` the rate limiter counted, as (time, tokens): rows plus
+        the records queued or being written here (``gateway.usage.ledger.Ledger.recent_requests``)."""
+        records = (e.record for e in chain(self._queue, self._handing))
+        local = [(r.ts, r.total_tokens) for r in records
+                 if r.key_name == key_name and r.ts >= since_ts and not counted_locally(r)]  # fmt: skip
+        return local + await self._read(reports.recent_requests, _SPEND_TIMEOUT, key_name, since_ts)
 
     async def summarize(self, by: SummaryBy, key: str | None, since: date | None) -> list[dict[str, Any]]:
         """``gateway.usage.postgres.reports.summarize`` (for ``GET /admin/usage``)."""

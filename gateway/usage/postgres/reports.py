@@ -24,10 +24,11 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
 from gateway.errors import GatewayError
-from gateway.usage.postgres.totals import DAILY_COLUMNS, ROW_TOTALS, bucket_sql
+from gateway.usage.postgres.totals import DAILY_COLUMNS, LOCAL, ROW_TOTALS, bucket_sql
 from gateway.usage.reports import (
     DAY,
     HOUR,
+    MAX_RECENT,
     Dim,
     Groups,
     SummaryBy,
@@ -188,6 +189,16 @@ async def spend_usd(conn: AsyncConnection[TupleRow], key_name: str, since_ts: fl
     cursor = await conn.execute(*spend_query(key_name, since_ts))
     row = await cursor.fetchone()
     return 0.0 if row is None else float(row[0])
+
+
+async def recent_requests(conn: AsyncConnection[TupleRow], key_name: str, since_ts: float) -> list[tuple[float, int]]:
+    """``gateway.usage.reports.recent_requests`` on PostgreSQL (the ``(key_name, ts)`` index)."""
+    cursor = await conn.execute(
+        f"SELECT extract(epoch FROM ts), total_tokens FROM usage WHERE key_name = %s AND ts >= to_timestamp(%s) "  # noqa: S608
+        f"AND NOT {LOCAL} ORDER BY ts LIMIT %s",
+        (key_name, since_ts, MAX_RECENT),
+    )
+    return [(float(ts), int(tokens)) for ts, tokens in await cursor.fetchall()]
 
 
 def summarize_blocking(url: str, *, by: SummaryBy, key: str | None = None, since: When = None) -> list[dict[str, Any]]:
