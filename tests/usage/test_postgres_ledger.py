@@ -180,7 +180,7 @@ async def test_without_redis_records_are_written_in_batches_and_on_close(postgre
 
 async def test_a_batch_being_written_counts_towards_spend_once(postgres: PostgresServer) -> None:
     """Between leaving the queue and its commit a batch is in neither place: spend_usd (what budgets
-    read) still counts it, and counts it once after the commit."""
+    read) waits for it, then counts it once; never zero times, never twice."""
     url = postgres.database()
     ledger = PostgresLedger(url, flush_interval=0.05, max_batch=100)
     await ledger.start()
@@ -190,21 +190,20 @@ async def test_a_batch_being_written_counts_towards_spend_once(postgres: Postgre
             waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT%'"
             return await count(watcher, waiting) == 1
 
-        async with await AsyncConnection.connect(url) as locker, locker.transaction():
-            # Writes to the hourly totals wait (the batch's one statement with them); reads do not.
-            await locker.execute("LOCK TABLE usage_hourly IN EXCLUSIVE MODE")
-            for i in range(4):
-                ledger.record(rec(i, cost=0.5))
-            assert await wait_for(insert_waits)  # the batch is out of the queue, not written
+        async with await AsyncConnection.connect(url) as locker:
+            async with locker.transaction():
+                # Writes to the hourly totals wait (the batch's one statement with them); reads do not.
+                await locker.execute("LOCK TABLE usage_hourly IN EXCLUSIVE MODE")
+                for i in range(4):
+                    ledger.record(rec(i, cost=0.5))
+                assert await wait_for(insert_waits)  # the batch is out of the queue, not written
+                spend = asyncio.create_task(ledger.spend_usd("alice", DAY1 - 1))
+                await asyncio.sleep(0.2)
+                assert not spend.done()  # it waits for the batch being written
+            assert await asyncio.wait_for(spend, 10) == pytest.approx(2.0)  # committed: counted once
             assert await ledger.spend_usd("alice", DAY1 - 1) == pytest.approx(2.0)
         await ledger.aclose()
         assert await count(watcher) == 4
-    reader = PostgresLedger(url)
-    await reader.start()
-    try:
-        assert await reader.spend_usd("alice", DAY1 - 1) == pytest.approx(2.0)
-    finally:
-        await reader.aclose()
 
 
 async def test_a_value_postgresql_cannot_store_drops_that_record_alone(postgres: PostgresServer) -> None:

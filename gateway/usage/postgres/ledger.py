@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import date, datetime
 from functools import partial
-from itertools import chain, count
+from itertools import count
 from typing import Any, TypeVar
 
 import psycopg
@@ -85,7 +85,9 @@ class PostgresLedger:
         self._max_queue = max_queue
         self._drain_timeout = drain_timeout
         self._queue: deque[Entry] = deque()
-        self._handing: list[Entry] = []  # the batch being handed on (to the stream or PostgreSQL)
+        # Held while a batch is out of the queue and not yet written (or pushed to the stream), and by
+        # the reads that add the queued records to the rows: each record is counted once, never zero times.
+        self._handing = asyncio.Lock()
         self._prefix = os.urandom(8).hex()  # ledger ids: unique per process, then a counter
         self._ids = count(1)
         self._dropped = 0
@@ -146,19 +148,20 @@ class PostgresLedger:
             self._wake.set()
 
     async def spend_usd(self, key_name: str, since_ts: float) -> float:
-        """The key's spend since ``since_ts``: written rows plus the records queued here."""
-        # Summed before the read: a batch committed meanwhile counts twice (refuses early), never zero times.
-        queued = sum(e.record.cost_usd or 0.0 for e in chain(self._queue, self._handing)
-                     if e.record.key_name == key_name and e.record.ts >= since_ts)  # fmt: skip
-        return queued + await self._read(reports.spend_usd, _SPEND_TIMEOUT, key_name, since_ts)
+        """The key's spend since ``since_ts``: written rows plus the records queued here, each once
+        (a batch being written is waited for)."""
+        async with self._no_batch_out():
+            queued = sum(e.record.cost_usd or 0.0 for e in self._queue
+                         if e.record.key_name == key_name and e.record.ts >= since_ts)  # fmt: skip
+            return queued + await self._read(reports.spend_usd, _SPEND_TIMEOUT, key_name, since_ts)
 
     async def recent_requests(self, key_name: str, since_ts: float) -> list[tuple[float, int]]:
         """The key's requests since ``since_ts`` the rate limiter counted, as (time, tokens): rows plus
-        the records queued or being written here (``gateway.usage.ledger.Ledger.recent_requests``)."""
-        records = (e.record for e in chain(self._queue, self._handing))
-        local = [(r.ts, r.total_tokens) for r in records
-                 if r.key_name == key_name and r.ts >= since_ts and not counted_locally(r)]  # fmt: skip
-        return local + await self._read(reports.recent_requests, _SPEND_TIMEOUT, key_name, since_ts)
+        the records queued here, each once (``gateway.usage.ledger.Ledger.recent_requests``)."""
+        async with self._no_batch_out():
+            local = [(e.record.ts, e.record.total_tokens) for e in self._queue if e.record.key_name == key_name
+                     and e.record.ts >= since_ts and not counted_locally(e.record)]  # fmt: skip
+            return local + await self._read(reports.recent_requests, _SPEND_TIMEOUT, key_name, since_ts)
 
     async def summarize(self, by: SummaryBy, key: str | None, since: date | None) -> list[dict[str, Any]]:
         """``gateway.usage.postgres.reports.summarize`` (for ``GET /admin/usage``)."""
@@ -232,17 +235,17 @@ class PostgresLedger:
     async def _ship(self) -> bool:
         """Hand the queue on in batches; False when a batch could not go (it is queued again)."""
         while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
-            self._handing = batch  # still counted by spend_usd until it is written (or queued again)
-            try:
-                if not await self._hand_on(batch):
+            async with self._handing:  # (the reads that count queued records wait for this batch)
+                batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+                if not batch:
+                    break
+                try:
+                    if not await self._hand_on(batch):
+                        self._queue.extendleft(reversed(batch))
+                        return False
+                except asyncio.CancelledError:  # aclose's deadline: counted as dropped there, not lost silently
                     self._queue.extendleft(reversed(batch))
-                    return False
-            except asyncio.CancelledError:  # aclose's deadline: counted as dropped there, not lost silently
-                self._queue.extendleft(reversed(batch))
-                raise
-            finally:
-                self._handing = []
+                    raise
         return True
 
     async def _hand_on(self, batch: list[Entry]) -> bool:
@@ -304,6 +307,22 @@ class PostgresLedger:
             raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
         self._health.answered("PostgreSQL")
         return result
+
+    @contextlib.asynccontextmanager
+    async def _no_batch_out(self) -> AsyncIterator[None]:
+        """While no batch is between the queue and PostgreSQL (or the stream): waited for at most as
+        long as a budget's read may take, then ``LedgerUnavailable`` (a write stuck on a stalled
+        database must not hold a request longer)."""
+        try:
+            async with asyncio.timeout(_SPEND_TIMEOUT):
+                await self._handing.acquire()
+        except TimeoutError as exc:  # the batch's write has waited that long: PostgreSQL does not answer
+            self._health.failed("PostgreSQL", exc)
+            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from None
+        try:
+            yield
+        finally:
+            self._handing.release()
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
