@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from gateway.usage.reports import recent_requests, spend_usd
-from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, UsageRecord, migrate
+from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, UsageRecord, counted_locally, migrate
 
 logger = logging.getLogger("gateway.usage.ledger")
 
@@ -279,8 +279,3 @@ def _write_each(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -
         conn.execute("ROLLBACK")
         raise
     return rejected
-
-
-def counted_locally(r: UsageRecord) -> bool:
-    """A record the gateway answered itself (as ``gateway.usage.rollups.LOCAL_SQL`` says of a row)."""
-    return r.outcome == "dry_run" or (r.outcome == "refused" and r.status not in (502, 504))

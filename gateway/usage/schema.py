@@ -178,3 +178,9 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 def user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def counted_locally(r: UsageRecord) -> bool:
+    """A record the gateway answered itself (as ``gateway.usage.rollups.LOCAL_SQL`` says of a row):
+    not counted by the rate limiter."""
+    return r.outcome == "dry_run" or (r.outcome == "refused" and r.status not in (502, 504))

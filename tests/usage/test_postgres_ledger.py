@@ -32,28 +32,7 @@ from gateway.usage.schema import LedgerError, UsageRecord
 from tests.helpers.postgres import PostgresServer
 from tests.helpers.processes import GATEWAY, clean_env, free_port
 from tests.helpers.redis import RedisServer
-
-DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
-DAY2 = datetime(2025, 3, 2, 8, tzinfo=UTC).timestamp()
-
-
-def rec(
-    i: int,
-    *,
-    ts: float = DAY1,
-    key: str | None = "alice",
-    team: str | None = "red",
-    model: str = "m1",
-    cost: float | None = 0.5,
-    tokens: tuple[int, int] = (10, 5),
-    status: int = 200,
-    outcome: str = "completed",
-    cache: str | None = None,
-    saved: float | None = None,
-) -> UsageRecord:
-    return UsageRecord(ts, f"req-{i}", key, team, model, "/v1/chat/completions", status, tokens[0], tokens[1],
-                       sum(tokens), cost, outcome, False, 12.5, 3.0, cache, saved)  # fmt: skip
-
+from tests.usage.test_ledger import DAY1, DAY2, rec
 
 # Every kind of row a report tells apart: keys, teams and none, two days, unknown costs, refusals
 # (the gateway's own) and upstream failures (502: a request), dry runs, cache hits and what they saved.

@@ -35,7 +35,6 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.usage.ledger import counted_locally
 from gateway.usage.postgres import reports
 from gateway.usage.postgres.consumer import StreamConsumer
 from gateway.usage.postgres.health import Health
@@ -45,7 +44,7 @@ from gateway.usage.postgres.schema import migrate
 from gateway.usage.postgres.stream import RecordStream
 from gateway.usage.postgres.write import Entry, write_batch
 from gateway.usage.reports import Dim, Groups, SummaryBy
-from gateway.usage.schema import LedgerError, UsageRecord
+from gateway.usage.schema import LedgerError, UsageRecord, counted_locally
 
 logger = logging.getLogger("gateway.usage.postgres")
 T = TypeVar("T")
