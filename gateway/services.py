@@ -31,7 +31,7 @@ from gateway.catalog.admission import is_routable
 from gateway.catalog.cache import Catalog
 from gateway.catalog.health import LiveHealth
 from gateway.catalog.status import STATUS_PATH, StatusFeed
-from gateway.config import POSTGRES_INSTALL, Settings, SettingsError
+from gateway.config import POSTGRES_INSTALL, Settings, SettingsError, UpstreamSettings
 from gateway.exchange import Exchange
 from gateway.ops.drain import Drain
 from gateway.ops.logs import flush as flush_logs
@@ -50,6 +50,7 @@ from gateway.state.store import LocalStore, StateStore
 from gateway.upstream.aiohttp_client import AiohttpUpstream
 from gateway.upstream.base import HttpxUpstream, Upstream
 from gateway.upstream.breaker import Breakers
+from gateway.upstream.builtin_client import BuiltinUpstream
 from gateway.usage.ledger import Ledger
 from gateway.usage.report_source import SqliteReports, UsageReports
 from gateway.usage.rollups import RollupKeeper
@@ -120,11 +121,7 @@ async def open_services(
     """
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(flush_logs)  # last: the access log's buffered lines (gateway.ops.logs)
-        upstream: Upstream = (
-            HttpxUpstream(settings.upstream, transport)
-            if transport is not None or settings.upstream.client == "httpx"
-            else AiohttpUpstream(settings.upstream)
-        )
+        upstream = _upstream_client(settings.upstream, transport)
         stack.push_async_callback(upstream.aclose)
         catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)
         catalog.start()
@@ -217,6 +214,15 @@ async def open_services(
             yield services
         finally:
             services.serving = False  # readiness and metrics stop reading what is being closed
+
+
+def _upstream_client(settings: UpstreamSettings, transport: httpx.AsyncBaseTransport | None) -> Upstream:
+    """The client behind the upstream seam, as ``[upstream] client`` says (a test's ``transport``: httpx)."""
+    if transport is not None or settings.client == "httpx":
+        return HttpxUpstream(settings, transport)
+    if settings.client == "aiohttp":
+        return AiohttpUpstream(settings)
+    return BuiltinUpstream(settings)
 
 
 async def _postgres_ledger(settings: Settings, stack: contextlib.AsyncExitStack) -> PostgresLedger:

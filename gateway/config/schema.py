@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 AuthMode = Literal["passthrough", "open", "keys"]
 ValidationMode = Literal["enforce", "warn", "off"]
-UpstreamClient = Literal["aiohttp", "httpx"]
+UpstreamClient = Literal["builtin", "aiohttp", "httpx"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 TracingExporter = Literal["otlp", "console"]
@@ -44,8 +44,9 @@ def _bounded(
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     url: str = "https://tokens.flex.ai"
-    # The HTTP client behind the upstream seam: "aiohttp" (fastest, the default) or "httpx".
-    client: UpstreamClient = "aiohttp"
+    # The HTTP client behind the upstream seam: "builtin" (the gateway's own HTTP/1.1 client on
+    # httptools: the least CPU per request, the default), "aiohttp" or "httpx".
+    client: UpstreamClient = "builtin"
     api_key: str = field(default="", repr=False)
     connect_timeout: float = _bounded(10.0, gt=0)
     first_byte_timeout: float = _bounded(600.0, gt=0)

@@ -100,7 +100,12 @@ class KeepAliveUpstream:
 
 async def test_a_request_whose_body_could_not_be_written_on_a_reused_connection_is_retried() -> None:
     stand_in = KeepAliveUpstream()
-    env = {"GATEWAY_UPSTREAM_URL": stand_in.url, "GATEWAY_USAGE_PATH": "", "GATEWAY_CATALOG_STATUS_INTERVAL": "0"}
+    env = {
+        "GATEWAY_UPSTREAM_URL": stand_in.url,
+        "GATEWAY_UPSTREAM_CLIENT": "aiohttp",  # (aiohttp's own case; the builtin client's: test_builtin_client)
+        "GATEWAY_USAGE_PATH": "",
+        "GATEWAY_CATALOG_STATUS_INTERVAL": "0",
+    }
     settings = load_settings(None, env)
     armed = False
     closed_on_reuse = 0

@@ -15,7 +15,7 @@ from gateway.demo import DemoState, default_catalog
 from gateway.server.thread import LocalServer, serve_in_thread
 from tests.helpers.gateway import CHAT_MODEL, StartGateway
 
-CLIENTS = ["aiohttp", "httpx"]
+CLIENTS = ["builtin", "aiohttp", "httpx"]
 MESSAGES: Any = [{"role": "user", "content": "hello"}]
 
 

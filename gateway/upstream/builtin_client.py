@@ -1,0 +1,481 @@
+"""The upstream seam on the gateway's own HTTP/1.1 client: pooled keep-alive connections, httptools.
+
+The gateway sends one kind of request to one origin: a method, a target, headers it has already
+filtered, a body it holds whole. aiohttp does far more per request (URL parsing and quoting, cookie
+and redirect machinery, traces, header merging, a writer task) and that cost ~76 us of CPU per
+request against ~11 us here (bench/README.md, "The upstream client"). The hard part of HTTP/1.1,
+parsing a response (status line, headers, chunked and length framing), is httptools' (the llhttp
+parser uvicorn uses on the client side of the gateway); this module only pools connections and
+writes requests. Same contract as ``AiohttpUpstream``: bodies relayed raw (no decompression), no
+cookies, no redirects followed, per-phase timeouts, errors translated into the gateway's own:
+
+- connecting (or waiting for a pool slot) past ``connect_timeout``: UpstreamTimeout, retryable;
+  refused, unreachable, TLS failure: UpstreamUnavailable, retryable (nothing was sent);
+- the request sent, no response head within ``first_byte_timeout``: UpstreamTimeout; the connection
+  lost or a malformed head before it: UpstreamUnavailable (not retryable: the upstream may have acted);
+- while the body is read: UpstreamStreamError (``watched_chunks`` adds the idle timeout).
+
+Connections: at most ``max_connections`` open (a request waits for a free one up to the connect
+timeout), at most ``max_keepalive_connections`` kept idle, each for ``keepalive_expiry`` seconds
+(0: a connection per request). A connection goes back to the pool only after a complete response
+that allows keep-alive; an abandoned or broken one is closed, which stops the upstream's work. A
+pooled connection is checked for a close that arrived unread (an upstream's idle timeout) before it is
+reused (one ``select`` with no wait), so a request is not sent into a connection already gone.
+A body the client reads slower than the upstream sends stops the reading at ``HIGH_WATER`` bytes
+buffered (TCP flow control then slows the upstream down), and resumes below ``LOW_WATER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import select
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Final, cast
+from urllib.parse import quote, urlsplit
+
+import httptools
+
+from gateway.config import UpstreamSettings
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream.base import (
+    Headers,
+    InUse,
+    UpstreamResponse,
+    UpstreamStreamError,
+    describe_error,
+    relative_locations,
+    watched_chunks,
+)
+
+HIGH_WATER: Final = 1 << 16  # body bytes buffered before reading from the upstream pauses
+LOW_WATER: Final = 1 << 14  # ... and below which it resumes
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # Content-Length even when the body is empty
+# A target sent as it is (anything else is percent-encoded first, as aiohttp's URL handling would).
+_PLAIN_TARGET: Final = re.compile(r"[A-Za-z0-9\-._~/%:@!$&'()*+,;=?]*")
+_TARGET_SAFE: Final = "/%:@!$&'()*+,;=?~"
+
+
+class UpstreamClosed(ConnectionError):
+    """The upstream closed the connection before its response was complete."""
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream's response is not valid HTTP/1.1."""
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to the upstream and the one exchange on it at a time (parser callbacks)."""
+
+    __slots__ = (
+        "_body_waiter",
+        "_head_waiter",
+        "_length_known",
+        "_loop",
+        "_parser",
+        "_paused",
+        "buffered",
+        "chunks",
+        "complete",
+        "error",
+        "head_only",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "lost",
+        "received",
+        "status",
+        "transport",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.lost = False  # connection_lost was called
+        self.idle_since = 0.0
+        self._head_waiter: asyncio.Future[None] | None = None
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._reset(head_only=False)
+
+    def _reset(self, *, head_only: bool) -> None:
+        self.head_only = head_only
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = False
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0  # bytes in ``chunks``
+        self.received = 0  # body bytes received in all
+        self.complete = False
+        self.error: BaseException | None = None
+        self._length_known = False  # Content-Length or chunked: the body does not end with the connection
+
+    # --- the exchange -------------------------------------------------------------------------
+
+    def start(self, request: bytes, *, head_only: bool) -> asyncio.Future[None]:
+        """Write ``request``; returns the future that completes with the response head."""
+        assert self.transport is not None
+        self._reset(head_only=head_only)
+        waiter = self._head_waiter = self._loop.create_future()
+        self.transport.write(request)
+        return waiter
+
+    def time_out(self) -> None:
+        """The first-byte timer: no response head in time."""
+        self._fail(TimeoutError())
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive; raises what broke it."""
+        chunks = self.chunks
+        while True:
+            if chunks:
+                chunk = chunks.popleft()
+                self.buffered -= len(chunk)
+                if self._paused and self.buffered <= LOW_WATER and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                yield chunk
+            elif self.complete:
+                return
+            elif self.error is not None:
+                raise self.error
+            else:
+                waiter = self._body_waiter = self._loop.create_future()
+                await waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def unread_close(self, fd: int) -> bool:
+        """Whether the idle connection has something to read: the upstream's close (or stray bytes)."""
+        try:
+            return bool(select.select([fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)  # (uvloop's are not asyncio.Transport subclasses)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"invalid HTTP response: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.complete or (self._head_waiter is None and not self.status):
+            return  # idle, or done: nothing was waiting on this connection
+        if self.status and not self._length_known and not self.head_only:
+            self._complete()  # a body without a length ends with its connection
+            return
+        self._fail(UpstreamClosed("the upstream closed the connection before the end of its response"))
+
+    def pause_writing(self) -> None:  # the request is written whole; the transport buffers it
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # --- httptools callbacks ----------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self.headers = []
+            return
+        self.status = status
+        self.keep_alive = self._parser.should_keep_alive()
+        self._length_known = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
+        if self.head_only:
+            self.keep_alive = False  # the parser expects a body a HEAD answer does not have: not reused
+            self._complete()
+        waiter, self._head_waiter = self._head_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        self.received += len(body)
+        if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status:  # (an interim answer's end is not the response's)
+            self._complete()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self.complete or self.error is not None:
+            return
+        self.error = error
+        waiter, self._head_waiter = self._head_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._body_waiter = self._body_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _BuiltinResponse:
+    __slots__ = ("_client", "_conn", "_idle_timeout", "_in_use", "headers", "status")
+
+    def __init__(
+        self, client: BuiltinUpstream, conn: _Connection, origin: bytes, idle_timeout: float, in_use: InUse
+    ) -> None:
+        self._client: BuiltinUpstream | None = client
+        self._in_use = in_use
+        self._conn = conn
+        self._idle_timeout = idle_timeout
+        self.status = conn.status
+        self.headers: Headers = relative_locations(conn.headers, origin)
+
+    def iter_raw(self) -> AsyncIterator[bytes]:
+        if self.arrived_size() is not None:  # buffered whole: reading it can neither wait nor fail
+            return self._conn.body()
+        return watched_chunks(self._conn.body(), self._idle_timeout, _CHUNK_ERRORS)
+
+    def arrived_size(self) -> int | None:
+        conn = self._conn
+        return conn.received if conn.complete else None
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            self._in_use.count -= 1
+            client.done_with(self._conn)
+
+
+_CHUNK_ERRORS = (UpstreamClosed, UpstreamProtocolError, OSError)
+
+
+class BuiltinUpstream:
+    def __init__(self, settings: UpstreamSettings) -> None:
+        url = urlsplit(settings.url.rstrip("/"))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"[upstream] url must be an http:// or https:// URL, not {settings.url!r}")
+        self._host = url.hostname
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._origin = f"{url.scheme}://{url.netloc}".encode()
+        self._path = url.path.encode("latin-1")  # the base path every target goes under
+        self._host_line = b"host: " + url.netloc.encode("idna") + b"\r\n"
+        self._connect_timeout = settings.connect_timeout
+        self._first_byte_timeout = settings.first_byte_timeout
+        self._idle_timeout = settings.idle_timeout
+        self._max_connections = settings.max_connections
+        self._max_idle = settings.max_keepalive_connections if settings.keepalive_expiry > 0 else 0
+        self._keepalive = settings.keepalive_expiry
+        self._in_use = InUse()
+        self._idle: list[_Connection] = []  # most recently used last
+        self._open = 0  # connections open or opening, counted against max_connections
+        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()  # for a connection (or a free slot)
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
+        request = self._request(method, target, headers, body)
+        loop = asyncio.get_running_loop()
+        self._in_use.count += 1
+        try:
+            conn = await self._acquire(loop)
+            waiter = conn.start(request, head_only=method == "HEAD")
+            timer = loop.call_later(self._first_byte_timeout, conn.time_out)
+            try:
+                await waiter
+            except BaseException as exc:
+                conn.close()
+                self.done_with(conn)
+                raise self._send_error(exc) from None
+            finally:
+                timer.cancel()
+        except BaseException:
+            self._in_use.count -= 1
+            raise
+        return _BuiltinResponse(self, conn, self._origin, self._idle_timeout, self._in_use)
+
+    async def get_bytes(self, target: str) -> bytes:
+        response = await self.send("GET", target, ((b"accept", b"application/json"),), b"")
+        try:
+            if not 200 <= response.status < 300:
+                raise UpstreamUnavailable(
+                    f"GET {target} answered HTTP {response.status}", upstream_status=response.status
+                )
+            parts = [chunk async for chunk in response.iter_raw()]
+        except UpstreamStreamError as exc:
+            raise UpstreamUnavailable(f"GET {target} failed: {exc}") from None
+        finally:
+            await response.aclose()
+        return b"".join(parts)
+
+    def connections(self) -> int:
+        return self._in_use.count
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(UpstreamUnavailable("The upstream client is closed."))
+
+    # --- the request ----------------------------------------------------------------------------
+
+    def _request(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
+        """The request's bytes. Header names and values, and the target, come from the ASGI server's
+        parser or the gateway's own checks; a line break in any of them is refused all the same."""
+        if not _PLAIN_TARGET.fullmatch(target):
+            target = quote(target, safe=_TARGET_SAFE)
+        lines = [method.encode("latin-1"), b" ", self._path, target.encode("latin-1"), b" HTTP/1.1\r\n"]
+        lines.append(self._host_line)
+        for name, value in headers:
+            lines += (name, b": ", value, b"\r\n")
+        ends = len(headers) + 3  # the request line, Host, the headers, the blank line
+        if body or method in _BODY_METHODS:
+            lines.append(b"content-length: %d\r\n" % len(body))
+            ends += 1
+        lines.append(b"\r\n")
+        head = b"".join(lines)
+        if head.count(b"\n") != ends or head.count(b"\r") != ends or b"\0" in head:
+            raise UpstreamUnavailable("The request cannot go upstream: a header or its path holds a line break.")
+        return head + body if body else head
+
+    def _send_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(f"The upstream did not start answering within {self._first_byte_timeout:g}s.")
+        if isinstance(exc, (UpstreamClosed, UpstreamProtocolError, OSError)):
+            return UpstreamUnavailable(f"The upstream failed: {describe_error(exc)}.")
+        return exc  # a cancellation, or the gateway's own error: as it is
+
+    # --- the pool -------------------------------------------------------------------------------
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        """A connection to send on: an idle one, a new one, or (at max_connections) the next one freed."""
+        if self._closed:
+            raise UpstreamUnavailable("The upstream client is closed.")
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.lost and not self._gone(conn):
+                return conn
+            conn.close()
+            self._open -= 1
+        if self._open >= self._max_connections:
+            waiter: asyncio.Future[_Connection | None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    handed = await waiter
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"No upstream connection was free within {self._connect_timeout:g}s "
+                    f"(max_connections = {self._max_connections}).",
+                    retryable=True,
+                ) from None
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._give_back(waiter.result())  # handed over just as the wait ended
+                raise
+            if handed is not None:
+                return handed
+        else:
+            self._open += 1  # (a waiter handed None was given the slot of a closed connection)
+        try:
+            return await self._connect(loop)
+        except BaseException:
+            self._give_back(None)
+            raise
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), self._host, self._port, ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )  # fmt: skip
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The upstream could not be reached within {self._connect_timeout:g}s.", retryable=True
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            # Nothing was sent: safe to retry, even a POST.
+            reason = describe_error(exc)
+            raise UpstreamUnavailable(f"The upstream could not be reached: {reason}.", retryable=True) from None
+        return conn
+
+    def _gone(self, conn: _Connection) -> bool:
+        """An idle connection with something to read has been closed by the upstream (or is unusable)."""
+        transport = conn.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        return sock is None or conn.unread_close(sock.fileno())
+
+    def done_with(self, conn: _Connection) -> None:
+        """The exchange on ``conn`` is over: pool it (a complete, kept-alive answer) or close it."""
+        reusable = conn.complete and conn.keep_alive and not conn.lost and conn.error is None and not self._closed
+        if not reusable:
+            conn.close()
+        self._give_back(conn if reusable else None)
+
+    def _give_back(self, conn: _Connection | None) -> None:
+        """A connection to reuse, or None: a slot freed (its connection closed or never opened)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)  # the slot (and the connection, if any) goes to the waiter
+                return
+        if conn is None or len(self._idle) >= self._max_idle:
+            if conn is not None:
+                conn.close()
+            self._open -= 1
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        conn.chunks.clear()
+        self._idle.append(conn)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self._keepalive, self._expire)
+
+    def _expire(self) -> None:
+        """Close the connections idle longer than keepalive_expiry; look again later while any is idle."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self._keepalive
+        keep: list[_Connection] = []
+        for conn in self._idle:
+            if conn.idle_since > deadline and not conn.lost:
+                keep.append(conn)
+            else:
+                conn.close()
+                self._open -= 1
+        self._idle = keep
+        if keep:
+            self._sweep = loop.call_later(self._keepalive, self._expire)
