@@ -5,6 +5,7 @@
     python bench/profile_gateway.py --kind runner-aiohttp # the gateway on the httpx-aiohttp transport
     python bench/profile_gateway.py --kind gateway-cache --scenario embed_64   # answers from the cache
     python bench/profile_gateway.py --kind gateway-lean  # the access log and the ledger off (default: on)
+    python bench/profile_gateway.py --kind floor         # bench/relay_floor.py: no gateway code
 
 Starts nginx (or the paced stand-in) and the gateway as bench/run.py does (same pinning), drives it
 with wrk (or bench/streams.py), and while the load runs attaches py-spy (installed into
@@ -66,6 +67,31 @@ def parse_collapsed(text: str) -> tuple[Counter[str], Counter[str], int, int]:
     return own, inclusive, total, idle
 
 
+# Where a leaf frame's file lies, for the own time by package (first match wins).
+PACKAGES = (
+    ("gateway/", "gateway"),
+    ("relay_floor.py", "the floor's relay"),
+    ("aiohttp/", "aiohttp"),
+    ("uvicorn/", "uvicorn"),
+    ("asyncio/", "asyncio (the event loop is uvloop: its own time shows as Runner.run)"),
+    ("logging/", "logging"),
+    ("sqlite3/", "sqlite3"),
+    ("threading.py", "threading"),
+    ("concurrent/", "concurrent.futures"),
+    ("yarl/", "yarl, multidict"),
+    ("multidict/", "yarl, multidict"),
+)
+
+
+def by_package(own: Counter[str]) -> Counter[str]:
+    """Own samples summed by the package of the leaf frame's file."""
+    out: Counter[str] = Counter()
+    for frame, count in own.items():
+        where = frame.rpartition("(")[2]
+        out[next((name for mark, name in PACKAGES if mark in where), "other")] += count
+    return out
+
+
 def top_table(counter: Counter[str], total: int, n: int, title: str) -> str:
     lines = [f"### {title}", "", "| # | function (file) | samples | % of busy samples |", "|---:|---|---:|---:|"]
     for i, (frame, count) in enumerate(counter.most_common(n), 1):
@@ -79,7 +105,7 @@ def main() -> int:
     parser.add_argument(
         "--kind",
         default="gateway",
-        choices=["gateway", "gateway-lean", "gateway-cache", "runner-httpx", "runner-aiohttp"],
+        choices=["gateway", "gateway-lean", "gateway-cache", "floor", "runner-httpx", "runner-aiohttp"],
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds of sampling per recording")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
@@ -180,6 +206,7 @@ def render(header: str, about: str, raw: Path, top: int, load_out: str = "") -> 
     parts = [
         header,
         f"{about} {total} busy samples ({idle} samples of idle pool threads left out).",
+        top_table(by_package(own), total, top, "Own time by package (of the sampled leaf frame)"),
         top_table(own, total, top, "Own time (the sampled leaf frame)"),
         top_table(inclusive, total, top, "Inclusive time (the frame anywhere on the stack)"),
     ]

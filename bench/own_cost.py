@@ -1,0 +1,207 @@
+"""The gateway's own CPU per request, in process: no sockets, no uvicorn, no upstream client.
+
+    python bench/own_cost.py                      # chat, defaults (access log + ledger on)
+    python bench/own_cost.py --profile lean       # the access log and the ledger off
+    python bench/own_cost.py --scenario embed     # embeddings instead of chat
+    python bench/own_cost.py --cprofile 30        # and the 30 functions with the most own time
+
+The gateway's whole request stack (``build_stack``: request ids, tracing, keys, the proxy, the
+accounting, the ledger, the access log) is driven directly as an ASGI app, with an upstream that
+answers at once from memory (the benchmark's canned payloads). What is left is the gateway's own
+code: the figure bench/run.py can only get as "the gateway's CPU minus the floor's", here without
+the noise of the sockets, uvicorn and aiohttp, and attributable function by function (``--cprofile``).
+CPU is the process's (``time.process_time``: every thread, so the ledger's writer and the access
+log's too), after a warm-up, over ``--requests`` requests, ``--rounds`` times (the median is
+given). Compare revisions with ``--rev`` as bench/ab.py does: runs alternate in one process each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx
+import payloads
+
+from gateway.app import build_stack
+from gateway.config import load_settings
+from gateway.ops.logs import configure as configure_logging
+from gateway.services import open_services
+
+
+class _Canned:
+    """An upstream answer that has arrived whole (as a small non-streamed answer has)."""
+
+    __slots__ = ("_body", "headers", "status")
+
+    def __init__(self, body: bytes) -> None:
+        self.status = 200
+        self._body = body
+        self.headers = [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Date", b"Sat, 05 Dec 2026 09:00:00 GMT"),
+        ]
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    def iter_raw(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    def arrived_size(self) -> int | None:
+        return len(self._body)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _CannedUpstream:
+    """The ``Upstream`` seam answering every request at once with one body."""
+
+    def __init__(self, body: bytes, catalog: bytes) -> None:
+        self._body = body
+        self._catalog = catalog
+
+    async def send(self, method: str, target: str, headers: Any, body: bytes) -> _Canned:
+        return _Canned(self._body)
+
+    async def get_bytes(self, target: str) -> bytes:
+        return self._catalog
+
+    def connections(self) -> int:
+        return 0
+
+    async def aclose(self) -> None:
+        return None
+
+
+SCENARIOS = {
+    "chat": ("/v1/chat/completions", payloads.chat_request(stream=False), payloads.chat_response()),
+    "embed": ("/v1/embeddings", payloads.embeddings_request(), payloads.embeddings_response()),
+}
+
+
+# What each profile turns off of the defaults: the access log, the ledger.
+PROFILES = {"defaults": (False, False), "lean": (True, True), "ledger": (True, False), "log": (False, True)}
+
+
+def _config(workdir: Path, profile: str, usage_extra: str) -> Path:
+    no_log, no_ledger = PROFILES[profile]
+    path = workdir / "gateway.toml"
+    path.write_text(
+        'host = "127.0.0.1"\nport = 1\n'
+        + ("access_log = false\n" if no_log else "")
+        + '\n[upstream]\nurl = "http://127.0.0.1:1"\n\n[usage]\n'
+        + ('path = ""\n' if no_ledger else f'path = "{workdir / "usage.db"}"\n')
+        + usage_extra
+        + "\n[catalog]\nttl = 86400.0\n"
+    )
+    return path
+
+
+async def _drive(args: argparse.Namespace, workdir: Path) -> list[float]:
+    path, request, answer = SCENARIOS[args.scenario]
+    settings = load_settings(_config(workdir, args.profile, "".join(f"{u}\n" for u in args.usage)), {})
+    configure_logging(settings.log_level, settings.log_format)
+    catalog = payloads.catalog_bytes()
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, content=catalog))
+    async with open_services(settings, transport=transport, env={}) as services:
+        services.upstream = _CannedUpstream(answer, catalog)
+        app = build_stack(settings, services).proxy
+        headers = [
+            (b"host", b"127.0.0.1"),
+            (b"authorization", f"Bearer {payloads.API_KEY}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(request)).encode()),
+            (b"user-agent", b"wrk"),
+        ]
+        scope: dict[str, Any] = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": headers, "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 1),
+        }  # fmt: skip
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": request, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        async def batch(n: int) -> None:
+            for _ in range(n):
+                await app(dict(scope), receive, send)
+
+        await batch(args.warmup)
+        if set(statuses) != {200}:
+            raise SystemExit(f"the warm-up got statuses {sorted(set(statuses))}, not only 200")
+        rounds: list[float] = []
+        profiler = cProfile.Profile() if args.cprofile else None
+        for _ in range(args.rounds):
+            statuses.clear()
+            start = time.process_time()
+            if profiler is not None:
+                profiler.enable()
+            await batch(args.requests)
+            if profiler is not None:
+                profiler.disable()
+            rounds.append((time.process_time() - start) / args.requests * 1e6)
+            if set(statuses) != {200}:
+                raise SystemExit(f"got statuses {sorted(set(statuses))}, not only 200")
+            await asyncio.sleep(0.05)  # let the ledger's and the log's writers catch up between rounds
+        if profiler is not None:
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.cprofile)
+            print(out.getvalue())
+    return rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="chat")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="defaults",
+        help="defaults (access log and ledger on), lean (both off), ledger (the ledger only), log (the log only)",
+    )
+    parser.add_argument("--usage", action="append", default=[], metavar="LINE", help="a line for [usage]")
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N top functions by own time")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="own-cost-") as tmp:
+        # The access log goes to stderr, as under ``gateway serve``: to a file here, as bench/run.py does.
+        saved = os.dup(2)
+        with (Path(tmp) / "access.log").open("wb") as log:
+            os.dup2(log.fileno(), 2)
+            try:
+                rounds = asyncio.run(_drive(args, Path(tmp)))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+    median = statistics.median(rounds)
+    print(
+        f"{args.scenario} ({args.profile}): {median:.1f} us CPU per request, median of {args.rounds} rounds of "
+        f"{args.requests} (rounds: {', '.join(f'{r:.1f}' for r in rounds)})"
+    )
+
+
+if __name__ == "__main__":
+    main()
