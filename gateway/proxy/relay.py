@@ -99,10 +99,8 @@ async def relay(
     streaming path. A cancellation at the end of the shutdown grace ends the response cleanly: an
     error answer if nothing was sent yet, else an error event for a stream, else an unfinished body.
     """
-    task = asyncio.current_task()
-    assert task is not None
     size = response.arrived_size()
-    watch = _DisconnectWatch(receive, task, active=size is None or size > MAX_UNWATCHED_BODY)
+    watch = _DisconnectWatch(receive, active=size is None or size > MAX_UNWATCHED_BODY)
     result = RelayResult(Outcome.COMPLETED, None)
     headers = client_response_headers(response.headers, extra_headers)
     if options.length_may_change:  # the meter may drop or rewrite bytes: the upstream's length would be wrong
@@ -245,9 +243,10 @@ class _DisconnectWatch:
 
     __slots__ = ("_active", "_relay_task", "_task", "disconnected")
 
-    def __init__(self, receive: Receive, relay_task: asyncio.Task[Any], *, active: bool = True) -> None:
-        """``active=False``: watch nothing (for a relay that never waits), at no cost."""
-        self._relay_task = relay_task
+    def __init__(self, receive: Receive, *, active: bool = True) -> None:
+        """Watches for the current task (the relay's); ``active=False``: watch nothing (for a relay
+        that never waits), at no cost."""
+        self._relay_task: asyncio.Task[Any] | None = asyncio.current_task() if active else None
         self._active = active
         self.disconnected = False
         self._task = asyncio.create_task(self._watch(receive)) if active else None
@@ -256,7 +255,7 @@ class _DisconnectWatch:
         # The request body was fully read, so the next message can only be the disconnect.
         while (await receive())["type"] != "http.disconnect":
             pass
-        if self._active:
+        if self._active and self._relay_task is not None:
             self.disconnected = True
             self._relay_task.cancel()
 

@@ -18,16 +18,18 @@ per ``[limits]``:
 - ``max_keepalive_requests``: the answer to a connection's last allowed request says
   ``Connection: close``.
 
-A malformed request is answered 400 ``invalid_http_request``. How each refusal is answered (the
-error envelope, then a lingering close) is ``gateway.server.refusal``'s. Everything else
-(pipelining, flow control, graceful shutdown, disconnect detection) is uvicorn's.
+Each request's response cycle writes through a ``gateway.server.cork.HeadCork``: the head and the
+body of a whole answer go out in one system call. A malformed request is answered 400
+``invalid_http_request``. How each refusal is answered (the error envelope, then a lingering close)
+is ``gateway.server.refusal``'s. Everything else (pipelining, flow control, graceful shutdown,
+disconnect detection) is uvicorn's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from uvicorn.config import Config
@@ -41,6 +43,7 @@ from gateway.errors import (
     TooManyConnections,
     TooManyHeaders,
 )
+from gateway.server.cork import HeadCork
 from gateway.server.timeouts import TimedHttpToolsProtocol
 
 logger = logging.getLogger("gateway.server")
@@ -169,6 +172,7 @@ class LimitedHttpToolsProtocol(TimedHttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a new request (not an upgrade)
+            cycle.transport = cast("asyncio.Transport", HeadCork(self.transport, self.loop))  # head + body: one write
             self._requests += 1
             limit = self._limits.max_keepalive_requests
             if limit and self._requests >= limit:
