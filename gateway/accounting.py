@@ -187,6 +187,8 @@ class Accounting:
         usage = exchange.usage
         line = {
             "time": round(exchange.arrived, 3),
+            "level": "info",
+            "logger": access_logger.name,
             "request_id": exchange.request_id,
             "key": exchange.caller.name if exchange.caller else None,
             "team": exchange.caller.team if exchange.caller else None,
@@ -205,8 +207,9 @@ class Accounting:
             "requested_model": exchange.requested_model,
             "fallback_from": exchange.fallback_from,
         }
-        if write_fields(access_logger, line):  # the JSON line, buffered
+        if write_fields(access_logger, line, whole=True):  # the JSON line, buffered
             return
+        del line["level"], line["logger"]  # (the record's own)
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})
 

@@ -35,6 +35,7 @@ operator added) gets the LogRecord, exactly as before.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import sys
@@ -174,10 +175,16 @@ class JsonHandler(logging.StreamHandler[TextIO]):
         count = len(pending)  # only grows meanwhile: these many are there to take
         if not count:
             return
-        lines = [pending.popleft() for _ in range(count)]
+        data = b"".join([pending.popleft() for _ in range(count)])
         try:
-            self.stream.write(b"".join(lines).decode())  # the same text the records' emit would write
-            self.stream.flush()
+            buffer = getattr(self.stream, "buffer", None)  # a text stream's bytes below it (stderr's)
+            if isinstance(buffer, io.BufferedIOBase):
+                self.stream.flush()  # what records wrote through the text layer goes first
+                buffer.write(data)  # the lines are UTF-8 already: no decoding and encoding again
+                buffer.flush()
+            else:
+                self.stream.write(data.decode())  # the same text the records' emit would write
+                self.stream.flush()
         except RecursionError:
             raise
         except Exception:
@@ -185,25 +192,24 @@ class JsonHandler(logging.StreamHandler[TextIO]):
             self.handleError(lost)
 
 
-def write_fields(logger: logging.Logger, fields: dict[str, Any]) -> bool:
+def write_fields(logger: logging.Logger, fields: dict[str, Any], *, whole: bool = False) -> bool:
     """Write ``fields`` as the JSON line of an INFO record of ``logger`` whose ``access`` they are,
     straight into the gateway's JSON handler's buffer, when that handler is all the record would
     reach (see the module docstring). False: nothing was written, log the record the usual way.
 
     The line is what ``JsonFormatter`` writes for that record: ``time``, ``level``, ``logger``, then
-    ``fields`` (whose own ``time``, if any, replaces the record's in first place)."""
+    ``fields`` (whose own ``time``, if any, replaces the record's in first place). ``whole``: the
+    fields are that line already (``time``, ``"level": "info"`` and ``logger`` first), as the access
+    log builds it, sparing a copy."""
     handler = sole_json_handler(logger)
     if handler is None:
         return False
-    level = logging.getLevelName(logging.INFO).lower()
-    # "time" first: the fields' own time, or the time a record would have had.
-    time = None if "time" in fields else datetime.now(UTC).isoformat(timespec="milliseconds")
+    if not whole:
+        # "time" first: the fields' own time, or the time a record would have had.
+        time = None if "time" in fields else datetime.now(UTC).isoformat(timespec="milliseconds")
+        fields = {"time": time, "level": "info", "logger": logger.name, **fields}
     try:
-        line = orjson.dumps(
-            {"time": time, "level": level, "logger": logger.name, **fields},
-            default=str,
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        line = orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
         return False  # (text that is not UTF-8): the record's way, whose handler reports it
     handler.write_line(line)
