@@ -53,6 +53,7 @@ from gateway.upstream.base import (
 
 HIGH_WATER: Final = 1 << 16  # body bytes buffered before reading from the upstream pauses
 LOW_WATER: Final = 1 << 14  # ... and below which it resumes
+MAX_JOINED: Final = 1 << 16  # a request body up to this size goes out in one write with its head
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # Content-Length even when the body is empty
 # A target sent as it is (anything else is percent-encoded first, as aiohttp's URL handling would).
 _PLAIN_TARGET: Final = re.compile(r"[A-Za-z0-9\-._~/%:@!$&'()*+,;=?]*")
@@ -118,12 +119,17 @@ class _Connection(asyncio.Protocol):
 
     # --- the exchange -------------------------------------------------------------------------
 
-    def start(self, request: bytes, *, head_only: bool) -> asyncio.Future[None]:
+    def start(self, request: tuple[bytes, bytes], *, head_only: bool) -> asyncio.Future[None]:
         """Write ``request``; returns the future that completes with the response head."""
         assert self.transport is not None
         self._reset(head_only=head_only)
         waiter = self._head_waiter = self._loop.create_future()
-        self.transport.write(request)
+        head, body = request
+        if len(body) <= MAX_JOINED:
+            self.transport.write(head + body)  # one system call
+        else:  # a large upload is not copied onto its head
+            self.transport.write(head)
+            self.transport.write(body)
         return waiter
 
     def time_out(self) -> None:
@@ -358,8 +364,8 @@ class BuiltinUpstream:
 
     # --- the request ----------------------------------------------------------------------------
 
-    def _request(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
-        """The request's bytes. Header names and values, and the target, come from the ASGI server's
+    def _request(self, method: str, target: str, headers: Headers, body: bytes) -> tuple[bytes, bytes]:
+        """The request's head and body. Header names and values, and the target, come from the ASGI server's
         parser or the gateway's own checks; a line break in any of them is refused all the same."""
         if not _PLAIN_TARGET.fullmatch(target):
             target = quote(target, safe=_TARGET_SAFE)
@@ -375,7 +381,7 @@ class BuiltinUpstream:
         head = b"".join(lines)
         if head.count(b"\n") != ends or head.count(b"\r") != ends or b"\0" in head:
             raise UpstreamUnavailable("The request cannot go upstream: a header or its path holds a line break.")
-        return head + body if body else head
+        return head, body
 
     def _send_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, TimeoutError):

@@ -147,6 +147,19 @@ async def test_kept_alive_connections_are_reused_and_requests_are_framed(stand_i
     assert b"content-length" not in server.requests[-1][0]  # a GET without a body says no length
 
 
+async def test_a_large_upload_arrives_whole(stand_in: Any) -> None:
+    server = await stand_in(ok)
+    upstream = client(server.url)
+    upload = bytes(range(256)) * 1024  # 256 KiB: written after its head, not copied onto it
+    try:
+        assert await fetch(upstream, body=upload) == (200, b"{}")
+    finally:
+        await upstream.aclose()
+    head, body = server.requests[0]
+    assert b"content-length: 262144" in head.split(b"\r\n")
+    assert body == upload
+
+
 async def test_a_connection_the_upstream_closed_while_idle_is_not_reused(stand_in: Any) -> None:
     server = await stand_in(ok)
     upstream = client(server.url)
