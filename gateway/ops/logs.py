@@ -46,6 +46,8 @@ from typing import Any, Final, Literal, TextIO
 
 import orjson
 
+from gateway.threads import background_priority
+
 LogFormat = Literal["auto", "json", "console"]
 CONSOLE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -150,6 +152,7 @@ class JsonHandler(logging.StreamHandler[TextIO]):
     def _run(self) -> None:
         """The writer thread: every ``delay`` seconds (sooner for a full batch) write what is buffered;
         after a pause, wait for the next line without waking up."""
+        background_priority()  # the event loop first (gateway.threads)
         pending, wake = self._pending, self._wake
         idle = 0
         while not self._closing:

@@ -40,6 +40,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from gateway.threads import background_priority
 from gateway.usage.reports import recent_requests, spend_usd
 from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, UsageRecord, counted_locally, migrate
 
@@ -87,7 +88,7 @@ class Ledger:
         """Open (creating or migrating) the database and start the background writer."""
         if self._executor is not None or self._closed:
             raise RuntimeError("Ledger.start() may be called once, before aclose()")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger", initializer=background_priority)
         try:
             self._conn = await self._in_thread(_open_writer, self._path)
         except BaseException:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
 
+from gateway.threads import background_priority
 from gateway.usage.schema import BUSY_TIMEOUT_S, ROLLUP_CUTS, ROLLUP_TOTALS
 
 logger = logging.getLogger("gateway.usage.rollups")
@@ -170,7 +171,9 @@ class RollupKeeper:
 
     async def start(self) -> None:
         """Open the (already migrated) ledger and start the background refresh."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollups")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="rollups", initializer=background_priority
+        )
         self._conn = await self._in_thread(_connect, self._path)
         self._task = asyncio.create_task(self._run(), name="usage-rollups")
 

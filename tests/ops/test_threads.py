@@ -1,0 +1,53 @@
+"""The gateway's writer threads run below the event loop's priority (gateway.threads), so that on a
+core of their own they take it only when the loop leaves it: checked on the real threads."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from gateway.ops.logs import JsonHandler
+from gateway.threads import BACKGROUND_NICE
+from gateway.usage.ledger import Ledger
+from gateway.usage.rollups import RollupKeeper
+from tests.usage.test_ledger import rec
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are a POSIX facility")
+
+
+def nice_of(prefix: str) -> list[int]:
+    """The nice value of each live thread whose name starts with ``prefix``."""
+    return [
+        os.getpriority(os.PRIO_PROCESS, t.native_id)
+        for t in threading.enumerate()
+        if t.name.startswith(prefix) and t.native_id is not None
+    ]
+
+
+async def test_the_ledger_and_roll_up_threads_run_at_background_priority(tmp_path: Path) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    async with Ledger(tmp_path / "usage.db", flush_interval=0.01) as ledger:
+        ledger.record(rec(1))
+        keeper = RollupKeeper(tmp_path / "usage.db", interval=0.01)
+        await keeper.start()
+        try:
+            assert nice_of("ledger") == [max(base, BACKGROUND_NICE)]
+            assert nice_of("rollups") == [max(base, BACKGROUND_NICE)]
+        finally:
+            await keeper.aclose()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the loop's own is untouched
+
+
+def test_the_access_log_writer_runs_at_background_priority() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    handler = JsonHandler(io.StringIO())
+    try:
+        handler.write_line(b'{"a":1}\n')  # the first buffered line starts the writer
+        assert nice_of("log-writer") == [max(base, BACKGROUND_NICE)]
+    finally:
+        handler.close()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
