@@ -86,9 +86,11 @@ class _Connection(asyncio.Protocol):
         "head_only",
         "headers",
         "idle_since",
+        "in_exchange",
         "keep_alive",
         "lost",
         "received",
+        "spoiled",
         "status",
         "transport",
     )
@@ -99,6 +101,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._poll: select.poll | None = None  # the socket, for a look before the connection is reused
         self.lost = False  # connection_lost was called
+        self.spoiled = False  # bytes came that no request asked for: never reused
+        self.in_exchange = False  # a request was written and its response not given back yet
         self.idle_since = 0.0
         self._head_waiter: asyncio.Future[None] | None = None
         self._body_waiter: asyncio.Future[None] | None = None
@@ -123,6 +127,7 @@ class _Connection(asyncio.Protocol):
         """Write ``request``; returns the future that completes with the response head."""
         assert self.transport is not None
         self._reset(head_only=head_only)
+        self.in_exchange = True
         waiter = self._head_waiter = self._loop.create_future()
         head, body = request
         if len(body) <= MAX_JOINED:
@@ -162,7 +167,7 @@ class _Connection(asyncio.Protocol):
     def gone(self) -> bool:
         """Whether the idle connection has something to read: the upstream's close (or stray bytes)."""
         try:
-            return self.lost or self._poll is None or bool(self._poll.poll(0))
+            return self.lost or self.spoiled or self._poll is None or bool(self._poll.poll(0))
         except (OSError, ValueError):
             return True
 
@@ -176,6 +181,10 @@ class _Connection(asyncio.Protocol):
             self._poll.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_exchange or self.complete:  # nobody asked: not HTTP we can trust any more
+            self.spoiled = True
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -206,6 +215,9 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.complete:  # a second answer in the bytes of the first: the connection is spoiled
+            self.spoiled = True
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
             self.headers = []
@@ -232,7 +244,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self.status:  # (an interim answer's end is not the response's)
+        if self.status and not self.complete:  # (an interim answer's end is not the response's)
             self._complete()
 
     # --- internals ------------------------------------------------------------------------------
@@ -318,16 +330,17 @@ class BuiltinUpstream:
         self._in_use.count += 1
         try:
             conn = await self._acquire(loop)
-            waiter = conn.start(request, head_only=method == "HEAD")
-            timer = loop.call_later(self._first_byte_timeout, conn.time_out)
             try:
-                await waiter
+                waiter = conn.start(request, head_only=method == "HEAD")
+                timer = loop.call_later(self._first_byte_timeout, conn.time_out)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
             except BaseException as exc:
                 conn.close()
                 self.done_with(conn)
                 raise self._send_error(exc) from None
-            finally:
-                timer.cancel()
         except BaseException:
             self._in_use.count -= 1
             raise
@@ -448,7 +461,9 @@ class BuiltinUpstream:
 
     def done_with(self, conn: _Connection) -> None:
         """The exchange on ``conn`` is over: pool it (a complete, kept-alive answer) or close it."""
-        reusable = conn.complete and conn.keep_alive and not conn.lost and conn.error is None and not self._closed
+        conn.in_exchange = False
+        sound = conn.complete and conn.error is None and not (conn.lost or conn.spoiled)
+        reusable = sound and conn.keep_alive and not self._closed
         if not reusable:
             conn.close()
         self._give_back(conn if reusable else None)

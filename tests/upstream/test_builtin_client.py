@@ -289,6 +289,38 @@ async def test_bodies_framed_every_way_arrive_whole(stand_in: Any, answer: bytes
     assert server.connections == (2 if close else 1)
 
 
+async def test_bytes_beyond_the_answer_spoil_the_connection(stand_in: Any) -> None:
+    async def doubled(head: bytes, body: bytes) -> tuple[bytes | None, bool]:
+        return OK + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nextra", False  # an answer nobody asked for
+
+    server = await stand_in(doubled)
+    upstream = client(server.url)
+    try:
+        assert await fetch(upstream) == (200, b"{}")  # the answer asked for, intact
+        assert await fetch(upstream) == (200, b"{}")  # on a new connection: the first is not reused
+    finally:
+        await upstream.aclose()
+    assert server.connections == 2
+
+
+async def test_bytes_on_an_idle_connection_spoil_it(stand_in: Any) -> None:
+    server = await stand_in(ok)
+    upstream = client(server.url)
+    try:
+        assert await fetch(upstream) == (200, b"{}")
+        for writer in server._writers:
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")  # unasked, while idle
+        for _ in range(100):
+            if not upstream._idle or upstream._idle[0].spoiled:
+                break
+            await asyncio.sleep(0.02)
+        assert await fetch(upstream) == (200, b"{}")
+    finally:
+        await upstream.aclose()
+    assert server.connections == 2
+    assert len(server.requests) == 2
+
+
 async def test_a_body_cut_short_is_a_stream_error(stand_in: Any) -> None:
     async def cut(head: bytes, body: bytes) -> tuple[bytes | None, bool]:
         return b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this", True
