@@ -25,7 +25,8 @@ import pytest
 from gateway.config import load_settings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.base import UpstreamStreamError
-from gateway.upstream.builtin_client import HIGH_WATER, BuiltinUpstream
+from gateway.upstream.builtin_client import BuiltinUpstream
+from gateway.upstream.h1_connection import HIGH_WATER
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 WAIT = 5.0
