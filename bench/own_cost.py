@@ -38,6 +38,7 @@ import payloads
 
 from gateway.app import build_stack
 from gateway.config import load_settings
+from gateway.ops.heap import freeze_startup_heap
 from gateway.ops.logs import configure as configure_logging
 from gateway.services import open_services
 
@@ -122,6 +123,7 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> list[float]:
     async with open_services(settings, transport=transport, env={}) as services:
         services.upstream = _CannedUpstream(answer, catalog)
         app = build_stack(settings, services).proxy
+        freeze_startup_heap()  # the collector's serving policy, as `gateway serve` sets it
         headers = [
             (b"host", b"127.0.0.1"),
             (b"authorization", f"Bearer {payloads.API_KEY}".encode()),
@@ -143,9 +145,14 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> list[float]:
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
 
-        async def batch(n: int) -> None:
+        async def sequence(n: int) -> None:
             for _ in range(n):
                 await app(dict(scope), receive, send)
+
+        async def batch(n: int) -> None:
+            """``n`` requests, ``--concurrency`` at a time (each of them interleaved with the others
+            wherever the request path yields to the event loop)."""
+            await asyncio.gather(*(sequence(n // args.concurrency) for _ in range(args.concurrency)))
 
         await batch(args.warmup)
         if set(statuses) != {200}:
@@ -160,7 +167,7 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> list[float]:
             await batch(args.requests)
             if profiler is not None:
                 profiler.disable()
-            rounds.append((time.process_time() - start) / args.requests * 1e6)
+            rounds.append((time.process_time() - start) / (args.requests // args.concurrency * args.concurrency) * 1e6)
             if set(statuses) != {200}:
                 raise SystemExit(f"got statuses {sorted(set(statuses))}, not only 200")
             await asyncio.sleep(0.05)  # let the ledger's and the log's writers catch up between rounds
@@ -184,6 +191,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N top functions by own time")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="own-cost-") as tmp:
