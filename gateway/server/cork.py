@@ -22,28 +22,28 @@ MAX_JOINED: Final = 1 << 16
 class HeadCork:
     """The transport of one response cycle: holds its first write (the head) until the second."""
 
-    __slots__ = ("_flush", "_held", "_loop", "_transport")
+    __slots__ = ("_flush_handle", "_held", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._held: bytes | None = None
-        self._flush: asyncio.Handle | None = None  # set by the first write: the head was given
+        self._flush_handle: asyncio.Handle | None = None  # set by the first write: the head was given
         self._loop = loop
 
     def write(self, data: bytes) -> None:
         held = self._held
         if held is not None:
             self._held = None
-            if self._flush is not None:
-                self._flush.cancel()
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
             if len(data) <= MAX_JOINED:
                 self._transport.write(held + data)
             else:
                 self._transport.write(held)
                 self._transport.write(data)
-        elif self._flush is None:  # the first write: hold it for the next one (or this iteration's end)
+        elif self._flush_handle is None:  # the first write: hold it for the next one (or this iteration's end)
             self._held = data
-            self._flush = self._loop.call_soon(self.flush)
+            self._flush_handle = self._loop.call_soon(self.flush)
         else:
             self._transport.write(data)
 

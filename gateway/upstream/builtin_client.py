@@ -48,7 +48,7 @@ from gateway.upstream.base import (
     relative_locations,
     watched_chunks,
 )
-from gateway.upstream.h1_connection import Connection, UpstreamClosed, UpstreamProtocolError
+from gateway.upstream.h1_connection import Connection, UpstreamProtocolError
 
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # Content-Length even when the body is empty
 # A target sent as it is (anything else is percent-encoded first, as aiohttp's URL handling would).
@@ -57,22 +57,19 @@ _TARGET_SAFE: Final = "/%:@!$&'()*+,;=?~"
 
 
 class _BuiltinResponse:
-    __slots__ = ("_client", "_conn", "_idle_timeout", "_in_use", "headers", "status")
+    __slots__ = ("_client", "_conn", "headers", "status")
 
-    def __init__(
-        self, client: BuiltinUpstream, conn: Connection, origin: bytes, idle_timeout: float, in_use: InUse
-    ) -> None:
+    def __init__(self, client: BuiltinUpstream, conn: Connection) -> None:
         self._client: BuiltinUpstream | None = client
-        self._in_use = in_use
         self._conn = conn
-        self._idle_timeout = idle_timeout
         self.status = conn.status
-        self.headers: Headers = relative_locations(conn.headers, origin)
+        self.headers: Headers = relative_locations(conn.headers, client.origin)
 
     def iter_raw(self) -> AsyncIterator[bytes]:
-        if self.arrived_size() is not None:  # buffered whole: reading it can neither wait nor fail
-            return self._conn.body()
-        return watched_chunks(self._conn.body(), self._idle_timeout, _CHUNK_ERRORS)
+        body = self._conn.body()
+        if self.arrived_size() is not None or self._client is None:  # buffered whole: cannot wait nor fail
+            return body
+        return watched_chunks(body, self._client.idle_timeout, _CHUNK_ERRORS)
 
     def arrived_size(self) -> int | None:
         conn = self._conn
@@ -81,11 +78,11 @@ class _BuiltinResponse:
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            self._in_use.count -= 1
-            client.done_with(self._conn)
+            client.release(self._conn)
 
 
-_CHUNK_ERRORS = (UpstreamClosed, UpstreamProtocolError, OSError)
+# (UpstreamClosed is a ConnectionError, so an OSError.)
+_CHUNK_ERRORS = (UpstreamProtocolError, OSError)
 
 
 class BuiltinUpstream:
@@ -96,12 +93,12 @@ class BuiltinUpstream:
         self._host = url.hostname
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
-        self._origin = f"{url.scheme}://{url.netloc}".encode()
+        self.origin = f"{url.scheme}://{url.netloc}".encode()  # a Location to it becomes relative
         self._path = url.path.encode("latin-1")  # the base path every target goes under
         self._host_line = b"host: " + url.netloc.encode("idna") + b"\r\n"
         self._connect_timeout = settings.connect_timeout
         self._first_byte_timeout = settings.first_byte_timeout
-        self._idle_timeout = settings.idle_timeout
+        self.idle_timeout = settings.idle_timeout  # between two chunks of a body
         self._max_connections = settings.max_connections
         self._max_idle = settings.max_keepalive_connections if settings.keepalive_expiry > 0 else 0
         self._keepalive = settings.keepalive_expiry
@@ -113,26 +110,25 @@ class BuiltinUpstream:
         self._closed = False
 
     async def send(self, method: str, target: str, headers: Headers, body: bytes) -> UpstreamResponse:
-        request = self._request(method, target, headers, body)
+        conn = await self._in_use.counted(self._exchange(method, self._request(method, target, headers, body)))
+        return _BuiltinResponse(self, conn)
+
+    async def _exchange(self, method: str, request: tuple[bytes, bytes]) -> Connection:
+        """Send ``request`` on a connection; the connection once the response head has arrived."""
         loop = asyncio.get_running_loop()
-        self._in_use.count += 1
+        conn = await self._acquire(loop)
         try:
-            conn = await self._acquire(loop)
+            waiter = conn.start(request, head_only=method == "HEAD")
+            timer = loop.call_later(self._first_byte_timeout, conn.time_out)
             try:
-                waiter = conn.start(request, head_only=method == "HEAD")
-                timer = loop.call_later(self._first_byte_timeout, conn.time_out)
-                try:
-                    await waiter
-                finally:
-                    timer.cancel()
-            except BaseException as exc:
-                conn.close()
-                self.done_with(conn)
-                raise self._send_error(exc) from None
-        except BaseException:
-            self._in_use.count -= 1
-            raise
-        return _BuiltinResponse(self, conn, self._origin, self._idle_timeout, self._in_use)
+                await waiter
+            finally:
+                timer.cancel()
+        except BaseException as exc:
+            conn.close()
+            self.done_with(conn)
+            raise self._send_error(exc) from None
+        return conn
 
     async def get_bytes(self, target: str) -> bytes:
         response = await self.send("GET", target, ((b"accept", b"application/json"),), b"")
@@ -187,7 +183,7 @@ class BuiltinUpstream:
     def _send_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(f"The upstream did not start answering within {self._first_byte_timeout:g}s.")
-        if isinstance(exc, (UpstreamClosed, UpstreamProtocolError, OSError)):
+        if isinstance(exc, _CHUNK_ERRORS):
             return UpstreamUnavailable(f"The upstream failed: {describe_error(exc)}.")
         return exc  # a cancellation, or the gateway's own error: as it is
 
@@ -246,6 +242,11 @@ class BuiltinUpstream:
             reason = describe_error(exc)
             raise UpstreamUnavailable(f"The upstream could not be reached: {reason}.", retryable=True) from None
         return conn
+
+    def release(self, conn: Connection) -> None:
+        """A response is closed: its exchange no longer counts, its connection is pooled or closed."""
+        self._in_use.count -= 1
+        self.done_with(conn)
 
     def done_with(self, conn: Connection) -> None:
         """The exchange on ``conn`` is over: pool it (a complete, kept-alive answer) or close it."""

@@ -155,9 +155,6 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamProtocolError(f"invalid HTTP response: {exc}"))
             self.close()
 
-    def eof_received(self) -> bool:
-        return False  # close the transport: connection_lost follows
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if self.complete or (self._head_waiter is None and not self.status):
@@ -166,12 +163,6 @@ class Connection(asyncio.Protocol):
             self._complete()  # a body without a length ends with its connection
             return
         self._fail(UpstreamClosed("the upstream closed the connection before the end of its response"))
-
-    def pause_writing(self) -> None:  # the request is written whole; the transport buffers it
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # --- httptools callbacks ----------------------------------------------------------------------
 
