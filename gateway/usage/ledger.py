@@ -2,7 +2,10 @@
 
 ``Ledger.record`` only appends to an in-memory queue. A background task writes the queue in
 batches (one transaction per batch of at most ``max_batch`` rows) every ``flush_interval`` seconds,
-or as soon as a full batch is waiting, on one dedicated thread that alone uses the connection.
+or as soon as a full batch is waiting, on one dedicated thread that alone uses the connection. A
+round writes what was queued when it began; what arrives meanwhile waits for the next round (were
+it written at once, a busy gateway would write a small transaction after every write, hundreds a
+second, each a wake-up of the writer's thread beside the event loop).
 ``aclose`` writes everything still queued, so a clean shutdown loses nothing. A crash loses the
 records not yet written: those recorded in the last ``flush_interval`` seconds (and, if the disk
 fell behind, whatever was still queued). The queue is bounded (``max_queue``): past it, the oldest
@@ -169,13 +172,19 @@ class Ledger:
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
             self._wake.clear()
             await self._drain()
-        if not await self._drain():
-            await self._drain()  # one retry on shutdown; what still fails is counted as dropped
+        if not await self._drain(until_empty=True):
+            await self._drain(until_empty=True)  # one retry on shutdown; what still fails is counted as dropped
 
-    async def _drain(self) -> bool:
-        """Write the queue in batches; False when a write failed (the batch is queued again)."""
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+    async def _drain(self, *, until_empty: bool = False) -> bool:
+        """Write the records queued now in batches (``until_empty``: and those that arrive meanwhile);
+        False when a write failed (the batch is queued again). Records that arrive during a round
+        wait for the next one: under load a round writes a flush interval's records, not a
+        stream of small batches (each a transaction, and a wake-up of the writer's thread)."""
+        left = len(self._queue)
+        while self._queue and (until_empty or left > 0):
+            take = min(self._max_batch, len(self._queue), len(self._queue) if until_empty else left)
+            left -= take
+            batch = [self._queue.popleft() for _ in range(take)]
             try:
                 await self._in_thread(_write, self._conn, batch)
             except (sqlite3.InterfaceError, sqlite3.IntegrityError, sqlite3.DataError, OverflowError, TypeError):

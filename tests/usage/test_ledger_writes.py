@@ -1,10 +1,16 @@
 """The ledger's batch writes: many rows per INSERT statement, every row once and intact, as many
-rows per statement as the SQLite build can bind, and a bad record still dropped alone."""
+rows per statement as the SQLite build can bind, a bad record still dropped alone, and under a
+steady stream of records one batch per flush interval (not one per write's duration)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 from gateway.usage import ledger as ledger_module
 from gateway.usage.ledger import MAX_ROWS_PER_INSERT, Ledger
@@ -79,3 +85,30 @@ async def test_a_bad_record_in_a_large_batch_is_dropped_alone(tmp_path: Path) ->
             ledger.record(r)
     assert ledger.dropped == 1
     assert stored(path) == records[:250] + records[251:]
+
+
+async def test_records_arriving_during_a_write_wait_for_the_next_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records keep coming (one every ms) while each write takes 20 ms (a busy disk): the writer
+    writes what a flush interval (0.25 s) gathered, not, write after write, what arrived during the
+    last one (about 40 small transactions a second, each a wake-up of its thread)."""
+    batches: list[int] = []
+    real_write = ledger_module._write
+
+    def slow_write(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> None:
+        batches.append(len(batch))
+        time.sleep(0.02)
+        real_write(conn, batch)
+
+    monkeypatch.setattr(ledger_module, "_write", slow_write)
+    path = tmp_path / "usage.db"
+    records = [record(i) for i in range(1000)]
+    async with Ledger(path, flush_interval=0.25) as ledger:
+        for r in records:  # about a second (bounded: 1,000 records)
+            ledger.record(r)
+            await asyncio.sleep(0.001)
+        during = len(batches)
+    assert 2 <= during <= 8, batches  # about one per 0.25 s (it was about 40)
+    assert sum(batches) == len(records)  # the rest written by aclose
+    assert stored(path) == records

@@ -21,6 +21,7 @@ from psycopg import AsyncConnection
 from redis.exceptions import RedisError
 
 from gateway.usage.ledger import Ledger
+from gateway.usage.postgres import ledger as pg_ledger_module
 from gateway.usage.postgres import reports as pg_reports
 from gateway.usage.postgres.ledger import PostgresLedger
 from gateway.usage.postgres.retention import prune
@@ -155,6 +156,35 @@ async def test_without_redis_records_are_written_in_batches_and_on_close(postgre
     async with await AsyncConnection.connect(url, autocommit=True) as c:
         assert await count(c, "SELECT count(DISTINCT request_id) FROM usage") == 25
         assert await count(c, "SELECT sum(rows) FROM usage_daily") == 25
+
+
+async def test_records_arriving_during_a_write_wait_for_the_next_interval(
+    postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Redis, records keep coming (one every ms) while each write takes 20 ms more than it
+    would: the shipper writes what a flush interval (0.25 s) gathered, not, write after write, what
+    arrived during the last one (about 40 small transactions a second)."""
+    batches: list[int] = []
+    real_write = write_batch
+
+    async def slow_write(conn: AsyncConnection[Any], batch: list[Entry]) -> None:
+        batches.append(len(batch))
+        await asyncio.sleep(0.02)
+        await real_write(conn, batch)
+
+    monkeypatch.setattr(pg_ledger_module, "write_batch", slow_write)
+    url = postgres.database()
+    ledger = PostgresLedger(url, flush_interval=0.25, max_batch=5000)
+    await ledger.start()
+    for i in range(1000):  # about a second (bounded: 1,000 records)
+        ledger.record(rec(i))
+        await asyncio.sleep(0.001)
+    during = len(batches)
+    await ledger.aclose()
+    assert 2 <= during <= 8, batches  # about one per 0.25 s (it was about 40)
+    assert sum(batches) == 1000
+    async with await AsyncConnection.connect(url, autocommit=True) as c:
+        assert await count(c, "SELECT count(DISTINCT request_id) FROM usage") == 1000
 
 
 async def test_a_batch_being_written_counts_towards_spend_once(postgres: PostgresServer) -> None:

@@ -229,13 +229,19 @@ class PostgresLedger:
                 shipped = False
             if not shipped:
                 await self._health.pause(min(1.0, self._flush_interval))
-        await self._ship()
+        await self._ship(until_empty=True)
 
-    async def _ship(self) -> bool:
-        """Hand the queue on in batches; False when a batch could not go (it is queued again)."""
-        while self._queue:
+    async def _ship(self, *, until_empty: bool = False) -> bool:
+        """Hand on the records queued now in batches (``until_empty``: and those that arrive
+        meanwhile); False when a batch could not go (it is queued again). Records that arrive during
+        a round go in the next one: under load a round ships what a wait gathered, not a stream of
+        small batches (each a transaction, or a stream entry)."""
+        left = len(self._queue)
+        while self._queue and (until_empty or left > 0):
             async with self._handing:  # (the reads that count queued records wait for this batch)
-                batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+                take = min(self._max_batch, len(self._queue), len(self._queue) if until_empty else left)
+                left -= take
+                batch = [self._queue.popleft() for _ in range(take)]
                 if not batch:
                     break
                 try:
