@@ -53,14 +53,15 @@ CONSOLE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 # C0 controls, DEL and C1 controls, and the Unicode line and paragraph separators.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-# Buffered lines (``write_fields``) are written every this many seconds,
-FLUSH_DELAY: Final = 0.02
+# Buffered lines (``write_fields``) are written every this many seconds (each round wakes the
+# writer's thread, which then takes the GIL from the event loop a few times: ten a second at most),
+FLUSH_DELAY: Final = 0.1
 # or as soon as this many wait;
-BATCH_LINES: Final = 512
+BATCH_LINES: Final = 2048
 # past this many waiting (stderr stalled), the caller writes them itself, and waits.
-MAX_LINES: Final = 4096
-# The writer stops waking up after this many rounds of FLUSH_DELAY without a line.
-_IDLE_ROUNDS: Final = 50
+MAX_LINES: Final = 8192
+# The writer stops waking up after this many rounds of FLUSH_DELAY without a line (a second).
+_IDLE_ROUNDS: Final = 10
 _NAMED_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
 
 
@@ -110,8 +111,8 @@ class JsonHandler(logging.StreamHandler[TextIO]):
         ``flush``. From any thread; waits only when ``max_lines`` are already waiting."""
         pending = self._pending
         pending.append(line)
-        if self._parked or len(pending) >= self._batch_lines:
-            self._wake.set()
+        if (self._parked or len(pending) >= self._batch_lines) and not self._wake.is_set():
+            self._wake.set()  # (once: a set() per line would take the event's lock each time)
         if len(pending) >= self._max_lines or self._closing:
             self.flush()  # the writer is stalled (or gone): write, and wait, here
         elif self._writer is None:
