@@ -5,7 +5,7 @@ limits and budgets before forwarding, gives the relay a ``UsageMeter`` that read
 response bytes, and calls ``finish`` once, on every path (served, refused, cut short): that settles
 the reservations with the real numbers, records the request in the ledger, and writes one access
 log line. Nothing here blocks the request path: ledger writes are batched off it, and so are the
-access log's (``gateway.ops.logs.write_fields``, when the gateway's own JSON handler is the only
+access log's (``gateway.ops.json_log.write_fields``, when the gateway's own JSON handler is the only
 one the line would reach; the logging call otherwise).
 """
 
@@ -19,7 +19,7 @@ from gateway import endpoints
 from gateway.catalog.bounds import prompt_tokens_lower_bound
 from gateway.exchange import Exchange, Outcome
 from gateway.headers import content_encoding
-from gateway.ops.logs import write_fields
+from gateway.ops.json_log import write_fields
 from gateway.state.store import Claim, StateStore
 from gateway.types import Header
 from gateway.usage.meter import DECODABLE_ENCODINGS, UsageMeter

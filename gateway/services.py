@@ -34,7 +34,7 @@ from gateway.catalog.status import STATUS_PATH, StatusFeed
 from gateway.config import POSTGRES_INSTALL, Settings, SettingsError, UpstreamSettings
 from gateway.exchange import Exchange
 from gateway.ops.drain import Drain
-from gateway.ops.logs import flush as flush_logs
+from gateway.ops.json_log import flush as flush_logs
 from gateway.ops.metrics import Metrics
 from gateway.ops.metrics import Snapshot as MetricsSnapshot
 from gateway.ops.refusals import RecentRefusals
@@ -120,7 +120,7 @@ async def open_services(
     ledger is then the store's business).
     """
     async with contextlib.AsyncExitStack() as stack:
-        stack.callback(flush_logs)  # last: the access log's buffered lines (gateway.ops.logs)
+        stack.callback(flush_logs)  # last: the access log's buffered lines (gateway.ops.json_log)
         upstream = _upstream_client(settings.upstream, transport)
         stack.push_async_callback(upstream.aclose)
         catalog = Catalog(lambda: upstream.get_bytes(CATALOG_PATH), settings.catalog)

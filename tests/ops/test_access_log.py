@@ -1,4 +1,4 @@
-"""The access log's short way (gateway.ops.logs.write_fields): the same JSON line as the logging
+"""The access log's short way (gateway.ops.json_log.write_fields): the same JSON line as the logging
 path, written in batches by a thread, in order, never lost on flush or close, bounded in memory;
 and the logging path whenever anything but the gateway's own JSON handler would see the record."""
 
@@ -27,7 +27,8 @@ from gateway.app import build_stack
 from gateway.auth.keys import Caller
 from gateway.config import load_settings
 from gateway.exchange import Exchange, Outcome
-from gateway.ops.logs import ConsoleFormatter, JsonFormatter, JsonHandler, sole_json_handler, write_fields
+from gateway.ops.json_log import JsonFormatter, JsonHandler, sole_json_handler, write_fields
+from gateway.ops.logs import ConsoleFormatter
 from gateway.server.thread import LocalServer
 from gateway.services import open_services
 from gateway.usage.model import Usage

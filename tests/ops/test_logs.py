@@ -12,7 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.ops.logs import ConsoleFormatter, JsonFormatter, configure
+from gateway.ops.json_log import JsonFormatter
+from gateway.ops.logs import ConsoleFormatter, configure
 from gateway.server.thread import LocalServer
 from tests.helpers.gateway import CHAT_MODEL
 from tests.helpers.processes import free_port, running, stop, wait_ready

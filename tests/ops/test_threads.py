@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ops.logs import JsonHandler
+from gateway.ops.json_log import JsonHandler
 from gateway.threads import BACKGROUND_NICE
 from gateway.usage.ledger import Ledger
 from gateway.usage.rollups import RollupKeeper
