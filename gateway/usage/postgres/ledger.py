@@ -14,47 +14,43 @@ records; past it the oldest are dropped and counted). One log line per change of
 (``gateway.usage.postgres.health``). The schema is created or migrated at ``start``; ``aclose``
 ships and writes what it can within ``drain_timeout`` (a second when PostgreSQL is known down):
 what it cannot stays in the stream for the other replicas (or the next start), or is counted as
-dropped. docs/usage.md, "The ledger on PostgreSQL", says the same for operators."""
+dropped. docs/usage.md, "The ledger on PostgreSQL", says the same for operators.
+
+This module holds the ledger's parts together: the ``PostgresLedger`` the gateway uses, its start
+and close, its connection pool and schema, and the write of a batch (the shipper's and the
+consumer's). The queue and its shipping are in ``gateway.usage.postgres.shipping``, the reads (with
+their time limits) in ``gateway.usage.postgres.reads``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import date, datetime
-from functools import partial
-from itertools import count
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.usage.postgres import reports
 from gateway.usage.postgres.consumer import StreamConsumer
 from gateway.usage.postgres.health import Health
-from gateway.usage.postgres.reports import LedgerUnavailable
+from gateway.usage.postgres.reads import Reads
 from gateway.usage.postgres.retention import Pruner
 from gateway.usage.postgres.schema import migrate
+from gateway.usage.postgres.shipping import Shipper
 from gateway.usage.postgres.stream import RecordStream
 from gateway.usage.postgres.write import Entry, write_batch
 from gateway.usage.reports import Dim, Groups, SummaryBy
-from gateway.usage.schema import LedgerError, UsageRecord, counted_locally
+from gateway.usage.schema import LedgerError, UsageRecord
 
 logger = logging.getLogger("gateway.usage.postgres")
-T = TypeVar("T")
 
 _PG_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError)
-_SPEND_TIMEOUT = 2.0  # seconds a budget's first read of a period may add to a request
-_REPORT_TIMEOUT = 30.0  # seconds /admin/usage may wait for PostgreSQL
 _WRITE_TIMEOUT = 30.0  # seconds a batch may take before the write counts as failed (and is retried)
-_LINGER = 0.01  # seconds the shipper gathers records before a push to the stream
-_STREAM_RETRY = 5.0  # seconds the shipper writes to PostgreSQL itself after the stream failed
 _START_TIMEOUT = 3.0  # seconds the start-up may wait for PostgreSQL (the writers retry after)
 
 
@@ -79,25 +75,24 @@ class PostgresLedger:
         )  # fmt: skip
         self._stream = stream
         self._stream_errors: tuple[type[Exception], ...] = (*stream_errors, OSError, TimeoutError)
-        self._flush_interval = flush_interval
-        self._max_batch = max_batch
-        self._max_queue = max_queue
         self._drain_timeout = drain_timeout
-        self._queue: deque[Entry] = deque()
-        # Held while a batch is out of the queue and not yet written (or pushed to the stream), and by
-        # the reads that add the queued records to the rows: each record is counted once, never zero times.
-        self._handing = asyncio.Lock()
-        self._prefix = os.urandom(8).hex()  # ledger ids: unique per process, then a counter
-        self._ids = count(1)
         self._dropped = 0
-        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._reads: set[asyncio.Task[Any]] = set()  # reads that overran their caller's timeout
         self._migrated = False
-        self._stream_retry_at = 0.0  # monotonic time from which to push to the stream again
-        self._stopping = False
-        self._closed = False
         self._health = Health()
+        self._shipper = Shipper(
+            self._write,
+            self._drop,
+            self._health,
+            stream=stream,
+            stream_errors=self._stream_errors,
+            flush_interval=flush_interval,
+            max_batch=max_batch,
+            max_queue=max_queue,
+        )
+        self._reads = Reads(
+            self._migrated_connection, self._health, self._shipper.queue, self._shipper.handing, errors=_PG_ERRORS
+        )
         self._pruner = Pruner(self._connection, retention_days) if retention_days > 0 else None
         self._pruning: asyncio.Task[None] | None = None
         self._consumer = (
@@ -120,7 +115,7 @@ class PostgresLedger:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return len(self._shipper.queue)
 
     async def start(self) -> None:
         await self._pool.open(wait=False)
@@ -129,42 +124,28 @@ class PostgresLedger:
                 await self._ensure_schema()
         except _PG_ERRORS as exc:  # PostgreSQL not answering yet: the writers retry
             self._health.failed("PostgreSQL", exc)
-        self._tasks.append(asyncio.create_task(self._ship_forever(), name="ledger-shipper"))
+        self._tasks.append(asyncio.create_task(self._shipper.run(), name="ledger-shipper"))
         if self._pruner is not None:
             self._pruning = asyncio.create_task(self._pruner.run(), name="ledger-retention")
         if self._consumer is not None:
             self._tasks.append(asyncio.create_task(self._consumer.run(), name="ledger-consumer"))
 
     def record(self, r: UsageRecord) -> None:
-        if self._closed:
-            self._drop(1)
-            return
-        self._queue.append(Entry(f"{self._prefix}{next(self._ids):x}", r))
-        if len(self._queue) > self._max_queue:
-            self._queue.popleft()
-            self._drop(1)
-        if self._stream is not None or len(self._queue) >= self._max_batch:
-            self._wake.set()
+        self._shipper.record(r)
 
     async def spend_usd(self, key_name: str, since_ts: float) -> float:
         """The key's spend since ``since_ts``: written rows plus the records queued here, each once
         (a batch being written is waited for)."""
-        async with self._no_batch_out():
-            queued = sum(e.record.cost_usd or 0.0 for e in self._queue
-                         if e.record.key_name == key_name and e.record.ts >= since_ts)  # fmt: skip
-            return queued + await self._read(reports.spend_usd, _SPEND_TIMEOUT, key_name, since_ts)
+        return await self._reads.spend_usd(key_name, since_ts)
 
     async def recent_requests(self, key_name: str, since_ts: float) -> list[tuple[float, int]]:
         """The key's requests since ``since_ts`` the rate limiter counted, as (time, tokens): rows plus
         the records queued here, each once (``gateway.usage.ledger.Ledger.recent_requests``)."""
-        async with self._no_batch_out():
-            local = [(e.record.ts, e.record.total_tokens) for e in self._queue if e.record.key_name == key_name
-                     and e.record.ts >= since_ts and not counted_locally(e.record)]  # fmt: skip
-            return local + await self._read(reports.recent_requests, _SPEND_TIMEOUT, key_name, since_ts)
+        return await self._reads.recent_requests(key_name, since_ts)
 
     async def summarize(self, by: SummaryBy, key: str | None, since: date | None) -> list[dict[str, Any]]:
         """``gateway.usage.postgres.reports.summarize`` (for ``GET /admin/usage``)."""
-        return await self._read(partial(reports.summarize, by=by, key=key, since=since), _REPORT_TIMEOUT)
+        return await self._reads.summarize(by, key, since)
 
     async def aggregate(
         self,
@@ -175,14 +156,12 @@ class PostgresLedger:
         where: Mapping[str, Sequence[str]] | None = None,
     ) -> Groups:
         """``gateway.usage.postgres.reports.aggregate`` (for the console: ``UsageReports``)."""
-        read = partial(reports.aggregate, group=group, start=start, end=end, where=where)
-        return await self._read(read, _REPORT_TIMEOUT)
+        return await self._reads.aggregate(group=group, start=start, end=end, where=where)
 
     async def aclose(self) -> None:
-        if self._closed or self._stopping:
+        if self._shipper.stopping:  # closing or closed already
             return
-        self._stopping = True
-        self._wake.set()
+        self._shipper.stop()
         self._health.closing.set()
         if self._pruning is not None:
             self._pruning.cancel()
@@ -202,69 +181,14 @@ class PostgresLedger:
         except errors as exc:
             logger.warning("ledger: stopped before everything was written (%s)", type(exc).__name__)
         finally:
-            self._closed = True
-            self._drop(len(self._queue))
-            self._queue.clear()
-            for read in self._reads:
-                read.cancel()
-            await asyncio.gather(*self._reads, return_exceptions=True)
+            self._shipper.close()
+            await self._reads.aclose()
             await self._pool.close()
             if self._stream is not None:
                 with contextlib.suppress(*self._stream_errors):
                     await self._stream.aclose()
 
-    # ------------------------------------------------------------------------ shipping
-
-    async def _ship_forever(self) -> None:
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
-            if self._stream is not None:
-                await self._health.pause(_LINGER)  # what arrives meanwhile goes in the same entry
-            self._wake.clear()
-            try:
-                shipped = await self._ship()
-            except Exception:  # a bug must not end the shipping for good: logged, then retried
-                logger.exception("ledger: shipping failed")
-                shipped = False
-            if not shipped:
-                await self._health.pause(min(1.0, self._flush_interval))
-        await self._ship(until_empty=True)
-
-    async def _ship(self, *, until_empty: bool = False) -> bool:
-        """Hand on the records queued now in batches (``until_empty``: and those that arrive
-        meanwhile); False when a batch could not go (it is queued again). Records that arrive during
-        a round go in the next one: under load a round ships what a wait gathered, not a stream of
-        small batches (each a transaction, or a stream entry)."""
-        left = len(self._queue)
-        while self._queue and (until_empty or left > 0):
-            async with self._handing:  # (the reads that count queued records wait for this batch)
-                take = min(self._max_batch, len(self._queue), len(self._queue) if until_empty else left)
-                left -= take
-                batch = [self._queue.popleft() for _ in range(take)]
-                if not batch:
-                    break
-                try:
-                    if not await self._hand_on(batch):
-                        self._queue.extendleft(reversed(batch))
-                        return False
-                except asyncio.CancelledError:  # aclose's deadline: counted as dropped there, not lost silently
-                    self._queue.extendleft(reversed(batch))
-                    raise
-        return True
-
-    async def _hand_on(self, batch: list[Entry]) -> bool:
-        """To the stream (while it answers), else to PostgreSQL; False when neither took it."""
-        if self._stream is not None and time.monotonic() >= self._stream_retry_at:
-            try:
-                await self._stream.push(batch)
-            except self._stream_errors as exc:
-                self._health.failed("Redis", exc)
-                self._stream_retry_at = time.monotonic() + _STREAM_RETRY  # meanwhile straight to PostgreSQL
-            else:
-                self._health.answered("Redis")
-                return True
-        return await self._write(batch)
+    # ------------------------------------------------------------------------ writing
 
     async def _write(self, batch: list[Entry]) -> bool:
         """Write a batch; False when PostgreSQL did not answer (the caller keeps the batch)."""
@@ -293,45 +217,16 @@ class PostgresLedger:
 
     # ------------------------------------------------------------------------ internals
 
-    async def _read(self, query: Callable[..., Awaitable[T]], within: float, *args: Any) -> T:
-        """``query(conn, *args)``, or ``LedgerUnavailable`` after ``within`` seconds. A query that
-        overruns is left to end in the background: cancelling it would wait for PostgreSQL too."""
-
-        async def run() -> T:
-            await self._ensure_schema()
-            async with self._connection() as conn:
-                return await query(conn, *args)
-
-        task = asyncio.ensure_future(run())
-        self._reads.add(task)
-        task.add_done_callback(_forget(self._reads))
-        try:
-            result = await asyncio.wait_for(asyncio.shield(task), within)
-        except (*_PG_ERRORS, psycopg.Error, LedgerError) as exc:  # never a 500 for the database's state
-            self._health.failed("PostgreSQL", exc)
-            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from exc
-        self._health.answered("PostgreSQL")
-        return result
-
-    @contextlib.asynccontextmanager
-    async def _no_batch_out(self) -> AsyncIterator[None]:
-        """While no batch is between the queue and PostgreSQL (or the stream): waited for at most as
-        long as a budget's read may take, then ``LedgerUnavailable`` (a write stuck on a stalled
-        database must not hold a request longer)."""
-        try:
-            async with asyncio.timeout(_SPEND_TIMEOUT):
-                await self._handing.acquire()
-        except TimeoutError as exc:  # the batch's write has waited that long: PostgreSQL does not answer
-            self._health.failed("PostgreSQL", exc)
-            raise LedgerUnavailable("The usage ledger is unavailable; retry shortly.", retry_after=5) from None
-        try:
-            yield
-        finally:
-            self._handing.release()
-
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
         async with self._pool.connection() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _migrated_connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
+        """A connection to the schema, created or migrated first if need be (for the reads)."""
+        await self._ensure_schema()
+        async with self._connection() as conn:
             yield conn
 
     async def _ensure_schema(self) -> None:
@@ -346,12 +241,3 @@ class PostgresLedger:
             if self._dropped == 0:
                 logger.warning("ledger: dropping usage records; further drops are only counted")
             self._dropped += count
-
-
-def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    def forget(task: asyncio.Task[Any]) -> None:
-        tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: an overrun read's error is already answered as LedgerUnavailable
-
-    return forget
