@@ -33,6 +33,8 @@ _STREAM_RETRY = 5.0  # seconds the shipper writes to PostgreSQL itself after the
 
 
 class Shipper:
+    """The PostgreSQL ledger's queue of records and the task that hands it on (module docstring)."""
+
     def __init__(
         self,
         write: Callable[[list[Entry]], Awaitable[bool]],
