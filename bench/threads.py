@@ -15,8 +15,8 @@ How: nginx serves the canned answers (as in bench/run.py); for each round and ea
 (``benchlib.GATEWAY_PROFILES``: defaults, lean, quiet) a fresh gateway starts pinned to the proxy
 CPU with ``PYTHONHASHSEED=0``, gets a 3 s wrk warm-up, rests 2.5 s, then one wrk run of
 ``--seconds`` at ``--connections``; /proc/<pid>/task/*/stat and status are read before and after.
-Threads are named as Python names them (read from /proc's ``comm`` is the process's title, so the
-gateway's own threads are told apart by their order of creation: the event loop's first). Every
+Threads are shown by the names the gateway gives its writers (``gateway.threads``: ``log-writer``,
+``ledger_0``, ``rollups_0``); the event loop's is the first, bearing the process's name. Every
 process is started with its own process group and stopped by its pid in a ``finally`` block;
 everything listens on 127.0.0.1; every loop is bounded.
 """
@@ -47,6 +47,7 @@ SCENARIOS = {
 class ThreadStat:
     """One thread's counters, as /proc gives them (times in clock ticks)."""
 
+    name: str
     user: int
     system: int
     voluntary: int
@@ -66,6 +67,7 @@ def thread_stats(pid: int) -> dict[int, ThreadStat]:
         fields = stat[stat.rindex(")") + 2 :].split()
         values = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         stats[int(tid)] = ThreadStat(
+            name=stat[stat.index("(") + 1 : stat.rindex(")")],
             user=int(fields[11]),
             system=int(fields[12]),
             voluntary=int(values["voluntary_ctxt_switches"]),
@@ -80,9 +82,9 @@ def report(profile: str, rnd: int, rps: float, requests: int, before: dict[int, 
     """Print one run's table; returns the process's CPU per request (us)."""
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     print(f"== {profile}, round {rnd + 1}: {rps:,.0f} req/s")
-    print("   thread (by creation)   user us/req  sys us/req  voluntary/req  involuntary/req  minor faults/req")
+    print("   thread                 user us/req  sys us/req  voluntary/req  involuntary/req  minor faults/req")
     total = 0.0
-    zero = ThreadStat(0, 0, 0, 0, 0)
+    zero = ThreadStat("", 0, 0, 0, 0, 0)
     for index, tid in enumerate(sorted(after)):
         a, z = before.get(tid, zero), after[tid]
         user, system = (z.user - a.user) * tick_us / requests, (z.system - a.system) * tick_us / requests
@@ -90,7 +92,7 @@ def report(profile: str, rnd: int, rps: float, requests: int, before: dict[int, 
         switches = z.voluntary - a.voluntary + z.involuntary - a.involuntary
         if user + system == 0 and switches < 10:
             continue  # idle throughout
-        name = "event loop" if index == 0 else f"thread {index}"
+        name = "event loop" if index == 0 else z.name
         voluntary, involuntary = (z.voluntary - a.voluntary) / requests, (z.involuntary - a.involuntary) / requests
         faults = (z.minor_faults - a.minor_faults) / requests
         print(f"   {name:22s} {user:11.1f} {system:11.1f} {voluntary:14.3f} {involuntary:16.3f} {faults:17.3f}")
