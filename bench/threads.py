@@ -35,12 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as b
-import payloads
-
-SCENARIOS = {
-    "chat": ("/v1/chat/completions", payloads.chat_request(False)),
-    "embed": ("/v1/embeddings", payloads.embeddings_request()),
-}
+from ab import SCENARIOS  # the same requests as the A/B
 
 
 @dataclass(frozen=True)

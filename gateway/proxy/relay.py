@@ -241,13 +241,13 @@ async def _send_chunk(send: Send, chunk: bytes, result: RelayResult) -> None:
 class _DisconnectWatch:
     """Cancels the relay task when the client disconnects, until told to stand down."""
 
-    __slots__ = ("_active", "_relay_task", "_task", "disconnected")
+    __slots__ = ("_relay_task", "_task", "disconnected")
 
     def __init__(self, receive: Receive, *, active: bool = True) -> None:
         """Watches for the current task (the relay's); ``active=False``: watch nothing (for a relay
         that never waits), at no cost."""
+        # The task to cancel on a disconnect; None: nothing to watch for, or told to stand down.
         self._relay_task: asyncio.Task[Any] | None = asyncio.current_task() if active else None
-        self._active = active
         self.disconnected = False
         self._task = asyncio.create_task(self._watch(receive)) if active else None
 
@@ -255,12 +255,12 @@ class _DisconnectWatch:
         # The request body was fully read, so the next message can only be the disconnect.
         while (await receive())["type"] != "http.disconnect":
             pass
-        if self._active and self._relay_task is not None:
+        if self._relay_task is not None:
             self.disconnected = True
             self._relay_task.cancel()
 
     def stand_down(self) -> None:
-        self._active = False
+        self._relay_task = None
         if self._task is not None:
             self._task.cancel()
 

@@ -3,9 +3,8 @@
 ``Ledger.record`` only appends to an in-memory queue. A background task writes the queue in
 batches (one transaction per batch of at most ``max_batch`` rows) every ``flush_interval`` seconds,
 or as soon as a full batch is waiting, on one dedicated thread that alone uses the connection. A
-round writes what was queued when it began; what arrives meanwhile waits for the next round (were
-it written at once, a busy gateway would write a small transaction after every write, hundreds a
-second, each a wake-up of the writer's thread beside the event loop).
+round writes what was queued when it began; what arrives meanwhile waits for the next round
+(``gateway.usage.rounds``).
 ``aclose`` writes everything still queued, so a clean shutdown loses nothing. A crash loses the
 records not yet written: those recorded in the last ``flush_interval`` seconds (and, if the disk
 fell behind, whatever was still queued). The queue is bounded (``max_queue``): past it, the oldest
@@ -46,6 +45,7 @@ from typing import Any, Final, TypeVar
 
 from gateway.threads import background_priority
 from gateway.usage.reports import recent_requests, spend_usd
+from gateway.usage.rounds import round_batches
 from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, UsageRecord, counted_locally, migrate
 
 logger = logging.getLogger("gateway.usage.ledger")
@@ -177,15 +177,9 @@ class Ledger:
             await self._drain(until_empty=True)  # one retry on shutdown; what still fails is counted as dropped
 
     async def _drain(self, *, until_empty: bool = False) -> bool:
-        """Write the records queued now in batches (``until_empty``: and those that arrive meanwhile);
-        False when a write failed (the batch is queued again). Records that arrive during a round
-        wait for the next one: under load a round writes a flush interval's records, not a
-        stream of small batches (each a transaction, and a wake-up of the writer's thread)."""
-        left = len(self._queue)
-        while self._queue and (until_empty or left > 0):
-            take = min(self._max_batch, len(self._queue), len(self._queue) if until_empty else left)
-            left -= take
-            batch = [self._queue.popleft() for _ in range(take)]
+        """Write a round's batches (``gateway.usage.rounds``); False when a write failed (the batch is
+        queued again)."""
+        for batch in round_batches(self._queue, self._max_batch, until_empty=until_empty):
             try:
                 await self._in_thread(_write, self._conn, batch)
             except (sqlite3.InterfaceError, sqlite3.IntegrityError, sqlite3.DataError, OverflowError, TypeError):

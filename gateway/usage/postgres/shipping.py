@@ -24,6 +24,7 @@ from itertools import count
 from gateway.usage.postgres.health import Health
 from gateway.usage.postgres.stream import RecordStream
 from gateway.usage.postgres.write import Entry
+from gateway.usage.rounds import round_batches
 from gateway.usage.schema import UsageRecord
 
 logger = logging.getLogger("gateway.usage.postgres")
@@ -112,17 +113,13 @@ class Shipper:
         await self._ship(until_empty=True)
 
     async def _ship(self, *, until_empty: bool = False) -> bool:
-        """Hand on the records queued now in batches (``until_empty``: and those that arrive
-        meanwhile); False when a batch could not go (it is queued again). Records that arrive during
-        a round go in the next one: under load a round ships what a wait gathered, not a stream of
-        small batches (each a transaction, or a stream entry)."""
-        left = len(self.queue)
-        while self.queue and (until_empty or left > 0):
+        """Hand on a round's batches (``gateway.usage.rounds``); False when a batch could not go (it
+        is queued again)."""
+        batches = round_batches(self.queue, self._max_batch, until_empty=until_empty)
+        while True:
             async with self.handing:  # (the reads that count queued records wait for this batch)
-                take = min(self._max_batch, len(self.queue), len(self.queue) if until_empty else left)
-                left -= take
-                batch = [self.queue.popleft() for _ in range(take)]
-                if not batch:
+                batch = next(batches, None)
+                if batch is None:
                     break
                 try:
                     if not await self._hand_on(batch):
