@@ -184,9 +184,11 @@ class Accounting:
 
     @staticmethod
     def _log(exchange: Exchange, latency_ms: float, ttfb_ms: float | None) -> None:
+        # Times to the ms, latencies to 10 us, as round(x, n) would but without its decimal
+        # conversion (~0.2 us each): at most a last digit apart, in rare halfway cases.
         usage = exchange.usage
         line = {
-            "time": round(exchange.arrived, 3),
+            "time": round(exchange.arrived * 1000) / 1000,
             "level": "info",
             "logger": access_logger.name,
             "request_id": exchange.request_id,
@@ -198,8 +200,8 @@ class Accounting:
             "status": exchange.status,
             "outcome": exchange.outcome,
             "error_code": exchange.error_code,
-            "latency_ms": round(latency_ms, 2),
-            "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
+            "latency_ms": round(latency_ms * 100) / 100,
+            "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms * 100) / 100,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "cost_usd": exchange.cost,
