@@ -5,6 +5,7 @@
     python bench/ab.py --rev HEAD --b-rev HEAD --rounds 8     # A/A: identical code, the noise floor
     python bench/ab.py --config lean                    # both with the access log and the ledger off
     python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults   # what the defaults cost
+    python bench/ab.py --floor --b-rev HEAD --rounds 6 --seconds 5   # the gateway against the bare relay floor
     python bench/ab.py --render bench/results/ab-....json   # re-print a saved comparison
 
 Why: on a shared 2-CPU machine, two gateway processes running identical code differ by up to ~5 %
@@ -25,6 +26,10 @@ rounds and B first in odd ones, so that drift in the machine's load falls on bot
 CPU is the gateway process tree's user + system time from /proc, before and after; a round's
 figure is B's CPU per request divided by A's. Reported: every round's ratio, the median per seed,
 the median over all rounds, and the spread of the per-seed medians (the hash-seed effect).
+
+With ``--floor``, side A is bench/relay_floor.py (uvicorn + aiohttp, no gateway code) instead of a
+gateway revision: B/A is then the gateway's CPU per request over the floor's, measured the same
+interleaved way (the inverse of issue #19's "0.8x the floor" ratio, per CPU-second).
 
 Below 1 means B (the working tree) spends less CPU per request than A (``--rev``). Writes
 bench/results/ab-<time>.json and .md. Everything listens on 127.0.0.1; every process is started
@@ -62,6 +67,7 @@ CONFIGS = {
     "lean": "the access log and the ledger off",
     "quiet": 'log_level = "warning" (no access log lines; ledger on)',
 }
+FLOOR = "the bare relay floor (bench/relay_floor.py: uvicorn + aiohttp, no gateway code)"
 SCENARIOS = {
     "chat": ("/v1/chat/completions", payloads.chat_request(False)),
     "embed": ("/v1/embeddings", payloads.embeddings_request()),
@@ -135,8 +141,9 @@ def start_side(
     port = b.free_port()
     profile = args.b_config if side == "B" and args.b_config else args.config
     config = b.gateway_config(workdir, side, upstream, port, profile=profile)
-    argv = [str(b.PROJECT_BIN / "gateway"), "serve", "--config", str(config), "--port", str(port)]
-    proc = b.spawn(f"gateway-{side}-seed{seed}", argv, workdir, cpus.proxy, env=side_env(side, seed, code))
+    kind = "floor" if side == "A" and args.floor else "gateway"
+    argv = b.gateway_argv(kind, config, port)
+    proc = b.spawn(f"{kind}-{side}-seed{seed}", argv, workdir, cpus.proxy, env=side_env(side, seed, code))
     try:
         startup = b.wait_ready(proc, port, "/readyz", 30.0)
     except BaseException:
@@ -207,7 +214,14 @@ def overall(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = sorted(r["ratio"] for s in seeds for r in s["rounds"])
     medians = [s["median_ratio"] for s in seeds]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    rps = sorted(r["B"]["rps"] / r["A"]["rps"] for s in seeds for r in s["rounds"])
+    rps_quartiles = statistics.quantiles(rps, n=4) if len(rps) >= 2 else [rps[0]] * 3
     return {
+        # B's req/s over A's in the same round (both on the same CPU: the throughput ratio issue #19's
+        # targets are stated in), median over every round, and its quartiles.
+        "rps_ratio": statistics.median(rps),
+        "rps_ratio_q1": rps_quartiles[0],
+        "rps_ratio_q3": rps_quartiles[2],
         "median_ratio": statistics.median(ratios),  # over every round of every seed
         "median_of_seed_medians": statistics.median(medians),
         "seed_median_min": min(medians),
@@ -240,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "pinning": cpus.describe(),
-        "rev": args.rev,
+        "rev": "floor" if args.floor else args.rev,
         "b_rev": args.b_rev,
         "tree": None if args.b_rev else working_tree(),
         "scenario": args.scenario,
@@ -257,8 +271,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"meta": meta, "seeds": []}
     with tempfile.TemporaryDirectory(prefix="gateway-ab-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        code: Code = {"A": work / "rev-a", "B": work / "rev-b" if args.b_rev else None}
-        meta["rev_described"] = b.extract_baseline(args.rev, work / "rev-a")
+        code: Code = {"A": None if args.floor else work / "rev-a", "B": work / "rev-b" if args.b_rev else None}
+        if args.floor:
+            meta["rev_described"] = FLOOR
+        else:
+            meta["rev_described"] = b.extract_baseline(args.rev, work / "rev-a")
         if args.b_rev:
             meta["b_rev_described"] = b.extract_baseline(args.b_rev, work / "rev-b")
         check_imports(code, work)
@@ -288,6 +305,8 @@ def _side_b(meta: dict[str, Any]) -> str:
 def _configs(meta: dict[str, Any]) -> str:
     a = meta.get("config", "quiet")
     b_config = meta.get("b_config") or a
+    if meta.get("rev") == "floor":
+        return f"B: {CONFIGS[b_config]} (A is the floor)"
     if a == b_config:
         return CONFIGS[a]
     return f"A: {CONFIGS[a]}; B: {CONFIGS[b_config]}"
@@ -337,6 +356,15 @@ def render(results: dict[str, Any]) -> str:
             f"{o['seed_median_min']:.3f} - {o['seed_median_max']:.3f}x "
             f"({(o['seed_median_max'] - o['seed_median_min']) * 100:.1f} points: the hash-seed effect plus the "
             "rounds' noise; an A/A run, `--b-rev` = `--rev`, shows the noise alone).",
+            *(
+                [
+                    "",
+                    f"B/A req/s, the same rounds: **{o['rps_ratio']:.3f}x**, median (quartiles "
+                    f"{o['rps_ratio_q1']:.3f} - {o['rps_ratio_q3']:.3f}).",
+                ]
+                if "rps_ratio" in o  # (saved before 2026-12-05 15:10)
+                else []
+            ),
             "",
             "Per-round B/A ratios:",
             "",
@@ -370,6 +398,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="REV",
         help="side B at a git revision too, instead of the working tree (--rev X --b-rev X: an A/A run, the noise "
         "floor; or a fixed pair while the tree changes)",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="side A is bench/relay_floor.py (uvicorn + aiohttp, no gateway code) instead of a revision: "
+        "the gateway's CPU per request against the floor's, interleaved (issue #19's 0.8x target)",
     )
     parser.add_argument("--rounds", type=int, default=12, help="rounds per hash seed (default 12)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="PYTHONHASHSEED values (default 0,1,2)")
