@@ -6,6 +6,7 @@
     python bench/ab.py --config lean                    # both with the access log and the ledger off
     python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults   # what the defaults cost
     python bench/ab.py --floor --b-rev HEAD --rounds 6 --seconds 5   # the gateway against the bare relay floor
+    python bench/ab.py --rev HEAD --b-venv /tmp/venv-3.12   # B: the same code on another interpreter
     python bench/ab.py --render bench/results/ab-....json   # re-print a saved comparison
 
 Why: on a shared 2-CPU machine, two gateway processes running identical code differ by up to ~5 %
@@ -114,13 +115,14 @@ def side_env(side: str, seed: int, code: Code) -> dict[str, str]:
     return env
 
 
-def check_imports(code: Code, cwd: Path) -> None:
+def check_imports(code: Code, cwd: Path, b_venv: Path | None = None) -> None:
     """Each side must import the package meant for it (an editable install through an import hook,
     rather than a path entry, would win over PYTHONPATH and make A run the working tree's code)."""
     for side in SIDES:
         where = (code[side] or b.ROOT) / "gateway"
+        python = b_venv / "bin" / "python" if side == "B" and b_venv else b.PROJECT_BIN / "python"
         done = subprocess.run(
-            [str(b.PROJECT_BIN / "python"), "-c", "import gateway, os; print(os.path.dirname(gateway.__file__))"],
+            [str(python), "-c", "import gateway, os; print(os.path.dirname(gateway.__file__))"],
             capture_output=True,
             text=True,
             env=side_env(side, 0, code),
@@ -143,6 +145,8 @@ def start_side(
     config = b.gateway_config(workdir, side, upstream, port, profile=profile)
     kind = "floor" if side == "A" and args.floor else "gateway"
     argv = b.gateway_argv(kind, config, port)
+    if side == "B" and args.b_venv:
+        argv[0] = str(args.b_venv / "bin" / "gateway")  # the same CLI, another interpreter
     proc = b.spawn(f"{kind}-{side}-seed{seed}", argv, workdir, cpus.proxy, env=side_env(side, seed, code))
     try:
         startup = b.wait_ready(proc, port, "/readyz", 30.0)
@@ -260,6 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scenario": args.scenario,
         "config": args.config,
         "b_config": args.b_config,
+        "b_python": _python_version(args.b_venv) if args.b_venv else None,
+        "python": _python_version(b.PROJECT_BIN.parent),
         "connections": args.connections,
         "seconds": args.seconds,
         "warmup_s": args.warmup,
@@ -278,7 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             meta["rev_described"] = b.extract_baseline(args.rev, work / "rev-a")
         if args.b_rev:
             meta["b_rev_described"] = b.extract_baseline(args.b_rev, work / "rev-b")
-        check_imports(code, work)
+        check_imports(code, work, args.b_venv)
         b.log(f"A = {meta['rev_described']}; B = {_side_b(meta)}; {cpus.describe()}")
         nginx = b.start_nginx_servers(work, cpus)
         stack.callback(nginx.proc.stop)
@@ -296,10 +302,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # Rendering
 
 
+def _python_version(venv: Path) -> str:
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import platform; print(platform.python_version())"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
 def _side_b(meta: dict[str, Any]) -> str:
+    python = f" on Python {meta['b_python']} (A on {meta['python']})" if meta.get("b_python") else ""
     if meta.get("b_rev"):
-        return f"`{meta['b_rev']}` ({_short(meta['b_rev_described'])})"
-    return f"the working tree ({meta['tree']})"
+        return f"`{meta['b_rev']}` ({_short(meta['b_rev_described'])}){python}"
+    return f"the working tree ({meta['tree']}){python}"
 
 
 def _configs(meta: dict[str, Any]) -> str:
@@ -404,6 +419,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="side A is bench/relay_floor.py (uvicorn + aiohttp, no gateway code) instead of a revision: "
         "the gateway's CPU per request against the floor's, interleaved (issue #19's 0.8x target)",
+    )
+    parser.add_argument(
+        "--b-venv",
+        type=Path,
+        metavar="DIR",
+        help="side B runs the gateway CLI of this virtualenv (the project installed into it, e.g. with another "
+        "Python): the interpreter's cost, same code",
     )
     parser.add_argument("--rounds", type=int, default=12, help="rounds per hash seed (default 12)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="PYTHONHASHSEED values (default 0,1,2)")
