@@ -143,7 +143,10 @@ def test_accounting_writes_the_same_access_line_either_way() -> None:
         assert after.getvalue() == ""  # buffered: the short way was taken
         handler.flush()
     assert after.getvalue() == before.getvalue()
-    assert orjson.loads(after.getvalue())["request_id"] == "req-7"
+    line = orjson.loads(after.getvalue())
+    assert line["request_id"] == "req-7"
+    # The arrival to the millisecond, the latencies to 10 us (docs/usage.md).
+    assert (line["time"], line["latency_ms"], line["ttfb_ms"]) == (1767225600.457, 12.35, 4.5)
 
 
 def test_the_logging_path_is_kept_for_anything_but_the_gateways_own_handler() -> None:
