@@ -107,12 +107,7 @@ Code = dict[str, Path | None]
 
 def side_env(side: str, seed: int, code: Code) -> dict[str, str]:
     """The environment of a gateway: no GATEWAY_* overrides, the seed, and an extracted package first."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "PYTHONPATH"}
-    env["PYTHONHASHSEED"] = str(seed)
-    extracted = code[side]
-    if extracted is not None:
-        env["PYTHONPATH"] = str(extracted)
-    return env
+    return b.gateway_env(seed, code[side])
 
 
 def check_imports(code: Code, cwd: Path, b_venv: Path | None = None) -> None:

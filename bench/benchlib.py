@@ -666,6 +666,17 @@ ttl = 86400.0
     return path
 
 
+def gateway_env(seed: int, package: Path | None) -> dict[str, str]:
+    """The environment of a gateway process under comparison: no GATEWAY_* overrides, the hash seed
+    ``seed``, and ``package`` (an extracted ``gateway``, ``extract_baseline``) first on PYTHONPATH
+    (None: the working tree, as installed in the project's venv)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "PYTHONPATH"}
+    env["PYTHONHASHSEED"] = str(seed)
+    if package is not None:
+        env["PYTHONPATH"] = str(package)
+    return env
+
+
 def extract_baseline(rev: str, dest: Path = BASELINE) -> str:
     """Put the ``gateway`` package of git revision ``rev`` in ``dest`` (replacing what was there);
     returns the commit's short hash and subject, for the results. ``git archive`` only: the work

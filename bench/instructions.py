@@ -25,7 +25,6 @@ first on ``PYTHONPATH`` for a second set of runs; own_cost.py stays the working 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -42,10 +41,7 @@ _TOTAL = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 def instructions(profile: str, scenario: str, requests: int, warmup: int, package: Path | None) -> int:
     """The instructions callgrind counts for one own_cost.py run of ``requests`` requests."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "PYTHONPATH"}
-    env["PYTHONHASHSEED"] = "0"
-    if package is not None:
-        env["PYTHONPATH"] = str(package)
+    env = b.gateway_env(0, package)
     argv = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
         str(b.PROJECT_BIN / "python"), str(b.BENCH / "own_cost.py"), "--profile", profile, "--scenario", scenario,
