@@ -34,6 +34,7 @@ operator added) gets the LogRecord, exactly as before.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
@@ -56,10 +57,46 @@ MAX_LINES: Final = 8192
 _IDLE_ROUNDS: Final = 10
 
 
+class UtcMillis:
+    """Unix times (from 1970 on) as the JSON lines write them: ISO 8601 in UTC to the millisecond,
+    e.g. ``2026-12-05T17:00:13.346+00:00``, the very text of ``datetime.fromtimestamp(ts,
+    UTC).isoformat(timespec="milliseconds")`` (rounded to the microsecond, then truncated). Every
+    line's ``time`` has this one form: a log pipeline maps a field to one type. The date and time
+    to the second are made once a second, the rest looked up: ~0.3 us a time, against ~1.5 for
+    ``datetime``'s."""
+
+    __slots__ = ("_prefix", "_second", "_suffixes")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+        self._suffixes = _millis_suffixes()
+
+    def format(self, ts: float) -> str:
+        second = int(ts)
+        micros = round((ts - second) * 1e6)  # as datetime rounds (half to even); ts - second is exact
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._second = second
+        return self._prefix + self._suffixes[micros // 1000]
+
+
+@functools.cache
+def _millis_suffixes() -> tuple[str, ...]:
+    """``"000+00:00"`` to ``"999+00:00"``: a time's milliseconds and zone (made once, on first use)."""
+    return tuple(f"{millis:03d}+00:00" for millis in range(1000))
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._times = UtcMillis()
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": self._times.format(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
         }

@@ -8,13 +8,14 @@ import contextlib
 import io
 import logging
 import queue
+import random
 import signal
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from gateway.app import build_stack
 from gateway.auth.keys import Caller
 from gateway.config import load_settings
 from gateway.exchange import Exchange, Outcome
-from gateway.ops.json_log import JsonFormatter, JsonHandler, sole_json_handler, write_fields
+from gateway.ops.json_log import JsonFormatter, JsonHandler, UtcMillis, sole_json_handler, write_fields
 from gateway.ops.logs import ConsoleFormatter
 from gateway.server.thread import LocalServer
 from gateway.services import open_services
@@ -37,7 +38,7 @@ from tests.helpers.processes import free_port, running, stop, wait_ready
 
 NEVER = 3600.0  # a flush delay no test waits out: only flush(), close(), emit() or a full buffer write
 ACCESS_FIELDS: dict[str, Any] = {
-    "time": 1767225600.123,
+    "time": "2026-01-01T00:00:00.123+00:00",
     "request_id": "req-1",
     "key": "alice",
     "team": None,
@@ -137,16 +138,29 @@ def test_accounting_writes_the_same_access_line_either_way() -> None:
     plain = logging.StreamHandler(before)
     plain.setFormatter(JsonFormatter())
     with only_root(plain):
-        Accounting._log(exchange, 12.3456, 4.5)
+        Accounting._log(exchange, 12.3456, 4.5, UtcMillis())
     with only_root(handler := JsonHandler(after, delay=NEVER)):
-        Accounting._log(exchange, 12.3456, 4.5)
+        Accounting._log(exchange, 12.3456, 4.5, UtcMillis())
         assert after.getvalue() == ""  # buffered: the short way was taken
         handler.flush()
     assert after.getvalue() == before.getvalue()
     line = orjson.loads(after.getvalue())
     assert line["request_id"] == "req-7"
-    # The arrival to the millisecond, the latencies to 10 us (docs/usage.md).
-    assert (line["time"], line["latency_ms"], line["ttfb_ms"]) == (1767225600.457, 12.35, 4.5)
+    # The arrival in UTC to the millisecond, as every line's time; the latencies to 10 us (docs/usage.md).
+    assert (line["time"], line["latency_ms"], line["ttfb_ms"]) == ("2026-01-01T00:00:00.456+00:00", 12.35, 4.5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_times_are_what_datetime_writes_to_the_millisecond(seed: int) -> None:
+    """One formatter for every line's time: the very text of ``datetime.isoformat`` (rounded to the
+    microsecond, then truncated to the millisecond), across seconds, days and years, in any order."""
+    rng = random.Random(seed)
+    times = UtcMillis()
+    stamps = [rng.uniform(0, 4_102_444_800) for _ in range(2000)]  # 1970 to 2100
+    # a new year; a microsecond that rounds up into the next second, and one that does not
+    stamps += [1767225599.9995, 1767225600.0, 1767225600.001, 1767225600.999, 1767225599.9999996, 1767225599.9999994]
+    for ts in stamps + sorted(stamps):
+        assert times.format(ts) == datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"), ts
 
 
 def test_the_logging_path_is_kept_for_anything_but_the_gateways_own_handler() -> None:
@@ -194,7 +208,7 @@ def test_caplog_sees_the_access_record_as_before(caplog: pytest.LogCaptureFixtur
     exchange = Exchange("req-c", "GET", "/v1/models", arrived=1767225600.0)
     exchange.status, exchange.outcome = 200, Outcome.COMPLETED
     with caplog.at_level(logging.INFO, logger="gateway.access"):
-        Accounting._log(exchange, 1.0, None)
+        Accounting._log(exchange, 1.0, None, UtcMillis())
     [record] = [r for r in caplog.records if r.name == "gateway.access"]
     assert record.getMessage() == "GET /v1/models 200 completed 1.0ms"
     assert getattr(record, "access", {})["request_id"] == "req-c"
@@ -333,6 +347,11 @@ def test_serve_loses_no_access_line_or_ledger_row_on_a_clean_shutdown(tmp_path: 
     assert code == 0
     lines = access_lines(out)
     assert [orjson.loads(line)["request_id"] for line in lines] == ids
+    # One form of time on every line, the access lines' and the records' (uvicorn's, the drain's):
+    # a log pipeline maps the field to one type.
+    every = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(every) > len(lines)
+    assert all(datetime.fromisoformat(line["time"]).utcoffset() == timedelta(0) for line in every)
     for raw in lines:
         fields = {k: v for k, v in orjson.loads(raw).items() if k not in ("level", "logger")}
         assert raw + "\n" == formatted(fields)
