@@ -5,11 +5,17 @@ that is known before the first request. ``serve_in_thread`` returns once uvicorn
 that it is serving and stops it (bounded) when the ``with`` block ends. uvicorn installs
 signal handlers only in the main thread, so a server in a thread leaves Ctrl-C to the
 caller. Used by ``gateway demo`` (the simulated upstream) and by the tests.
+
+uvicorn's ``log_level`` sets the level of the process's one ``uvicorn.error`` logger: a server
+beside another (the demo's upstream beside the gateway) would log at the other's level. So the
+records made on this server's thread are held to its own ``log_level`` (``warning`` by default):
+the demo shows one start and one shutdown, the gateway's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -80,6 +86,25 @@ class _ServerThread(threading.Thread):
             raise RuntimeError(f"uvicorn thread {self.name} did not stop within {2 * timeout} s")
 
 
+class _ThreadLevel(logging.Filter):
+    """Lets through records made on other threads, and this thread's from ``level`` up."""
+
+    def __init__(self, thread_name: str, level: int) -> None:
+        super().__init__()
+        self._thread_name = thread_name
+        self._level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self._level or record.threadName != self._thread_name
+
+
+def _level(log_level: object) -> int | None:
+    """uvicorn's ``log_level`` option (a name or a number) as a number; None when it is unset."""
+    if isinstance(log_level, str):
+        return uvicorn.config.LOG_LEVELS[log_level.lower()]
+    return log_level if isinstance(log_level, int) else None
+
+
 def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A TCP socket listening on host:port (port 0: a free one); closed again if binding fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -115,12 +140,21 @@ def serve_in_thread(
         options = {**_DEFAULT_CONFIG, **uvicorn_config_kwargs}
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=bound_port, **options))
         thread = _ServerThread(server, sock)
+        level = _level(options.get("log_level"))
+        held = None if level is None else _ThreadLevel(thread.name, level)
+        server_logger = logging.getLogger("uvicorn.error")
+        if held is not None:
+            server_logger.addFilter(held)
         thread.start()
         try:
             thread.wait_started(START_TIMEOUT_SECONDS)
             yield LocalServer(host=host, port=bound_port, url=_url(host, bound_port))
         finally:
-            thread.stop(STOP_TIMEOUT_SECONDS)
+            try:
+                thread.stop(STOP_TIMEOUT_SECONDS)
+            finally:
+                if held is not None:
+                    server_logger.removeFilter(held)
         if thread.error is not None:
             raise RuntimeError("uvicorn thread failed") from thread.error
     finally:

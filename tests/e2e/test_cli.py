@@ -111,6 +111,8 @@ def test_demo_prints_examples_and_serves_the_simulated_upstream(tmp_path: Path) 
     assert f"curl -s {url}/v1/chat/completions" in out
     assert f'base_url="{url}/v1"' in out
     assert """-d '{"model": "bge-m3", "input": "Hello"}' | grep -i '^cache-status'""" in out
+    # One start and one shutdown: the gateway's (the simulated upstream's server logs only warnings).
+    assert (out.count("Started server process"), out.count("Application shutdown complete")) == (1, 1)
 
 
 def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

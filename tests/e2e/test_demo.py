@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import hashlib
 import io
+import logging
 import math
 import wave
 from collections.abc import AsyncIterator, Iterator
@@ -93,6 +94,34 @@ def test_serve_in_thread_reports_a_failed_startup() -> None:
 
     with pytest.raises(RuntimeError, match="before it started"), serve_in_thread(Starlette(lifespan=broken)):
         pytest.fail("the body must not run")
+
+
+def test_a_server_in_a_thread_logs_at_its_own_level(caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn's logger is the process's: at INFO for another server, this one (log_level warning,
+    the default) still keeps its INFO records to itself, and its errors are still seen."""
+
+    @asynccontextmanager
+    async def broken(_app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError("no database")
+        yield
+
+    kept: dict[str, Any] = {"log_config": None}  # the logging as it is (the gateway's), not uvicorn's own handlers
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        with serve_in_thread(Starlette(), **kept):
+            uvicorn_logger.setLevel(logging.INFO)  # as the gateway's server, started next, sets it
+            uvicorn_logger.info("the other server's record")
+        with pytest.raises(RuntimeError), serve_in_thread(Starlette(lifespan=broken), **kept):
+            pytest.fail("the body must not run")
+        with serve_in_thread(Starlette(), log_level="info", **kept):
+            pass
+    seen = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "uvicorn.error"]
+    assert ("INFO", "the other server's record") in seen
+    assert ("ERROR", "Application startup failed. Exiting.") in seen
+    # Only the server that asked for INFO logged its start and shutdown.
+    assert [m for _, m in seen if m.startswith("Application startup complete")] == ["Application startup complete."]
+    assert [m for _, m in seen if m.startswith("Application shutdown complete")] == ["Application shutdown complete."]
+    assert uvicorn_logger.filters == []  # each server's filter went with it
 
 
 # --------------------------------------------------------------------------- catalog
