@@ -198,6 +198,27 @@ def runs_on(row: str, scenario: Scenario) -> bool:
     return True
 
 
+# Rows measured together, scenario by scenario (``Bench.measure_rows``): the ones compared with each
+# other for the targets. The direct row, Portkey and LiteLLM run on their own (an idle LiteLLM is not
+# idle enough to share the proxy's CPU with a row being measured).
+INTERLEAVED = ("gateway", "gateway-lean", "gateway-cache", "baseline", "floor", "runner-httpx", "runner-aiohttp")
+
+
+def row_groups(rows: list[str], rep: int, transport_experiment: bool) -> list[list[str]]:
+    """The groups of ``rows`` that repetition ``rep`` measures, in order (the direct row once, unless
+    the transport experiment asks for it each time)."""
+    together = [row for row in rows if row in INTERLEAVED]
+    groups: list[list[str]] = []
+    for row in rows:
+        if row == "direct" and rep > 0 and not transport_experiment:
+            continue
+        if row not in INTERLEAVED:
+            groups.append([row])
+        elif row == together[0]:
+            groups.append(together)
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------
 # Running
 
@@ -227,40 +248,77 @@ class Bench:
             self.stack.callback(paced.stop)
             self.upstreams["paced"] = (paced, port)
 
-    def measure_row(self, row: str, rep: int) -> dict[str, Any]:
-        result: dict[str, Any] = {"row": row, "rep": rep, "starts": [], "scenarios": {}}
+    def measure_rows(self, rows: list[str], rep: int) -> list[dict[str, Any]]:
+        """Repetition ``rep`` of ``rows``, interleaved: for each upstream (phase) every row's proxy is
+        started, then each scenario runs on every row back to back, in an order that turns with each
+        scenario. Rows compared with each other (the gateway, its lean twin, the floor) are so
+        measured seconds apart, not minutes: on a machine whose speed drifts, their ratios compare
+        like with like. A row that fails gets an ``error`` entry; the others go on."""
+        results: dict[str, dict[str, Any]] = {
+            row: {"row": row, "rep": rep, "starts": [], "scenarios": {}} for row in rows
+        }
+        failed: dict[str, str] = {}
+        turn = rep
         for phase in PHASES:
-            scenarios = [s for s in self.scenarios if s.phase == phase and runs_on(row, s)]
-            if not scenarios:
+            scenarios = [s for s in self.scenarios if s.phase == phase]
+            wanted = [row for row in rows if row not in failed and any(runs_on(row, s) for s in scenarios)]
+            if not wanted:
                 continue
             upstream_proc, upstream_port = self.upstreams[phase]
-            base = f"http://{b.HOST}:{upstream_port}"
-            if row == "direct":
-                self._run_phase(row, None, upstream_port, scenarios, upstream_proc, result)
-                continue
-            timeout = {"litellm": 180.0, "portkey": 60.0}.get(row, 30.0)
-            started = b.start_proxy(row, self.workdir, base, self.cpus, phase, timeout)
-            self.headers = started.headers
+            started: dict[str, b.Started | None] = {}
             try:
-                result["starts"].append(
-                    {
-                        "phase": phase,
-                        "startup_s": started.startup_s,
-                        "rest_rss_kb": started.rest_rss_kb,
-                        "extensions": started.extensions,
-                    }
-                )
-                b.log(
-                    f"{row} ({phase}): first 200 after {started.startup_s * 1000:.0f} ms, "
-                    f"RSS {started.rest_rss_kb / 1024:.1f} MB, {started.extensions}"
-                )
-                self._run_phase(row, started, started.port, scenarios, upstream_proc, result)
-                pids = b.tree(started.proc.pid)
-                result["starts"][-1]["hwm_kb"] = sum(b.status_kb(p, "VmHWM") or 0 for p in pids)
+                for row in wanted:
+                    try:
+                        started[row] = self._start(row, phase, upstream_port, results[row])
+                    except RuntimeError as exc:
+                        failed[row] = str(exc)
+                for scenario in scenarios:
+                    order = [row for row in started if row not in failed and runs_on(row, scenario)]
+                    turn += 1
+                    first = turn % len(order) if order else 0
+                    for row in order[first:] + order[:first]:
+                        proxy = started[row]
+                        port = upstream_port if proxy is None else proxy.port
+                        self.headers = {} if proxy is None else proxy.headers
+                        try:
+                            self._run_phase(row, proxy, port, [scenario], upstream_proc, results[row])
+                        except RuntimeError as exc:
+                            failed[row] = str(exc)
+                        finally:
+                            self.headers = {}
+                for row, proxy in started.items():
+                    if proxy is not None and row not in failed:
+                        pids = b.tree(proxy.proc.pid)
+                        results[row]["starts"][-1]["hwm_kb"] = sum(b.status_kb(p, "VmHWM") or 0 for p in pids)
             finally:
-                started.proc.stop()
-                self.headers = {}
-        return result
+                for proxy in started.values():
+                    if proxy is not None:
+                        proxy.proc.stop()
+        for row, error in failed.items():
+            b.log(f"{row} failed: {error}")
+        return [
+            {"row": row, "rep": rep, "error": failed[row][:2000]} if row in failed else results[row] for row in rows
+        ]
+
+    def _start(self, row: str, phase: str, upstream_port: int, result: dict[str, Any]) -> b.Started | None:
+        """``row``'s proxy in front of ``phase``'s upstream, its start recorded (None: the direct row)."""
+        if row == "direct":
+            return None
+        timeout = {"litellm": 180.0, "portkey": 60.0}.get(row, 30.0)
+        started = b.start_proxy(row, self.workdir, f"http://{b.HOST}:{upstream_port}", self.cpus, phase, timeout)
+        result["starts"].append(
+            {
+                "phase": phase,
+                "startup_s": started.startup_s,
+                "rest_rss_kb": started.rest_rss_kb,
+                "extensions": started.extensions,
+            }
+        )
+        b.log(
+            f"{row} ({phase}): first 200 after {started.startup_s * 1000:.0f} ms, "
+            f"RSS {started.rest_rss_kb / 1024:.1f} MB, {started.extensions}"
+        )
+        return started
 
     def _run_phase(
         self,
@@ -562,14 +620,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             bench.start_upstreams()
             for rep in range(args.repeat):
-                for row in rows:
-                    if row == "direct" and rep > 0 and not args.transport_experiment:
-                        continue
-                    try:
-                        results["runs"].append(bench.measure_row(row, rep))
-                    except RuntimeError as exc:
-                        b.log(f"{row} failed: {exc}")
-                        results["runs"].append({"row": row, "rep": rep, "error": str(exc)[:2000]})
+                for group in row_groups(rows, rep, args.transport_experiment):
+                    results["runs"].extend(bench.measure_rows(group, rep))
         finally:
             if args.keep_logs:
                 keep = b.RESULTS / "logs"
@@ -610,8 +662,9 @@ class View:
         self, row: str, other: str, scenario: str, get: Callable[[dict[str, Any]], float | None]
     ) -> float | None:
         """The median over repetitions of ``row``'s value / ``other``'s in the same repetition. Within
-        a repetition the two rows ran a few minutes apart, so a machine slower for a while weighs on
-        both: more robust than the ratio of the medians when the machine's speed drifts."""
+        a repetition two interleaved rows (``INTERLEAVED``) ran the scenario seconds apart, so a
+        machine slower for a while weighs on both: more robust than the ratio of the medians when
+        the machine's speed drifts."""
         theirs = {}
         for run_ in self.ok_runs(other):
             data = run_["scenarios"].get(scenario)
