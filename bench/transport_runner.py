@@ -2,8 +2,9 @@
 
     python bench/transport_runner.py --config F --port P --transport httpx|aiohttp
 
-``httpx``: ``create_app(settings)``, the gateway's default (``httpx.AsyncHTTPTransport``); the same
-as ``gateway serve``, through the same code path as the other choice.
+Both run the gateway's httpx upstream client (``[upstream] client = "httpx"``, set here whatever
+the config says: the gateway's default is its own builtin client, which takes no transport).
+``httpx``: ``create_app(settings)``, httpx's own ``httpx.AsyncHTTPTransport``.
 ``aiohttp``: ``create_app(settings, transport=AiohttpTransport(...))`` from ``httpx-aiohttp``,
 with the pool sized from ``[upstream]`` like the default transport. The gateway's files are not
 changed: the transport goes through the seam ``create_app`` already has. uvicorn runs with the
@@ -41,7 +42,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--transport", choices=["httpx", "aiohttp"], default="httpx")
     args = parser.parse_args()
-    settings = load_settings(Path(args.config), os.environ, {"port": args.port})
+    env = {**os.environ, "GATEWAY_UPSTREAM_CLIENT": "httpx"}  # the client whose transports are compared
+    settings = load_settings(Path(args.config), env, {"port": args.port})
     up = settings.upstream
     limits = httpx.Limits(
         max_connections=up.max_connections,
@@ -54,7 +56,11 @@ def main() -> int:
     config = uvicorn.Config(app, **uvicorn_options(settings))  # exactly as `gateway serve` runs it
     factory = config.get_loop_factory()
     loop = "asyncio" if factory is None else getattr(factory, "__module__", "?")
-    print(f"transport={args.transport} loop={loop} (uvicorn loop={config.loop} http={config.http})", flush=True)
+    print(
+        f"client={settings.upstream.client} transport={args.transport} loop={loop} "
+        f"(uvicorn loop={config.loop} http={config.http})",
+        flush=True,
+    )
     uvicorn.Server(config).run()
     return 0
 
