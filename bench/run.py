@@ -662,9 +662,9 @@ class View:
         self, row: str, other: str, scenario: str, get: Callable[[dict[str, Any]], float | None]
     ) -> float | None:
         """The median over repetitions of ``row``'s value / ``other``'s in the same repetition. Within
-        a repetition two interleaved rows (``INTERLEAVED``) ran the scenario seconds apart, so a
-        machine slower for a while weighs on both: more robust than the ratio of the medians when
-        the machine's speed drifts."""
+        a repetition two interleaved rows (``INTERLEAVED``) ran the scenario seconds apart (a row run
+        on its own, minutes apart), so a machine slower for a while weighs on both: more robust than
+        the ratio of the medians when the machine's speed drifts."""
         theirs = {}
         for run_ in self.ok_runs(other):
             data = run_["scenarios"].get(scenario)

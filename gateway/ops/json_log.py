@@ -38,6 +38,7 @@ import functools
 import io
 import logging
 import threading
+import time
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
@@ -92,6 +93,10 @@ class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._times = UtcMillis()
+
+    def time_text(self, ts: float) -> str:
+        """A unix time as this formatter writes a line's ``time`` (``UtcMillis``)."""
+        return self._times.format(ts)
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -236,9 +241,11 @@ def write_fields(logger: logging.Logger, fields: dict[str, Any], *, whole: bool 
     if handler is None:
         return False
     if not whole:
-        # "time" first: the fields' own time, or the time a record would have had.
-        time = None if "time" in fields else datetime.now(UTC).isoformat(timespec="milliseconds")
-        fields = {"time": time, "level": "info", "logger": logger.name, **fields}
+        # "time" first: the fields' own time, or the time a record would have had, made the same way.
+        formatter = handler.formatter
+        assert isinstance(formatter, JsonFormatter)  # (sole_json_handler checked it)
+        stamp = None if "time" in fields else formatter.time_text(time.time())
+        fields = {"time": stamp, "level": "info", "logger": logger.name, **fields}
     try:
         line = orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
