@@ -21,9 +21,13 @@ from tests.helpers.redis import RedisServer
 
 
 def _store(redis: RedisServer) -> tuple[SharedStore, str]:
+    # A generous timeout: these tests are about what reaches Redis, not how fast. At the default
+    # 0.1 s, 250 admissions in one write timed out once on a loaded CI machine (two test workers and
+    # redis-server on two cores), and the fallback decided one of them.
     prefix = f"t{uuid.uuid4().hex[:8]}"
     local = LocalStore(RateLimiter(), Budgets(None), UpstreamShaper(0, 0, 1.0), None)
-    return open_shared_store(SharedSettings(redis_url=redis.url, key_prefix=prefix), local), prefix
+    settings = SharedSettings(redis_url=redis.url, key_prefix=prefix, timeout=2.0)
+    return open_shared_store(settings, local), prefix
 
 
 def _caller(rpm: int | None = None, tpm: int | None = None) -> Caller:
