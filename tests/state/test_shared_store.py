@@ -47,7 +47,8 @@ def local_store() -> LocalStore:
 
 @pytest.fixture
 async def store(redis: RedisServer) -> AsyncIterator[SharedStore]:
-    settings = SharedSettings(redis_url=redis.url, key_prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.2)
+    # A generous timeout: these tests compare answers, not speed (a loaded CI machine is slow).
+    settings = SharedSettings(redis_url=redis.url, key_prefix=f"t{uuid.uuid4().hex[:8]}", timeout=2.0)
     shared = open_shared_store(settings, local_store())
     await shared.start()
     try:
