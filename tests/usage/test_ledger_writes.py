@@ -77,6 +77,27 @@ def test_rows_per_statement_follow_the_builds_parameter_limit(tmp_path: Path) ->
     assert stored(tmp_path / "usage.db") == records
 
 
+def test_batches_of_every_size_run_a_few_statements_that_stay_prepared(tmp_path: Path) -> None:
+    """Batches of 1 to 300 rows (as flushes at moderate traffic are: each of its own size) go in as
+    INSERTs of a power of two rows, at most MAX_ROWS_PER_INSERT: 8 statements in all, fewer than
+    sqlite3's statement cache holds (128), so none is compiled again (a statement of each batch's own
+    size was compiled anew for nearly every batch)."""
+    conn = ledger_module._open_writer(tmp_path / "usage.db")
+    statements: list[str] = []
+    written: list[UsageRecord] = []
+    try:
+        conn.set_trace_callback(statements.append)
+        for size in range(1, 301):
+            batch = [record(len(written) + i) for i in range(size)]
+            ledger_module._write(conn, batch)
+            written += batch
+    finally:
+        conn.close()
+    sizes = {s.count("), (") + 1 for s in statements if s.startswith("INSERT")}
+    assert sizes == {1, 2, 4, 8, 16, 32, 64, 128} == {1 << n for n in range(MAX_ROWS_PER_INSERT.bit_length())}
+    assert stored(tmp_path / "usage.db") == written
+
+
 async def test_a_bad_record_in_a_large_batch_is_dropped_alone(tmp_path: Path) -> None:
     records = [record(i, tokens=10**30 if i == 250 else 7) for i in range(450)]  # beyond 64 bits: refused
     path = tmp_path / "usage.db"
