@@ -4,6 +4,7 @@
     python bench/own_cost.py --profile lean       # the access log and the ledger off
     python bench/own_cost.py --scenario embed     # embeddings instead of chat
     python bench/own_cost.py --cprofile 30        # and the 30 functions with the most own time
+    python bench/own_cost.py --opcodes 40 --rounds 1 --requests 500   # bytecodes run, by function
 
 The gateway's whole request stack (``build_stack``: request ids, tracing, keys, the proxy, the
 accounting, the ledger, the access log) is driven directly as an ASGI app, with an upstream that
@@ -13,12 +14,18 @@ the noise of the sockets, uvicorn and aiohttp, and attributable function by func
 CPU is the process's (``time.process_time``: every thread, so the ledger's writer and the access
 log's too), after a warm-up, over ``--requests`` requests, ``--rounds`` times (the median is
 given). Compare revisions with ``--rev`` as bench/ab.py does: runs alternate in one process each.
+
+``--opcodes N`` counts the bytecode instructions the event loop's thread runs per request, by
+function (``sys.settrace`` with opcode events; the times it prints are then meaningless): the same
+count every run, and where the interpreter's work goes function by function, which callgrind
+(``bench/instructions.py``, ``bench/server_instructions.py``) sees only as ``_PyEval_EvalFrameDefault``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import io
 import os
@@ -159,12 +166,16 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> list[float]:
             raise SystemExit(f"the warm-up got statuses {sorted(set(statuses))}, not only 200")
         rounds: list[float] = []
         profiler = cProfile.Profile() if args.cprofile else None
+        opcodes: collections.Counter[str] = collections.Counter()
         for _ in range(args.rounds):
             statuses.clear()
             start = time.process_time()
             if profiler is not None:
                 profiler.enable()
+            if args.opcodes:
+                sys.settrace(_opcode_tracer(opcodes))
             await batch(args.requests)
+            sys.settrace(None)
             if profiler is not None:
                 profiler.disable()
             rounds.append((time.process_time() - start) / (args.requests // args.concurrency * args.concurrency) * 1e6)
@@ -175,7 +186,31 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> list[float]:
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.cprofile)
             print(out.getvalue())
+        if opcodes:
+            requests = args.rounds * (args.requests // args.concurrency * args.concurrency)
+            print(f"bytecodes per request: {opcodes.total() / requests:,.0f}; by function (own):")
+            for where, n in opcodes.most_common(args.opcodes):
+                print(f"  {n / requests:8.1f}  {where}")
     return rounds
+
+
+def _opcode_tracer(counts: collections.Counter[str]) -> Any:
+    """A ``sys.settrace`` function that counts each function's bytecodes into ``counts``."""
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+
+    def call(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        code = frame.f_code
+        where = f"{code.co_filename.removeprefix(root)}:{code.co_firstlineno} {code.co_qualname}"
+
+        def each(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                counts[where] += 1
+            return each
+
+        return each
+
+    return call
 
 
 def main() -> None:
@@ -193,6 +228,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N top functions by own time")
+    parser.add_argument("--opcodes", type=int, default=0, metavar="N", help="print the N top functions by bytecodes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="own-cost-") as tmp:
         # The access log goes to stderr, as under ``gateway serve``: to a file here, as bench/run.py does.
