@@ -138,6 +138,16 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> list[float]:
             (b"content-length", str(len(request)).encode()),
             (b"user-agent", b"wrk"),
         ]
+        if args.client == "sdk":  # what the OpenAI Python SDK (1.x, httpx) sends besides those
+            headers[-1] = (b"user-agent", b"OpenAI/Python 1.109.1")
+            headers += [
+                (b"accept-encoding", b"gzip, deflate"), (b"connection", b"keep-alive"),
+                (b"accept", b"application/json"),
+                (b"x-stainless-lang", b"python"), (b"x-stainless-package-version", b"1.109.1"),
+                (b"x-stainless-os", b"Linux"), (b"x-stainless-arch", b"x64"), (b"x-stainless-runtime", b"CPython"),
+                (b"x-stainless-runtime-version", b"3.11.7"), (b"x-stainless-async", b"false"),
+                (b"x-stainless-retry-count", b"0"), (b"x-stainless-read-timeout", b"600"),
+            ]  # fmt: skip
         scope: dict[str, Any] = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
@@ -216,6 +226,8 @@ def _opcode_tracer(counts: collections.Counter[str]) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="chat")
+    parser.add_argument("--client", choices=("wrk", "sdk"), default="wrk",
+                        help="request headers: wrk's 5 (as bench/run.py sends) or the OpenAI SDK's 17")  # fmt: skip
     parser.add_argument(
         "--profile",
         choices=sorted(PROFILES),

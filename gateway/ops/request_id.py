@@ -11,7 +11,7 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
-from gateway.headers import REQUEST_ID, request_id
+from gateway.headers import REQUEST_ID, request_headers, request_id
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -29,7 +29,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_id(scope["headers"], self._fresh)
+        rid = request_id(request_headers(scope).get(REQUEST_ID), self._fresh)
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:
@@ -44,4 +44,4 @@ def scope_request_id(scope: MutableMapping[str, Any]) -> bytes:
     """The id the middleware chose (or a fresh one when the app runs without it)."""
     state = scope.get("state") or {}
     rid = state.get("request_id")
-    return rid if isinstance(rid, bytes) else request_id(scope["headers"])
+    return rid if isinstance(rid, bytes) else request_id(request_headers(scope).get(REQUEST_ID))

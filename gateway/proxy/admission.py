@@ -26,7 +26,7 @@ from gateway.catalog.validation import CHECKS, alternatives, validate
 from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequest, JobNotFound, MethodNotAllowed
 from gateway.exchange import Exchange
-from gateway.headers import header_safe, header_value
+from gateway.headers import header_safe, request_headers
 from gateway.proxy.body import model_of, parse_json_object, parse_multipart, read_body
 from gateway.routing.route import RequestCheck, Route, RouteCheck
 from gateway.services import Services
@@ -107,7 +107,7 @@ class Admitter:
         if self._dry_run and scope["method"] != "POST":
             raise MethodNotAllowed(f"Use POST {scope['path']}.", headers=[(b"allow", b"POST")])
         exchange.caller = scope_caller(scope)
-        headers: list[Header] = scope["headers"]
+        headers = request_headers(scope)
         body = await read_body(receive, _content_length(headers), self._max_body)
         admission = Admission(endpoint, body)
         if endpoint is endpoints.VIDEO_JOB:
@@ -116,11 +116,11 @@ class Admitter:
             await self._admit_model(admission, headers, exchange)
         return admission
 
-    async def _admit_model(self, admission: Admission, headers: list[Header], exchange: Exchange) -> None:
+    async def _admit_model(self, admission: Admission, headers: Mapping[bytes, bytes], exchange: Exchange) -> None:
         endpoint = admission.endpoint
         files: dict[str, int] = {}
         if endpoint.body == "multipart":
-            content_type = (header_value(headers, b"content-type") or b"").decode("latin-1")
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
             form = parse_multipart(admission.body, content_type)
             fields: dict[str, Any] = dict(form.fields)
             files = form.files
@@ -248,9 +248,9 @@ class Admitter:
         return InvalidRequest(message, param=violation.param, code=violation.code)
 
 
-def _fallback_choice(headers: list[Header]) -> bool | None:
+def _fallback_choice(headers: Mapping[bytes, bytes]) -> bool | None:
     """The request's ``x-gateway-fallback``: True (auto), False (off), None (not sent)."""
-    value = header_value(headers, FALLBACK_HEADER)
+    value = headers.get(FALLBACK_HEADER)
     if value is None:
         return None
     word = value.strip().lower()
@@ -260,6 +260,6 @@ def _fallback_choice(headers: list[Header]) -> bool | None:
                          code="invalid_header")  # fmt: skip
 
 
-def _content_length(headers: list[Header]) -> int | None:
-    value = header_value(headers, b"content-length")
+def _content_length(headers: Mapping[bytes, bytes]) -> int | None:
+    value = headers.get(b"content-length")
     return int(value) if value is not None and value.isdigit() else None

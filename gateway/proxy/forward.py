@@ -29,7 +29,7 @@ from gateway import endpoints
 from gateway.config import Settings
 from gateway.errors import UpstreamError
 from gateway.exchange import Exchange
-from gateway.headers import header_value, upstream_accept_encoding, upstream_request_headers
+from gateway.headers import header_value, request_headers, upstream_accept_encoding, upstream_request_headers
 from gateway.services import Services
 from gateway.state.shaping import Slot
 from gateway.types import Header, Scope
@@ -111,19 +111,17 @@ class Forwarder:
         return target + "?" + query.decode("latin-1") if query else target
 
     def _headers(self, scope: Scope, exchange: Exchange) -> list[Header]:
-        headers: list[Header] = scope["headers"]
+        by_name = request_headers(scope)
         forwarded: list[Header] = []
         client = scope.get("client")
         if self._forward_client_ip and client:
             scheme = str(scope.get("scheme", "http")).encode()
             forwarded = [(b"x-forwarded-for", str(client[0]).encode()), (b"x-forwarded-proto", scheme)]
         return upstream_request_headers(
-            headers,
-            self._auth.upstream_authorization(headers),
+            scope["headers"],
+            self._auth.upstream_authorization(by_name),
             exchange.request_id.encode(),
-            accept_encoding=upstream_accept_encoding(
-                header_value(headers, b"accept-encoding"), streamed(exchange.fields)
-            ),
+            accept_encoding=upstream_accept_encoding(by_name.get(b"accept-encoding"), streamed(exchange.fields)),
             drop_api_key=self._drop_client_credentials,
             forwarded=forwarded,
         )

@@ -7,11 +7,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 from gateway.config import Settings
-from gateway.headers import header_value
-from gateway.types import Header
 
 
 class UpstreamAuth:
@@ -21,7 +19,8 @@ class UpstreamAuth:
         # In open and keys modes the gateway's own upstream key goes upstream, never the client's.
         self._gateway_key = b"Bearer " + settings.upstream.api_key.encode() if settings.sends_gateway_key else None
 
-    def upstream_authorization(self, client_headers: Iterable[Header]) -> bytes | None:
+    def upstream_authorization(self, client_headers: Mapping[bytes, bytes]) -> bytes | None:
+        """What goes upstream as Authorization; ``client_headers``: ``headers.request_headers``."""
         if self._gateway_key is not None:
             return self._gateway_key
-        return header_value(client_headers, b"authorization")
+        return client_headers.get(b"authorization")

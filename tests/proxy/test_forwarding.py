@@ -265,6 +265,15 @@ def test_gateway_errors_carry_the_request_id(
     assert forwarded(demo_state) == []
 
 
+def test_a_header_sent_twice_counts_by_its_first_value(http: httpx.Client, demo_state: DemoState) -> None:
+    # The request id as an example of every header the gateway reads (looked up once per request).
+    headers = [("authorization", "Bearer sk-client"), ("X-Request-ID", "first-id"), ("x-request-id", "second-id")]
+    response = http.post(CHAT_PATH, json=CHAT_BODY, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers.get_list("x-request-id") == ["first-id"]
+    assert only_request(demo_state)["x-request-id"] == "first-id"  # one value: the client's two are replaced
+
+
 # An upstream refusal the gateway does not pre-check: a speech format the upstream does not produce.
 BAD_SPEECH = {"model": TTS_MODEL, "voice": TTS_VOICE, "input": "hello", "response_format": "ogg"}
 
