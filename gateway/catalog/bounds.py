@@ -29,8 +29,9 @@ COMPLETION_CAP_FIELDS: Final = ("max_completion_tokens", "max_tokens")
 def completion_cap(fields: Mapping[str, Any], name: str) -> int | None:
     """``fields[name]`` (one of ``COMPLETION_CAP_FIELDS``) when it is a positive integer, else None
     (absent, null, or of a wrong type or value)."""
-    value = as_int(fields.get(name))
-    return value if value is not None and value > 0 else None
+    value = fields.get(name)
+    # A JSON integer (``type() is int``: never a bool, whose type is bool), asked for on every request.
+    return value if type(value) is int and value > 0 else None
 
 
 def requested_completion_tokens(fields: Mapping[str, Any]) -> int:

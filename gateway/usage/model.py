@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway.catalog.entries import non_negative
-from gateway.jsonvalues import as_int
 
 # The largest token count believed from an upstream (2**53 - 1: exact as a float, fits SQLite's
 # INTEGER and every JSON reader): a larger reported number is clamped to it, never passed on.
@@ -90,9 +89,8 @@ def _count(block: Mapping[str, Any], *names: str) -> int:
     """The first of ``names`` holding a non-negative whole number (at most MAX_COUNT), else 0."""
     for name in names:
         raw = block.get(name)
-        count = as_int(raw)
-        if count is not None and 0 <= count <= MAX_COUNT:  # the usual case, without the general checks below
-            return count
+        if type(raw) is int and 0 <= raw <= MAX_COUNT:  # the usual case (a JSON integer), without the checks below
+            return raw
         value = non_negative(raw)
         if value is not None and value == int(value):
             return min(int(value), MAX_COUNT)
