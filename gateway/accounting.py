@@ -159,7 +159,7 @@ class Accounting:
                     usage.completion_tokens if usage else 0,
                     usage.total_tokens if usage else 0,
                     exchange.cost,  # cost_usd
-                    exchange.outcome.value,  # (a str: bound to SQLite as it is, see gateway.usage.ledger)
+                    str(exchange.outcome),  # (a plain str, bound to SQLite as it is: gateway.usage.ledger)
                     exchange.outcome is Outcome.CLIENT_DISCONNECTED,  # cut
                     latency_ms,
                     ttfb_ms,

@@ -66,8 +66,12 @@ class Exchange:
     unmetered: bool = False  # the answer came in an encoding the meter cannot read
     finished: bool = False
     # What the response cache did (None: not consulted): "hit", "collapsed" (served by an identical
-    # request's upstream answer), "miss", "stored", "refresh" (told to go upstream), "bypass".
+    # request's upstream answer), "miss", "stored", "refresh" (told to go upstream), "bypass". Set
+    # with ``cached``, which keeps ``from_cache`` in step.
     cache: str | None = None
+    # The answer did not come from an upstream request of this one's own ("hit" or "collapsed"). A
+    # field, not a property: read ~5 times a request, and a property is a Python call each time.
+    from_cache: bool = False
     cache_headers: tuple[Header, ...] = ()  # Cache-Status, and Age on a hit
     saved_cost: float | None = None  # what a cached answer would have cost from the upstream
     requested_model: str | None = None  # the name the client sent, when another model serves (an alias)
@@ -75,10 +79,10 @@ class Exchange:
     # The same as (model passed over, why, the model that served or "none") for the metrics.
     fallbacks: tuple[tuple[str, str, str], ...] = ()
 
-    @property
-    def from_cache(self) -> bool:
-        """The answer did not come from an upstream request of this one's own."""
-        return self.cache == "hit" or self.cache == "collapsed"
+    def cached(self, what: str) -> None:
+        """What the response cache did (see ``cache``)."""
+        self.cache = what
+        self.from_cache = what == "hit" or what == "collapsed"
 
     def refuse(self, error: GatewayError) -> None:
         """The gateway answers ``error`` itself."""

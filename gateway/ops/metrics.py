@@ -235,7 +235,8 @@ class Metrics:
         endpoint = (endpoint_label(exchange.path),)
         model = exchange.entry.model_name if exchange.entry else "unknown"
         key = exchange.caller.name if exchange.caller else ""
-        self.requests.inc((endpoint[0], model, str(exchange.status), exchange.outcome.value))
+        # str(): the outcome's text as a plain str, at C speed (``.value`` is a Python-level property).
+        self.requests.inc((endpoint[0], model, str(exchange.status), str(exchange.outcome)))
         if exchange.outcome == "refused" and exchange.error_code:
             self.refusals.inc((endpoint[0], exchange.error_code))
         kind = _upstream_error_kind(exchange)

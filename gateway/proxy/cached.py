@@ -128,7 +128,7 @@ class CachingSource:
                 else:
                     mirror = lead  # this one leads (or, None, Redis does not answer)
             if reader is not None:
-                exchange.cache = "collapsed"
+                exchange.cached("collapsed")
                 exchange.cache_headers = ((CACHE_STATUS, cache_status(hit=False, fwd="miss", collapsed=True)),)
                 return reader
         return await self._fetch(key, Stored(entry.model_name, namespace, verdict.ttl), refresh, directives.no_store,
@@ -143,7 +143,7 @@ class CachingSource:
         exchange: Exchange,
         breaker_pass: Pass | None,
     ) -> UpstreamResponse:
-        exchange.cache = "bypass"
+        exchange.cached("bypass")
         exchange.cache_headers = ((CACHE_STATUS, cache_status(hit=False, fwd="bypass", detail=detail)),)
         return await self._inner.forward(scope, endpoint, body, exchange, breaker_pass)
 
@@ -171,7 +171,7 @@ class CachingSource:
         breaker_pass: Pass | None,
     ) -> UpstreamResponse:
         fwd = "request" if refresh else "miss"
-        exchange.cache = "refresh" if refresh else "miss"
+        exchange.cached("refresh" if refresh else "miss")
         if no_store:  # may be served from the cache, never stored: nothing to share either
             exchange.cache_headers = ((CACHE_STATUS, cache_status(hit=False, fwd=fwd, detail="no-store")),)
             return await self._inner.forward(scope, endpoint, body, exchange, breaker_pass)
@@ -230,7 +230,7 @@ async def _share(flight: Flight, response: UpstreamResponse, max_entry_bytes: in
 
 
 def _hit(entry: Entry, age: float, exchange: Exchange) -> UpstreamResponse:
-    exchange.cache = "hit"
+    exchange.cached("hit")
     exchange.usage = entry.usage  # a whole body's, read when it was stored (None for a stream)
     exchange.cache_headers = (
         (CACHE_STATUS, cache_status(hit=True, ttl=remaining_ttl(age, entry.ttl))),
