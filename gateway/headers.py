@@ -71,7 +71,8 @@ _HEADERS_STATE = "headers_by_name"  # request_headers' key in the scope's state
 def request_headers(scope: MutableMapping[str, Any]) -> Mapping[bytes, bytes]:
     """The request's headers by lower-cased name (each name's first value), made once per request
     and kept in the scope's ``state``: one pass over the list instead of one per header looked up
-    (the gateway looks up six or seven; an OpenAI SDK request carries ~17 headers)."""
+    (the gateway looks up six or seven; an OpenAI SDK request carries ~17 headers). Made at the first
+    lookup (the outermost middleware's): no middleware of the gateway changes a request's headers."""
     state = scope.setdefault("state", {})
     found: dict[bytes, bytes] | None = state.get(_HEADERS_STATE)
     if found is None:
