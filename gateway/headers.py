@@ -62,6 +62,8 @@ _METERABLE_CODINGS = (b"gzip", b"deflate")
 # X-Accel-* are instructions from an upstream to the proxy in front of it (nginx strips them too);
 # the gateway sets its own X-Accel-Buffering for event streams.
 _PROXY_DIRECTIVE_PREFIX = b"x-accel-"
+# Prefixes of the upstream's headers never relayed (one startswith call per header).
+_NOT_RELAYED_PREFIXES = (_PROXY_DIRECTIVE_PREFIX, GATEWAY_PREFIX)
 
 REQUEST_ID = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -179,8 +181,7 @@ def client_response_headers(upstream_headers: Sequence[Header], extra: Iterable[
             lname in HOP_BY_HOP
             or lname in _REPLACED_DOWNSTREAM
             or lname in extra_hop
-            or lname.startswith(_PROXY_DIRECTIVE_PREFIX)
-            or lname.startswith(GATEWAY_PREFIX)
+            or lname.startswith(_NOT_RELAYED_PREFIXES)
         ):
             continue
         out.append((lname, value))
