@@ -77,14 +77,18 @@ class Breakers:
         if ticket is None or ticket.done:
             return
         ticket.done = True
-        circuit = self._circuits.setdefault(ticket.model, _Circuit())
-        if ticket.probe:
-            circuit.probing = False
-        if ok is None:
-            return
-        if ok:
+        if ok:  # closes the circuit (a probe's included): nothing is kept of a model that answers
             self._circuits.pop(ticket.model, None)
             return
+        circuit = self._circuits.get(ticket.model)
+        if ok is None:  # no verdict: a probe may go out again
+            if circuit is not None and ticket.probe:
+                circuit.probing = False
+            return
+        if circuit is None:
+            circuit = self._circuits[ticket.model] = _Circuit()
+        if ticket.probe:
+            circuit.probing = False
         circuit.failures += 1
         if ticket.probe or circuit.failures >= self._threshold:
             circuit.opened_at = self._clock()
