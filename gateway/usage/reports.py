@@ -133,17 +133,16 @@ def summary_fields(t: Totals) -> dict[str, Any]:
 
 
 def spend_usd(source: Path | str | sqlite3.Connection, key_name: str, since_ts: float) -> float:
-    """The sum of the key's known costs since ``since_ts`` (unix time), from the index on (key_name, ts)."""
-    with reader(source) as conn:
-        row = conn.execute(
-            "SELECT TOTAL(cost_usd) FROM usage WHERE key_name = ? AND ts >= ?", (key_name, since_ts)
-        ).fetchone()
-    return float(row[0])
+    """The sum of the key's known costs since ``since_ts`` (unix time): ``aggregate``'s, so a month's
+    budget reads a few roll-up rows of the key, not a month of its requests."""
+    totals = aggregate(source, start=since_ts, where={"key": (key_name,)}).get(())
+    return 0.0 if totals is None else float(totals["cost_usd"])
 
 
 def recent_requests(source: Path | str | sqlite3.Connection, key_name: str, since_ts: float) -> list[tuple[float, int]]:
     """When each of the key's requests since ``since_ts`` was admitted and its tokens: the rows the
-    rate limiter counted (sent upstream or answered from the cache; not the gateway's own refusals)."""
+    rate limiter counted (sent upstream or answered from the cache; not the gateway's own refusals).
+    Read by the ts index: a rate limit's window, a minute of every key's rows."""
     with reader(source) as conn:
         rows = conn.execute(
             f"SELECT ts, total_tokens FROM usage WHERE key_name = ? AND ts >= ? AND NOT {LOCAL_SQL} "  # noqa: S608

@@ -111,6 +111,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE usage ADD COLUMN requested_model TEXT",
         "ALTER TABLE usage ADD COLUMN fallback_from TEXT",
     ),
+    (
+        # Every raw row paid for four b-trees (the table and three indexes): since the roll-ups, the
+        # reads need only two. A key's spend comes from the roll-ups (gateway.usage.reports.spend_usd),
+        # its recent requests and every partial hour from the ts index, the rows not rolled up yet by
+        # id; nothing reads by team. Without these two a row costs the writer ~45 % less CPU (batches
+        # of 2,000 rows in a loop: 4.3 -> 2.3 us a row).
+        "DROP INDEX IF EXISTS usage_key_ts",
+        "DROP INDEX IF EXISTS usage_team_ts",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # Seconds a connection waits for a lock held by another (a reader, another process).

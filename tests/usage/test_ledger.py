@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -13,7 +14,8 @@ import pytest
 
 from gateway.usage import ledger as ledger_module
 from gateway.usage.ledger import Ledger
-from gateway.usage.reports import spend_usd, summarize
+from gateway.usage.reports import recent_requests, spend_usd, summarize
+from gateway.usage.rollups import refresh
 from gateway.usage.schema import MIGRATIONS, SCHEMA_VERSION, LedgerError, UsageRecord, migrate
 
 DAY1 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
@@ -101,13 +103,36 @@ async def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "usage_key_ts" in indexes
-        plan = conn.execute(
-            "EXPLAIN QUERY PLAN SELECT TOTAL(cost_usd) FROM usage WHERE key_name = ? AND ts >= ?", ("a", 0.0)
-        ).fetchall()
-        assert "usage_key_ts" in str(plan)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        listed = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'usage'")
+        indexes = {row[0] for row in listed}
+        assert indexes == {"usage_ts"}  # a row is stored in two b-trees, the table's and this one
+    finally:
+        conn.close()
+
+
+async def test_a_keys_spend_is_read_from_the_roll_ups_and_its_recent_requests_by_time(tmp_path: Path) -> None:
+    """Both are read when a key's budget or rate window is seeded: from the roll-ups and by the ts
+    index, never by going through the key's whole history."""
+    path = tmp_path / "usage.db"
+    async with Ledger(path, flush_interval=0.01) as ledger:
+        for i in range(40):
+            ledger.record(rec(i, cost=0.5, ts=DAY1 + i * 600, key="alice" if i % 2 else "bob"))
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        refresh(conn)
+        # The raw rows of whole hours, rolled up, are not read: the spend stays the same without them.
+        assert conn.execute("DELETE FROM usage WHERE ts >= ? AND ts < ?", (DAY1 + 3600, DAY1 + 6 * 3600)).rowcount == 30
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
+        assert spend_usd(conn, "alice", DAY1 + 1800) == pytest.approx(0.5 * 19)  # i = 3, 5, ..., 39
+        assert [ts for ts, _ in recent_requests(conn, "bob", DAY1 + 38 * 600)] == [DAY1 + 38 * 600]
+        conn.set_trace_callback(None)
+        selects = [s for s in statements if s.startswith("SELECT") and "usage_rollup_state" not in s]
+        assert len(selects) >= 3
+        for sql in selects:
+            plan = " ".join(str(row) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            assert not re.search(r"SCAN usage\b", plan), (sql, plan)
     finally:
         conn.close()
 
