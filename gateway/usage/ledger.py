@@ -17,13 +17,11 @@ The writer's thread runs on the gateway's CPU, so its CPU per row is the ledger'
 statement per row (``executemany``) cost ~13 us per row in the running gateway at 64 clients, 3x
 SQLite's own work: each statement releases the GIL and takes it back from the busy event loop (a
 context switch or more each time), and sqlite3 looked up an adapter, in vain and slowly, for
-every NULL and bool bound (see the adapters below). So a batch is a whole flush interval's
-records (``max_batch`` is well above a second's at a few thousand requests/s) and goes in as
-INSERT statements of up to ``MAX_ROWS_PER_INSERT`` rows (sizes from a fixed few, ``_row_counts``, so
-that each is compiled once): ~35 statements a second, not thousands,
-and ~3 us of the writer's CPU per row at 64 clients (it was ~7 while each write was followed at
-once by another, of the records that had arrived during it). (A statement's values are bound
-holding the GIL: ~0.1-0.2 ms for a full one, the longest the event loop waits for the writer.)
+every NULL and bool bound (``gateway.usage.writes``). So a batch is a whole flush interval's
+records (``max_batch`` is well above a second's at a few thousand requests/s) and goes in as a few
+INSERT statements of many rows each (``gateway.usage.writes``): ~35 statements a second, not
+thousands, and ~3 us of the writer's CPU per row at 64 clients (it was ~7 while each write was
+followed at once by another, of the records that had arrived during it).
 
 The database is in WAL mode (readers, such as the CLI or ``spend_usd`` at startup, never block the
 writer) with ``synchronous=NORMAL`` (a power loss may lose the last transactions, never corrupt).
@@ -34,26 +32,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from gateway.threads import background_priority
+from gateway.usage import writes
 from gateway.usage.reports import recent_requests, spend_usd
 from gateway.usage.rounds import round_batches
-from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, UsageRecord, counted_locally, migrate
+from gateway.usage.schema import UsageRecord, counted_locally
 
 logger = logging.getLogger("gateway.usage.ledger")
-
-# Rows per INSERT statement at most (fewer when the SQLite build binds fewer parameters): a power
-# of two, see ``_row_counts``.
-MAX_ROWS_PER_INSERT: Final = 128
 
 T = TypeVar("T")
 
@@ -96,7 +89,7 @@ class Ledger:
             raise RuntimeError("Ledger.start() may be called once, before aclose()")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger", initializer=background_priority)
         try:
-            self._conn = await self._in_thread(_open_writer, self._path)
+            self._conn = await self._in_thread(writes.open_writer, self._path)
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -183,10 +176,10 @@ class Ledger:
         queued again)."""
         for batch in round_batches(self._queue, self._max_batch, until_empty=until_empty):
             try:
-                await self._in_thread(_write, self._conn, batch)
+                await self._in_thread(writes.write_batch, self._conn, batch)
             except (sqlite3.InterfaceError, sqlite3.IntegrityError, sqlite3.DataError, OverflowError, TypeError):
                 # Something in the batch cannot be stored: write it row by row, dropping only the bad rows.
-                rejected = await self._in_thread(_write_each, self._conn, batch)
+                rejected = await self._in_thread(writes.write_each, self._conn, batch)
                 for record in rejected:
                     logger.error("ledger: a usage record could not be stored and was dropped (request %s)",
                                  record.request_id)  # fmt: skip
@@ -211,96 +204,3 @@ class Ledger:
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._executor is not None
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-
-def _register_adapters() -> None:
-    """sqlite3 "adapts" every value bound that is not exactly an int, float, str or bytes: without
-    an adapter registered for its type, that takes two failed attribute lookups, one raising (and
-    formatting) an AttributeError. A row has several (its NULLs, the ``cut`` bool): ~2 us of the
-    writer's CPU per row. These adapters change no value (None is bound as NULL and a bool as 0 or
-    1, as without them); they are only found at once. sqlite3 keeps adapters for the whole process,
-    so this is done when a ledger opens its writer, never at import, and doing it again is a no-op.
-    """
-    sqlite3.register_adapter(type(None), _same)
-    sqlite3.register_adapter(bool, int)
-
-
-def _same(value: None) -> None:
-    return value
-
-
-def _open_writer(path: Path) -> sqlite3.Connection:
-    _register_adapters()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    try:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            logger.warning("ledger: %s could not be put in WAL mode (journal_mode=%s)", path, mode)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        migrate(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _row_counts(count: int, largest: int) -> list[int]:
-    """``count`` rows as the sizes of the INSERT statements that write them: ``largest`` (a power of
-    two) as often as it fits, then the powers of two that make up the rest (its binary digits).
-
-    So the ledger only ever runs a few different statements (8 at most), each compiled once and then
-    taken from sqlite3's statement cache. A statement of each batch's own size is a new statement for
-    nearly every batch (at moderate traffic each flush holds a different number of rows; sqlite3
-    caches 128 statements, the sizes were up to 200), compiled again every time: ~9,700 instructions
-    a row, against ~12,700 for storing it (callgrind, ``bench/server_instructions.py``)."""
-    counts = [largest] * (count // largest)
-    rest = count % largest
-    while rest:
-        counts.append(1 << (rest.bit_length() - 1))
-        rest -= counts[-1]
-    return counts
-
-
-@functools.lru_cache(maxsize=16)
-def _insert_rows(count: int) -> str:
-    """INSERT for ``count`` rows (SQL of constants only: the record's field names, which are the
-    columns; values are bound)."""
-    row = f"({', '.join('?' * len(UsageRecord._fields))})"
-    return f"INSERT INTO usage ({', '.join(UsageRecord._fields)}) VALUES {', '.join([row] * count)}"  # noqa: S608
-
-
-def _write(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> None:
-    assert conn is not None
-    bound = min(MAX_ROWS_PER_INSERT, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(UsageRecord._fields))
-    largest = 1 << (bound.bit_length() - 1)  # a power of two
-    conn.execute("BEGIN")
-    try:
-        # Each record is its row (``cut``, a bool, is stored as 0 or 1); see the module docstring.
-        start = 0
-        for count in _row_counts(len(batch), largest):
-            rows = batch[start : start + count]
-            start += count
-            conn.execute(_insert_rows(count), tuple(chain.from_iterable(rows)))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def _write_each(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> list[UsageRecord]:
-    """Write each record on its own (in one transaction); returns those the database refused."""
-    assert conn is not None
-    rejected: list[UsageRecord] = []
-    conn.execute("BEGIN")
-    try:
-        for record in batch:
-            try:
-                conn.execute(INSERT, record)
-            except (sqlite3.InterfaceError, sqlite3.IntegrityError, sqlite3.DataError, OverflowError, TypeError):
-                rejected.append(record)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return rejected

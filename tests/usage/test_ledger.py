@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.usage import ledger as ledger_module
+from gateway.usage import writes
 from gateway.usage.ledger import Ledger
 from gateway.usage.reports import recent_requests, spend_usd, summarize
 from gateway.usage.rollups import refresh
@@ -344,7 +344,7 @@ async def test_records_after_close_are_counted_as_dropped(tmp_path: Path) -> Non
 
 async def test_a_failed_write_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "usage.db"
-    real_write = ledger_module._write
+    real_write = writes.write_batch
     calls: list[int] = []
 
     def flaky_write(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> None:
@@ -353,7 +353,7 @@ async def test_a_failed_write_is_retried(tmp_path: Path, monkeypatch: pytest.Mon
             raise sqlite3.OperationalError("disk I/O error")
         real_write(conn, batch)
 
-    monkeypatch.setattr(ledger_module, "_write", flaky_write)
+    monkeypatch.setattr(writes, "write_batch", flaky_write)
     async with Ledger(path, flush_interval=0.01) as ledger:
         ledger.record(rec(1))
         ledger.record(rec(2))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.usage import ledger as ledger_module
-from gateway.usage.ledger import MAX_ROWS_PER_INSERT, Ledger
+from gateway.usage import writes
+from gateway.usage.ledger import Ledger
 from gateway.usage.schema import UsageRecord
+from gateway.usage.writes import MAX_ROWS_PER_INSERT, open_writer, write_batch
 
 COLUMNS = ", ".join(UsageRecord._fields)
 
@@ -63,13 +64,13 @@ async def test_a_batch_of_several_statements_stores_every_row_once_and_intact(tm
 
 def test_rows_per_statement_follow_the_builds_parameter_limit(tmp_path: Path) -> None:
     """An SQLite that binds at most 40 parameters gets INSERTs of 2 rows (17 columns each)."""
-    conn = ledger_module._open_writer(tmp_path / "usage.db")
+    conn = open_writer(tmp_path / "usage.db")
     statements: list[str] = []
     try:
         conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 40)
         conn.set_trace_callback(statements.append)
         records = [record(i) for i in range(5)]
-        ledger_module._write(conn, records)
+        write_batch(conn, records)
     finally:
         conn.close()
     inserts = [s for s in statements if s.startswith("INSERT")]  # (with their values, as traced)
@@ -82,14 +83,14 @@ def test_batches_of_every_size_run_a_few_statements_that_stay_prepared(tmp_path:
     INSERTs of a power of two rows, at most MAX_ROWS_PER_INSERT: 8 statements in all, fewer than
     sqlite3's statement cache holds (128), so none is compiled again (a statement of each batch's own
     size was compiled anew for nearly every batch)."""
-    conn = ledger_module._open_writer(tmp_path / "usage.db")
+    conn = open_writer(tmp_path / "usage.db")
     statements: list[str] = []
     written: list[UsageRecord] = []
     try:
         conn.set_trace_callback(statements.append)
         for size in range(1, 301):
             batch = [record(len(written) + i) for i in range(size)]
-            ledger_module._write(conn, batch)
+            write_batch(conn, batch)
             written += batch
     finally:
         conn.close()
@@ -115,14 +116,14 @@ async def test_records_arriving_during_a_write_wait_for_the_next_interval(
     writes what a flush interval (0.25 s) gathered, not, write after write, what arrived during the
     last one (about 40 small transactions a second, each a wake-up of its thread)."""
     batches: list[int] = []
-    real_write = ledger_module._write
+    real_write = writes.write_batch
 
     def slow_write(conn: sqlite3.Connection | None, batch: Sequence[UsageRecord]) -> None:
         batches.append(len(batch))
         time.sleep(0.02)
         real_write(conn, batch)
 
-    monkeypatch.setattr(ledger_module, "_write", slow_write)
+    monkeypatch.setattr(writes, "write_batch", slow_write)
     path = tmp_path / "usage.db"
     records = [record(i) for i in range(1000)]
     async with Ledger(path, flush_interval=0.25) as ledger:
