@@ -217,6 +217,8 @@ def _opcode_tracer(counts: collections.Counter[str], calls: collections.Counter[
         frame.f_trace_opcodes = True
         code = frame.f_code
         where = f"{code.co_filename.removeprefix(root)}:{code.co_firstlineno} {code.co_qualname}"
+        if code.co_filename == "<string>" and "self" in frame.f_locals:  # a generated __init__ (dataclasses)
+            where += f" of {type(frame.f_locals['self']).__qualname__}"
         calls[where] += 1
 
         def each(frame: Any, event: str, arg: Any) -> Any:
