@@ -180,6 +180,9 @@ def measure_seed(
         for name in SIDES:  # warm-up: imports, caches, the upstream pool, the first collections
             url = f"http://{b.HOST}:{sides[name].port}{url_path}"
             b.run_wrk(url, script, args.connections, args.warmup, cpus)
+            if args.writers_beside and cpus.load is not None:  # (the log's writer starts with the first line)
+                moved = b.move_writer_threads(sides[name].proc.pid, cpus.load)
+                b.log(f"seed {seed}: {name}'s writer threads on CPUs {cpus.load}: {', '.join(moved) or 'none'}")
         for index in range(args.rounds):
             order = SIDES if index % 2 == 0 else SIDES[::-1]
             samples = {name: measure(sides[name], both, url_path, script, args, cpus) for name in order}
@@ -253,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "pinning": cpus.describe(),
+        "writers_beside": args.writers_beside,
         "rev": "floor" if args.floor else args.rev,
         "b_rev": args.b_rev,
         "tree": None if args.b_rev else working_tree(),
@@ -326,6 +330,10 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
+def _writers(m: dict[str, Any]) -> str:
+    return "; their writer threads on the load CPUs after the warm-up" if m.get("writers_beside") else ""
+
+
 def _pct(ratio: float) -> str:
     return f"{(ratio - 1) * 100:+.1f} %"
 
@@ -351,7 +359,7 @@ def render(results: dict[str, Any]) -> str:
             f"{_configs(m)}. Scenario {m['scenario']}, {m['connections']} connections, "
             f"{m['seconds']} s wrk runs after a {m['warmup_s']} s warm-up of each, {m['rounds']} rounds per "
             f"hash seed, the order swapped every round; {m['pinning']} "
-            f"(both gateways on the same CPU). Load average {m['loadavg_start'][0]:.2f} at the start, "
+            f"(both gateways on the same CPU{_writers(m)}). Load average {m['loadavg_start'][0]:.2f} at the start, "
             f"{m.get('loadavg_end', [0])[0]:.2f} at the end; CPU pressure at the end: "
             f"`{m.get('cpu_pressure_end', 'n/a')}`.",
             "",
@@ -442,6 +450,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per gateway and seed (default 2)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the gateways and the load to separate CPUs")
+    parser.add_argument(
+        "--writers-beside",
+        action="store_true",
+        help="after the warm-up, the gateways' writer threads (access log, ledger, roll-ups) run on the load CPUs, "
+        "the event loop alone on the proxy CPU: as on an unpinned machine with a core to spare (the CPU per "
+        "request still counts every thread)",
+    )
     parser.add_argument("--render", metavar="JSON", help="only print the table of a saved comparison")
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 200:

@@ -934,3 +934,21 @@ def run_streams(
         raise RuntimeError(f"streams.py failed (rc {done.returncode}): {done.stderr[-800:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+# The names the gateway gives its background threads (gateway.threads; a pool's threads get "_0").
+WRITER_THREADS = ("log-writer", "ledger_0", "rollups_0")
+
+
+def move_writer_threads(pid: int, cpus: tuple[int, ...]) -> list[str]:
+    """Let the gateway ``pid``'s writer threads (``WRITER_THREADS``) run on ``cpus`` only, as the
+    kernel would place them on an idle core of an unpinned machine; the event loop stays where it
+    is. Returns the names of the threads moved (those started by now)."""
+    moved = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        with contextlib.suppress(OSError):
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            if name in WRITER_THREADS:
+                os.sched_setaffinity(int(tid), cpus)
+                moved.append(name)
+    return moved

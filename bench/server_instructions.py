@@ -61,13 +61,23 @@ async def _drive(url: str, body: bytes, requests: int, concurrency: int) -> None
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def count(kind: str, workdir: Path, upstream: str, requests: int, args: argparse.Namespace, keep: Path | None) -> int:
-    """The instructions callgrind counts for one run of ``kind`` serving ``args.warmup + requests``."""
+def count(
+    kind: str, workdir: Path, upstream: str, requests: int, args: argparse.Namespace, keep: Path | None
+) -> list[int]:
+    """The instructions callgrind counts for one run of ``kind`` serving ``args.warmup + requests``: the
+    whole process's, or with ``--threads`` each thread's (the main thread first)."""
     port = b.free_port()
     profile = b.GATEWAY_KIND_PROFILES.get(kind, "defaults")
     config = b.gateway_config(workdir, f"{kind}-{requests}", upstream, port, profile=profile)
     out = (keep or workdir) / f"callgrind.{kind}.{requests}"
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *b.gateway_argv(kind, config, port)]
+    threads = ["--separate-threads=yes"] if args.threads else []
+    argv = [
+        "valgrind",
+        "--tool=callgrind",
+        *threads,
+        f"--callgrind-out-file={out}",
+        *b.gateway_argv(kind, config, port),
+    ]
     proc = b.spawn(f"{kind}-{requests}", argv, workdir, None, env=b.gateway_env(0, None))
     try:
         b.wait_ready(proc, port, "/readyz", 300.0)
@@ -77,11 +87,18 @@ def count(kind: str, workdir: Path, upstream: str, requests: int, args: argparse
         asyncio.run(_drive(url, body, requests, args.concurrency))
     finally:
         proc.stop(timeout=120.0)
-    text = out.read_text(errors="replace") if out.exists() else ""
-    found = re.search(r"^summary:\s*(\d+)", text, re.MULTILINE) or re.search(r"^totals:\s*(\d+)", text, re.MULTILINE)
-    if found is None:
+    # With --threads, callgrind writes a file per thread (out-01 the main thread, then in start order).
+    parts = sorted(out.parent.glob(f"{out.name}-*")) if args.threads else [out]
+    totals = [_total(part) for part in parts]
+    if not totals or None in totals:
         raise SystemExit(f"server_instructions: no callgrind total for {kind}:\n{proc.tail(30)}")
-    return int(found.group(1))
+    return [total for total in totals if total is not None]
+
+
+def _total(path: Path) -> int | None:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    found = re.search(r"^summary:\s*(\d+)", text, re.MULTILINE) or re.search(r"^totals:\s*(\d+)", text, re.MULTILINE)
+    return None if found is None else int(found.group(1))
 
 
 def main() -> None:
@@ -92,6 +109,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--keep", type=Path, help="keep the callgrind files in this folder")
+    parser.add_argument("--threads", action="store_true", help="also the instructions per request of each thread")
     args = parser.parse_args()
     small, large = args.requests if len(args.requests) == 2 else (0, 0)
     if any(k not in KINDS for k in args.kinds) or not 1 <= small < large <= 100_000 or not 1 <= args.concurrency <= 256:
@@ -108,10 +126,13 @@ def main() -> None:
             per: dict[str, float] = {}
             for kind in args.kinds:
                 started = time.monotonic()
-                totals = [count(kind, workdir, upstream, n, args, args.keep) for n in (small, large)]
-                per[kind] = (totals[1] - totals[0]) / (large - small)
+                short, long = (count(kind, workdir, upstream, n, args, args.keep) for n in (small, large))
+                per[kind] = (sum(long) - sum(short)) / (large - small)
                 print(f"  {kind:14s} {per[kind]:12,.0f} instructions per request ({time.monotonic() - started:.0f} s)",
                       flush=True)  # fmt: skip
+                if args.threads and len(short) == len(long):
+                    each = ", ".join(f"{(b_ - a) / (large - small):,.0f}" for a, b_ in zip(short, long, strict=True))
+                    print(f"  {'':14s} by thread, the main thread first: {each}", flush=True)
         finally:
             nginx.proc.stop()
     if "floor" in per:
