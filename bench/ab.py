@@ -6,6 +6,7 @@
     python bench/ab.py --config lean                    # both with the access log and the ledger off
     python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults   # what the defaults cost
     python bench/ab.py --floor --b-rev HEAD --rounds 6 --seconds 5   # the gateway against the bare relay floor
+    python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults --writers-beside   # writers elsewhere
     python bench/ab.py --rev HEAD --b-venv /tmp/venv-3.12   # B: the same code on another interpreter
     python bench/ab.py --render bench/results/ab-....json   # re-print a saved comparison
 
