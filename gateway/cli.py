@@ -24,6 +24,7 @@ from gateway.cli_serve import discard_stdout, run, uvicorn_options
 from gateway.config import POSTGRES_INSTALL, Settings, SettingsError, load_settings, resolve_config_path
 from gateway.endpoints import CATEGORIES
 from gateway.usage.reports import SUMMARY_GROUPS, summarize
+from gateway.usage.schema import LedgerError
 
 # Names read from here by tests and bench/ (they live in gateway.cli_demo and gateway.cli_serve).
 __all__ = ["DEMO_USER", "DEMO_USER_RPM", "EXIT_STDOUT_CLOSED", "DemoLedger", "_demo_banner", "main", "uvicorn_options"]
@@ -177,7 +178,11 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"gateway: no usage ledger at {usage.path!r} ([usage] path)", file=sys.stderr)
         return 1
     else:
-        rows = summarize(usage.path, by=args.by, key=args.key, since=args.since)
+        try:
+            rows = summarize(usage.path, by=args.by, key=args.key, since=args.since)
+        except LedgerError as exc:  # another schema version, or not a ledger at all
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0

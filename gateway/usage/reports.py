@@ -270,10 +270,25 @@ def reader(source: Path | str | sqlite3.Connection) -> Iterator[sqlite3.Connecti
     try:
         version = user_version(conn)
         if version != SCHEMA_VERSION:
-            raise LedgerError(f"{path} is not a ledger of schema version {SCHEMA_VERSION} (user_version {version})")
+            raise LedgerError(_version_mismatch(path, version))
         yield conn
     finally:
         conn.close()
+
+
+def _version_mismatch(path: Path, version: int) -> str:
+    """Why a file at another schema version cannot be read, and what to do about it."""
+    if version == 0:
+        return f"{path} is not a usage ledger (it has no schema version)"
+    if version < SCHEMA_VERSION:
+        return (
+            f"{path} is a usage ledger of schema version {version}, written by an older gateway: this one reads "
+            f"version {SCHEMA_VERSION}, and migrates the file when it starts with it ([usage] path)"
+        )
+    return (
+        f"{path} is a usage ledger of schema version {version}, newer than this gateway's ({SCHEMA_VERSION}): "
+        "read it with the gateway that wrote it"
+    )
 
 
 def _order(value: Any) -> tuple[bool, Any]:

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ from gateway.server.thread import LocalServer
 from gateway.usage.ledger import Ledger
 from gateway.usage.postgres.reports import summarize_blocking
 from gateway.usage.reports import summarize
-from gateway.usage.schema import UsageRecord
+from gateway.usage.schema import MIGRATIONS, SCHEMA_VERSION, UsageRecord
 from tests.helpers.gateway import CHAT_MODEL, chat_body, key_sha256, wait_until
 from tests.helpers.postgres import PostgresServer
 from tests.helpers.processes import GATEWAY, clean_env, free_port, running, stop, wait_ready
@@ -538,6 +539,54 @@ def test_usage_in_keys_mode_reads_the_ledger_without_the_upstream_key(tmp_path: 
     assert ran.returncode == 0, ran.stderr
     assert ran.stderr == ""
     assert ran.stdout.splitlines()[1].split() == ["alice", "2", "0", "6", "8", "0.0020", "-"]
+
+
+def _ledger_of_version(path: Path, version: int) -> None:
+    """A ledger as a gateway of schema ``version`` left it (its migrations up to there, no rows)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statement in (s for step in MIGRATIONS[:version] for s in step):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "said"),
+    [
+        (SCHEMA_VERSION - 1, "written by an older gateway: this one reads version"),
+        (SCHEMA_VERSION + 1, "newer than this gateway's"),
+        (0, "is not a usage ledger"),
+    ],
+    ids=["older", "newer", "not-a-ledger"],
+)
+def test_usage_on_a_ledger_it_cannot_read_says_why_in_one_line(tmp_path: Path, version: int, said: str) -> None:
+    """Upgrading the package before the gateway has migrated its file, or pointing at the wrong file:
+    one line that says what the file is and what to do, exit 1, no traceback."""
+    ledger = tmp_path / "usage.db"
+    _ledger_of_version(ledger, min(version, SCHEMA_VERSION))
+    if version > SCHEMA_VERSION:
+        conn = sqlite3.connect(ledger)
+        try:
+            conn.execute(f"PRAGMA user_version = {version}")
+        finally:
+            conn.close()
+    config = tmp_path / "plain.toml"
+    config.write_text(f"[usage]\npath = {json.dumps(str(ledger))}\n")
+    ran = subprocess.run(  # noqa: S603 - our own console script
+        [GATEWAY, "usage", "--config", str(config)],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    assert ran.returncode == 1
+    assert ran.stdout == ""
+    assert ran.stderr.count("\n") == 1, ran.stderr
+    assert ran.stderr.startswith(f"gateway: {ledger} ")
+    assert said in ran.stderr
 
 
 def test_usage_piped_into_head_ends_quietly(tmp_path: Path) -> None:
