@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    except LedgerError as exc:  # the usage ledger's file cannot be used ([usage] path)
+        print(f"gateway: usage ledger: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return result
@@ -178,11 +181,7 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"gateway: no usage ledger at {usage.path!r} ([usage] path)", file=sys.stderr)
         return 1
     else:
-        try:
-            rows = summarize(usage.path, by=args.by, key=args.key, since=args.since)
-        except LedgerError as exc:  # another schema version, or not a ledger at all
-            print(f"gateway: {exc}", file=sys.stderr)
-            return 1
+        rows = summarize(usage.path, by=args.by, key=args.key, since=args.since)  # LedgerError: main()
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0

@@ -1,8 +1,9 @@
 """Run the gateway under uvicorn: the common path of ``gateway serve`` and ``gateway demo``.
 
 The uvicorn options ``serve`` uses (``uvicorn_options``, also read by bench/), the SIGTERM handling
-that makes a completed graceful shutdown exit 0, and a server on a socket already bound that says
-when it serves (``serve_on_socket``, for the demo's banner).
+that makes a completed graceful shutdown exit 0, the SQLite ledger made ready before serving
+(``prepare_ledger``), and a server on a socket already bound that says when it serves
+(``serve_on_socket``, for the demo's banner).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.config import Settings
 from gateway.ops.heap import freeze_startup_heap
 from gateway.ops.logs import configure as configure_logging
+from gateway.usage.writes import prepare
 
 if TYPE_CHECKING:
     import uvicorn
@@ -30,12 +32,22 @@ def run(settings: Settings, config_path: Path | None = None, workers: int = 1) -
     from gateway.app import create_app
 
     configure_logging(settings.log_level, settings.log_format)
+    prepare_ledger(settings)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler it found: make
     # that handler exit 0, since a requested, completed shutdown is a success.
     signal.signal(signal.SIGTERM, exit_after_graceful_shutdown)
     app: Any = "gateway.app:create_app_from_env" if workers > 1 else create_app(settings, config_path=config_path)
     freeze_startup_heap()  # (each worker of --workers N does it in create_app_from_env)
     uvicorn.run(app, factory=workers > 1, workers=workers if workers > 1 else None, **uvicorn_options(settings))
+
+
+def prepare_ledger(settings: Settings) -> None:
+    """Create or migrate the SQLite ledger before serving (``gateway.usage.writes.prepare``): a file
+    the gateway cannot use stops the command with one line (``LedgerError``), and ``--workers N``
+    find it migrated already."""
+    usage = settings.usage
+    if usage.path and not usage.database_url:
+        prepare(Path(usage.path))
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -79,6 +91,7 @@ def serve_on_socket(
     from gateway.app import create_app
 
     configure_logging(settings.log_level, settings.log_format)
+    prepare_ledger(settings)
     signal.signal(signal.SIGTERM, exit_after_graceful_shutdown)  # as in run
     app = create_app(settings, config_path=config_path, env=env)
     freeze_startup_heap()

@@ -19,7 +19,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Final
 
-from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, UsageRecord, migrate
+from gateway.usage.schema import BUSY_TIMEOUT_S, INSERT, LedgerError, UsageRecord, migrate
 
 logger = logging.getLogger("gateway.usage.ledger")
 
@@ -60,6 +60,18 @@ def open_writer(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def prepare(path: Path) -> None:
+    """Create or migrate the ledger at ``path`` now, before serving: a file that cannot be used (a
+    newer gateway's, a directory that cannot be made, a disk that refuses it) raises a
+    ``LedgerError`` that names it, for a one-line error at start-up instead of a failed lifespan."""
+    try:
+        open_writer(path).close()
+    except LedgerError as exc:
+        raise LedgerError(f"{path}: {exc}") from exc
+    except (sqlite3.Error, OSError) as exc:
+        raise LedgerError(f"{path} cannot be opened as the usage ledger: {exc}") from exc
 
 
 def row_counts(count: int, largest: int) -> list[int]:

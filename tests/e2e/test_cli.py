@@ -90,6 +90,27 @@ def test_serve_names_a_bad_setting(tmp_path: Path) -> None:
     assert "GATEWAY_CATALOG_TTL: must be greater than 0" in out
 
 
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_ledger_the_gateway_cannot_use_stops_it_with_one_line(tmp_path: Path, command: str) -> None:
+    """A newer gateway's ledger (a rollback) is refused before serving: one line naming
+    the file, exit 1, no traceback (it was a failed lifespan's traceback, and exit 3)."""
+    ledger = tmp_path / "usage.db"
+    _ledger_of_version(ledger, SCHEMA_VERSION)
+    conn = sqlite3.connect(ledger)
+    try:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    finally:
+        conn.close()
+    port = free_port()
+    with running([command, "--port", str(port)], {"GATEWAY_USAGE_PATH": str(ledger)}, tmp_path) as proc:
+        out, _ = proc.communicate(timeout=START_TIMEOUT)
+    assert proc.returncode == 1
+    assert out == f"gateway: usage ledger: {ledger}: the ledger's schema is version {SCHEMA_VERSION + 1}, newer than " \
+        f"this gateway's ({SCHEMA_VERSION})\n"  # fmt: skip
+    with pytest.raises(httpx.TransportError):  # it never bound the port
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+
+
 def test_demo_prints_examples_and_serves_the_simulated_upstream(tmp_path: Path) -> None:
     port = free_port()
     with running(["demo", "--port", str(port)], {}, tmp_path) as proc:
@@ -585,7 +606,7 @@ def test_usage_on_a_ledger_it_cannot_read_says_why_in_one_line(tmp_path: Path, v
     assert ran.returncode == 1
     assert ran.stdout == ""
     assert ran.stderr.count("\n") == 1, ran.stderr
-    assert ran.stderr.startswith(f"gateway: {ledger} ")
+    assert ran.stderr.startswith(f"gateway: usage ledger: {ledger} ")
     assert said in ran.stderr
 
 
