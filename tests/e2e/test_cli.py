@@ -95,12 +95,7 @@ def test_a_ledger_the_gateway_cannot_use_stops_it_with_one_line(tmp_path: Path, 
     """A newer gateway's ledger (a rollback) is refused before serving: one line naming
     the file, exit 1, no traceback (it was a failed lifespan's traceback, and exit 3)."""
     ledger = tmp_path / "usage.db"
-    _ledger_of_version(ledger, SCHEMA_VERSION)
-    conn = sqlite3.connect(ledger)
-    try:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    finally:
-        conn.close()
+    _ledger_of_version(ledger, SCHEMA_VERSION + 1)
     port = free_port()
     with running([command, "--port", str(port)], {"GATEWAY_USAGE_PATH": str(ledger)}, tmp_path) as proc:
         out, _ = proc.communicate(timeout=START_TIMEOUT)
@@ -379,14 +374,7 @@ def test_demo_that_cannot_bind_says_so_in_one_line_without_a_banner(tmp_path: Pa
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        ran = subprocess.run(  # noqa: S603 - our own console script
-            [GATEWAY, "demo", "--port", str(port)],
-            cwd=tmp_path,
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT,
-        )
+        ran = _gateway_command(["demo", "--port", str(port)], tmp_path)
     assert ran.returncode == 1
     assert ran.stdout == ""
     (line,) = ran.stderr.splitlines()
@@ -549,21 +537,15 @@ def keys_mode_config(tmp_path: Path, ledger: Path) -> Path:
 def test_usage_in_keys_mode_reads_the_ledger_without_the_upstream_key(tmp_path: Path) -> None:
     ledger = tmp_path / "usage.db"
     write_ledger(ledger, ["alice", "alice"])
-    ran = subprocess.run(  # noqa: S603 - our own console script
-        [GATEWAY, "usage", "--config", str(keys_mode_config(tmp_path, ledger))],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-    )
+    ran = _gateway_command(["usage", "--config", str(keys_mode_config(tmp_path, ledger))], tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert ran.stderr == ""
     assert ran.stdout.splitlines()[1].split() == ["alice", "2", "0", "6", "8", "0.0020", "-"]
 
 
 def _ledger_of_version(path: Path, version: int) -> None:
-    """A ledger as a gateway of schema ``version`` left it (its migrations up to there, no rows)."""
+    """A ledger as a gateway of schema ``version`` left it (its migrations up to there, no rows; a
+    newer one: this version's tables under a higher number)."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         for statement in (s for step in MIGRATIONS[:version] for s in step):
@@ -571,6 +553,13 @@ def _ledger_of_version(path: Path, version: int) -> None:
         conn.execute(f"PRAGMA user_version = {version}")
     finally:
         conn.close()
+
+
+def _gateway_command(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A gateway command run to its end (none of this process's GATEWAY_* settings)."""
+    return subprocess.run(  # noqa: S603 - our own console script
+        [GATEWAY, *args], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=START_TIMEOUT
+    )
 
 
 @pytest.mark.parametrize(
@@ -586,23 +575,10 @@ def test_usage_on_a_ledger_it_cannot_read_says_why_in_one_line(tmp_path: Path, v
     """Upgrading the package before the gateway has migrated its file, or pointing at the wrong file:
     one line that says what the file is and what to do, exit 1, no traceback."""
     ledger = tmp_path / "usage.db"
-    _ledger_of_version(ledger, min(version, SCHEMA_VERSION))
-    if version > SCHEMA_VERSION:
-        conn = sqlite3.connect(ledger)
-        try:
-            conn.execute(f"PRAGMA user_version = {version}")
-        finally:
-            conn.close()
+    _ledger_of_version(ledger, version)
     config = tmp_path / "plain.toml"
     config.write_text(f"[usage]\npath = {json.dumps(str(ledger))}\n")
-    ran = subprocess.run(  # noqa: S603 - our own console script
-        [GATEWAY, "usage", "--config", str(config)],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-    )
+    ran = _gateway_command(["usage", "--config", str(config)], tmp_path)
     assert ran.returncode == 1
     assert ran.stdout == ""
     assert ran.stderr.count("\n") == 1, ran.stderr
