@@ -25,6 +25,7 @@ from gateway.usage.schema import (
     SCHEMA_VERSION,
     LedgerError,
     user_version,
+    version_mismatch,
 )
 
 # The most rows recent_requests returns (a key's window is at most its rpm; this bounds a read).
@@ -270,25 +271,10 @@ def reader(source: Path | str | sqlite3.Connection) -> Iterator[sqlite3.Connecti
     try:
         version = user_version(conn)
         if version != SCHEMA_VERSION:
-            raise LedgerError(_version_mismatch(path, version))
+            raise LedgerError(version_mismatch(path, version))
         yield conn
     finally:
         conn.close()
-
-
-def _version_mismatch(path: Path, version: int) -> str:
-    """Why a file at another schema version cannot be read, and what to do about it."""
-    if version == 0:
-        return f"{path} is not a usage ledger (it has no schema version)"
-    if version < SCHEMA_VERSION:
-        return (
-            f"{path} is a usage ledger of schema version {version}, written by an older gateway: this one reads "
-            f"version {SCHEMA_VERSION}, and migrates the file when it starts with it ([usage] path)"
-        )
-    return (
-        f"{path} is a usage ledger of schema version {version}, newer than this gateway's ({SCHEMA_VERSION}): "
-        "read it with the gateway that wrote it"
-    )
 
 
 def _order(value: Any) -> tuple[bool, Any]:

@@ -7,6 +7,7 @@ date (``migrate``). Writing is ``gateway.usage.ledger``'s job, reading ``gateway
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import Final, NamedTuple
 
 # The per-bucket totals every roll-up row holds (their SQL over usage rows is gateway.usage.rollups').
@@ -187,6 +188,21 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 def user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def version_mismatch(path: Path, version: int) -> str:
+    """Why a file at another schema version cannot be read, and what to do about it."""
+    if version == 0:
+        return f"{path} is not a usage ledger (it has no schema version)"
+    if version < SCHEMA_VERSION:
+        return (
+            f"{path} is a usage ledger of schema version {version}, written by an older gateway: this one reads "
+            f"version {SCHEMA_VERSION}, and migrates the file when it starts with it ([usage] path)"
+        )
+    return (
+        f"{path} is a usage ledger of schema version {version}, newer than this gateway's ({SCHEMA_VERSION}): "
+        "read it with the gateway that wrote it"
+    )
 
 
 def counted_locally(r: UsageRecord) -> bool:
