@@ -174,7 +174,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     try:
         version = user_version(conn)
         if version > SCHEMA_VERSION:
-            raise LedgerError(f"the ledger's schema is version {version}, newer than this gateway's ({SCHEMA_VERSION})")
+            raise LedgerError(version_mismatch(_file_of(conn), version))
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step]:
                 conn.execute(statement)
@@ -190,8 +190,14 @@ def user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
+def _file_of(conn: sqlite3.Connection) -> Path:
+    """The file of the connection's main database."""
+    return Path(conn.execute("PRAGMA database_list").fetchone()[2])
+
+
 def version_mismatch(path: Path, version: int) -> str:
-    """Why a file at another schema version cannot be read, and what to do about it."""
+    """Why a file at another schema version cannot be used (read, or migrated: only to a newer
+    version), and what to do about it."""
     if version == 0:
         return f"{path} is not a usage ledger (it has no schema version)"
     if version < SCHEMA_VERSION:
@@ -201,7 +207,7 @@ def version_mismatch(path: Path, version: int) -> str:
         )
     return (
         f"{path} is a usage ledger of schema version {version}, newer than this gateway's ({SCHEMA_VERSION}): "
-        "read it with the gateway that wrote it"
+        "use it with the gateway that wrote it"
     )
 
 

@@ -67,9 +67,7 @@ def prepare(path: Path) -> None:
     newer gateway's, a directory that cannot be made, a disk that refuses it) raises a
     ``LedgerError`` that names it, for a one-line error at start-up instead of a failed lifespan."""
     try:
-        open_writer(path).close()
-    except LedgerError as exc:
-        raise LedgerError(f"{path}: {exc}") from exc
+        open_writer(path).close()  # (a newer gateway's file: migrate's LedgerError names it already)
     except (sqlite3.Error, OSError) as exc:
         raise LedgerError(f"{path} cannot be opened as the usage ledger: {exc}") from exc
 

@@ -100,8 +100,8 @@ def test_a_ledger_the_gateway_cannot_use_stops_it_with_one_line(tmp_path: Path, 
     with running([command, "--port", str(port)], {"GATEWAY_USAGE_PATH": str(ledger)}, tmp_path) as proc:
         out, _ = proc.communicate(timeout=START_TIMEOUT)
     assert proc.returncode == 1
-    assert out == f"gateway: usage ledger: {ledger}: the ledger's schema is version {SCHEMA_VERSION + 1}, newer than " \
-        f"this gateway's ({SCHEMA_VERSION})\n"  # fmt: skip
+    assert out == f"gateway: usage ledger: {ledger} is a usage ledger of schema version {SCHEMA_VERSION + 1}, newer " \
+        f"than this gateway's ({SCHEMA_VERSION}): use it with the gateway that wrote it\n"  # fmt: skip
     with pytest.raises(httpx.TransportError):  # it never bound the port
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
 
