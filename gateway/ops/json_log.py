@@ -19,6 +19,9 @@ write per request cost ~40 us of a request's CPU (~15 % at 64 clients); the shor
   every log call did before: nothing is dropped, and the memory held stays bounded.
 - Lines keep their order: the handler writes what is buffered before any other record (from any
   thread), and the writer and the records take the handler's lock to write.
+- Lines go out as the bytes they are, below the text layer: into its buffer, or into the file
+  itself when there is none (stderr under ``PYTHONUNBUFFERED=1``, as deploy/ runs the gateway),
+  whole even when the file takes a part at a time.
 - ``flush`` writes everything buffered: the services call it when they close (after the drain of
   a SIGTERM, once the last request has finished), logging calls it at exit, ``close`` too. Only a
   process killed outright (SIGKILL, a crash of the interpreter) loses what it held: at most the
@@ -34,6 +37,7 @@ operator added) gets the LogRecord, exactly as before.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import logging
@@ -218,6 +222,9 @@ class JsonHandler(logging.StreamHandler[TextIO]):
                 self.stream.flush()  # what records wrote through the text layer goes first
                 buffer.write(data)  # the lines are UTF-8 already: no decoding and encoding again
                 buffer.flush()
+            elif isinstance(buffer, io.RawIOBase):  # stderr itself (PYTHONUNBUFFERED=1, as deploy/ sets it)
+                self.stream.flush()
+                _write_all(buffer, data)
             else:
                 self.stream.write(data.decode())  # the same text the records' emit would write
                 self.stream.flush()
@@ -226,6 +233,19 @@ class JsonHandler(logging.StreamHandler[TextIO]):
         except Exception:
             lost = logging.makeLogRecord({"msg": "%d buffered log lines were lost", "args": (count,)})
             self.handleError(lost)
+
+
+def _write_all(raw: io.RawIOBase, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file, which may take a part at a time (a write to a
+    pipe that a signal interrupted): the text layer above it would write once and drop the rest,
+    cutting a line. Each round takes at least a byte, or this raises (a non-blocking file that is
+    full, which ``_write_pending`` reports as lost lines)."""
+    view = memoryview(data)
+    while view:
+        written = raw.write(view)
+        if not written:  # None (it would block) or 0 (it took nothing)
+            raise BlockingIOError(errno.EAGAIN, "the log stream took none of the buffered lines")
+        view = view[written:]
 
 
 def write_fields(logger: logging.Logger, fields: dict[str, Any], *, whole: bool = False) -> bool:

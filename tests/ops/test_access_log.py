@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import queue
 import random
 import signal
@@ -264,6 +265,40 @@ def test_the_writer_thread_writes_a_line_within_the_delay() -> None:
         handler.close()
 
 
+class ShortWrites(io.FileIO):
+    """An unbuffered file that takes at most ``most`` bytes a write (as a pipe does when a signal
+    interrupts a write), below a text stream as stderr is under ``PYTHONUNBUFFERED=1``; what it
+    takes is kept in ``written`` (the file is /dev/null)."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__(os.devnull, "w")
+        self.most = most
+        self.written = bytearray()
+        self.calls = 0
+
+    def write(self, data: Any) -> int:
+        self.calls += 1
+        taken = bytes(data[: self.most])
+        self.written += taken
+        return len(taken)
+
+
+def test_an_unbuffered_stderr_gets_every_line_whole_however_little_a_write_takes() -> None:
+    raw = ShortWrites(most=7)
+    stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)  # stderr under PYTHONUNBUFFERED=1
+    handler = JsonHandler(stream, delay=NEVER)
+    lines = [orjson.dumps({"n": n, "text": "é" * n}, option=orjson.OPT_APPEND_NEWLINE) for n in range(50)]
+    try:
+        for line in lines:
+            handler.write_line(line)
+        handler.flush()
+        assert bytes(raw.written) == b"".join(lines)
+        assert raw.calls >= len(raw.written) // 7  # it did take 7 bytes at a time
+    finally:
+        handler.close()
+        stream.close()  # (and the file below it)
+
+
 class StalledStream(io.StringIO):
     """A stderr whose reader stopped: write() blocks until ``resume`` is set."""
 
@@ -330,11 +365,16 @@ def access_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith('{"time":') and '"logger":"gateway.access"' in line]
 
 
-def test_serve_loses_no_access_line_or_ledger_row_on_a_clean_shutdown(tmp_path: Path, upstream: LocalServer) -> None:
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered-stderr", "PYTHONUNBUFFERED"])
+def test_serve_loses_no_access_line_or_ledger_row_on_a_clean_shutdown(
+    tmp_path: Path, upstream: LocalServer, unbuffered: str
+) -> None:
     """Requests, then SIGTERM at once (the last lines are still in the buffer): every line is
-    written, each the very line the logging path wrote (JsonFormatter's), and every ledger row."""
+    written, each the very line the logging path wrote (JsonFormatter's), and every ledger row;
+    with stderr buffered and, as deploy/ runs it, not (``PYTHONUNBUFFERED=1``)."""
     port, ledger = free_port(), tmp_path / "usage.db"
-    env = {"GATEWAY_UPSTREAM_URL": upstream.url, "GATEWAY_USAGE_PATH": str(ledger), "GATEWAY_LOG_FORMAT": "json"}
+    env = {"GATEWAY_UPSTREAM_URL": upstream.url, "GATEWAY_USAGE_PATH": str(ledger), "GATEWAY_LOG_FORMAT": "json",
+           "PYTHONUNBUFFERED": unbuffered}  # fmt: skip
     ids = [f"shutdown-{i}" for i in range(40)]
     with running(["serve", "--port", str(port)], env, tmp_path) as proc:
         url = f"http://127.0.0.1:{port}"
