@@ -15,6 +15,10 @@ How: nginx serves the canned answers (as in bench/run.py); for each round and ea
 (``benchlib.GATEWAY_PROFILES``: defaults, lean, quiet) a fresh gateway starts pinned to the proxy
 CPU with ``PYTHONHASHSEED=0``, gets a 3 s wrk warm-up, rests 2.5 s, then one wrk run of
 ``--seconds`` at ``--connections``; /proc/<pid>/task/*/stat and status are read before and after.
+The profiles take turns going first, round by round: whichever runs first in a round measured
+slower here (2026-12-05: the ledger's event loop +12 us a request over 7 rounds going first, -2.4
+going second), so a fixed order would be read as a difference between them. The summary gives
+each profile's median, and its ratio to the last profile round by round (the pairs ran together).
 Threads are shown by the names the gateway gives its writers (``gateway.threads``: ``log-writer``,
 ``ledger_0``, ``rollups_0``); the event loop's is the first, bearing the process's name. Every
 process is started with its own process group and stopped by its pid in a ``finally`` block;
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -73,17 +78,19 @@ def thread_stats(pid: int) -> dict[int, ThreadStat]:
 
 
 def report(profile: str, rnd: int, rps: float, requests: int, before: dict[int, ThreadStat],
-           after: dict[int, ThreadStat]) -> float:  # fmt: skip
-    """Print one run's table; returns the process's CPU per request (us)."""
+           after: dict[int, ThreadStat]) -> tuple[float, float]:  # fmt: skip
+    """Print one run's table; returns the process's and the event loop's CPU per request (us)."""
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     print(f"== {profile}, round {rnd + 1}: {rps:,.0f} req/s")
     print("   thread                 user us/req  sys us/req  voluntary/req  involuntary/req  minor faults/req")
-    total = 0.0
+    total = loop = 0.0
     zero = ThreadStat("", 0, 0, 0, 0, 0)
     for index, tid in enumerate(sorted(after)):
         a, z = before.get(tid, zero), after[tid]
         user, system = (z.user - a.user) * tick_us / requests, (z.system - a.system) * tick_us / requests
         total += user + system
+        if index == 0:
+            loop = user + system
         switches = z.voluntary - a.voluntary + z.involuntary - a.involuntary
         if user + system == 0 and switches < 10:
             continue  # idle throughout
@@ -92,14 +99,31 @@ def report(profile: str, rnd: int, rps: float, requests: int, before: dict[int, 
         faults = (z.minor_faults - a.minor_faults) / requests
         print(f"   {name:22s} {user:11.1f} {system:11.1f} {voluntary:14.3f} {involuntary:16.3f} {faults:17.3f}")
     print(f"   process: {total:.1f} us of CPU per request")
-    return total
+    return total, loop
+
+
+def summary(totals: dict[str, list[tuple[float, float]]]) -> list[str]:
+    """Each profile's median CPU per request (process, event loop), and its ratio to the last
+    profile's in the same round, median of the rounds."""
+    last = list(totals)[-1]
+    lines = ["\nmedian of the rounds, us of CPU per request (process / event loop), and the ratio to "
+             f"{last}'s in the same round:"]  # fmt: skip
+    for profile, runs in totals.items():
+        process = statistics.median(run[0] for run in runs)
+        loop = statistics.median(run[1] for run in runs)
+        ratios = [run[0] / base[0] for run, base in zip(runs, totals[last], strict=True)]
+        ratio = f"{statistics.median(ratios):.3f}x (rounds {min(ratios):.3f} - {max(ratios):.3f})"
+        lines.append(f"   {profile:10s} {process:7.1f} / {loop:7.1f}   {ratio}")
+    lines.append("process CPU per request (us), round by round: " + "; ".join(
+        f"{p} {', '.join(f'{t[0]:.1f}' for t in ts)}" for p, ts in totals.items()))  # fmt: skip
+    return lines
 
 
 def run(args: argparse.Namespace) -> None:
     b.ensure_system_tools()
     cpus = b.Cpus.plan(True)
     path, body = SCENARIOS[args.scenario]
-    totals: dict[str, list[float]] = {p: [] for p in args.profiles}
+    totals: dict[str, list[tuple[float, float]]] = {p: [] for p in args.profiles}
     print(f"{cpus.describe()}; scenario {args.scenario}, {args.connections} connections, {args.seconds} s runs")
     with tempfile.TemporaryDirectory(prefix="gateway-threads-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
@@ -107,7 +131,8 @@ def run(args: argparse.Namespace) -> None:
         stack.callback(nginx.proc.stop)
         script = b.wrk_script(work, args.scenario, body)
         for rnd in range(args.rounds):
-            for profile in args.profiles:
+            turn = rnd % len(args.profiles)  # each profile goes first in turn (see the docstring)
+            for profile in args.profiles[turn:] + args.profiles[:turn]:
                 workdir = work / f"{profile}-{rnd}"
                 workdir.mkdir()
                 port = b.free_port()
@@ -128,8 +153,7 @@ def run(args: argparse.Namespace) -> None:
                 if int(data["requests"]) == 0:
                     raise RuntimeError(f"{profile}: no request completed")
                 totals[profile].append(report(profile, rnd, float(data["rps"]), int(data["requests"]), before, after))
-    print("\nprocess CPU per request (us), by profile: " + "; ".join(
-        f"{p} {', '.join(f'{t:.1f}' for t in ts)}" for p, ts in totals.items()))  # fmt: skip
+    print("\n".join(summary(totals)))
 
 
 def main() -> None:
