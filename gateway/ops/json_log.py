@@ -217,14 +217,12 @@ class JsonHandler(logging.StreamHandler[TextIO]):
             return
         data = b"".join([pending.popleft() for _ in range(count)])
         try:
-            buffer = getattr(self.stream, "buffer", None)  # a text stream's bytes below it (stderr's)
-            if isinstance(buffer, io.BufferedIOBase):
+            # A text stream's bytes below it: a buffer, or the file itself (stderr under PYTHONUNBUFFERED=1).
+            buffer = getattr(self.stream, "buffer", None)
+            if isinstance(buffer, io.BufferedIOBase | io.RawIOBase):
                 self.stream.flush()  # what records wrote through the text layer goes first
-                buffer.write(data)  # the lines are UTF-8 already: no decoding and encoding again
+                _write_all(buffer, data)  # the lines are UTF-8 already: no decoding and encoding again
                 buffer.flush()
-            elif isinstance(buffer, io.RawIOBase):  # stderr itself (PYTHONUNBUFFERED=1, as deploy/ sets it)
-                self.stream.flush()
-                _write_all(buffer, data)
             else:
                 self.stream.write(data.decode())  # the same text the records' emit would write
                 self.stream.flush()
@@ -235,14 +233,14 @@ class JsonHandler(logging.StreamHandler[TextIO]):
             self.handleError(lost)
 
 
-def _write_all(raw: io.RawIOBase, data: bytes) -> None:
-    """Write all of ``data`` to an unbuffered file, which may take a part at a time (a write to a
-    pipe that a signal interrupted): the text layer above it would write once and drop the rest,
-    cutting a line. Each round takes at least a byte, or this raises (a non-blocking file that is
-    full, which ``_write_pending`` reports as lost lines)."""
+def _write_all(below: io.BufferedIOBase | io.RawIOBase, data: bytes) -> None:
+    """Write all of ``data`` below a text stream. A buffer takes it all at once; the file itself may
+    take a part at a time (a pipe write that a signal interrupted), where the text layer would
+    write once and drop the rest, cutting a line. Each round takes at least a byte, or this raises
+    (a non-blocking file that is full: ``_write_pending`` reports the lines lost)."""
     view = memoryview(data)
     while view:
-        written = raw.write(view)
+        written = below.write(view)
         if not written:  # None (it would block) or 0 (it took nothing)
             raise BlockingIOError(errno.EAGAIN, "the log stream took none of the buffered lines")
         view = view[written:]
