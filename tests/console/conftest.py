@@ -3,8 +3,10 @@ through it, shared by a test module (``console_site``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,11 +42,28 @@ class Site:
     gateway: LocalServer
     ledger: Path
     admin: dict[str, str]  # the admin key's Authorization header
+    day: str  # the UTC day the traffic landed on (ISO): the console's date range in the tests
 
 
-def send_traffic(url: str, ledger: Path | Callable[[], list[dict[str, Any]]]) -> None:
+MIDNIGHT_MARGIN = timedelta(seconds=120)  # far more than the traffic and a module's tests take
+
+
+def clear_of_midnight() -> str:
+    """The UTC day (ISO) on which traffic sent now lands whole, and that is still "today" for the
+    module's tests (the budgets panel's day): if midnight UTC is less than ``MIDNIGHT_MARGIN`` away,
+    waits until it has passed."""
+    now = datetime.now(UTC)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    if midnight - now < MIDNIGHT_MARGIN:
+        time.sleep((midnight - now).total_seconds() + 0.5)  # at most the margin, once
+    return datetime.now(UTC).date().isoformat()
+
+
+def send_traffic(url: str, ledger: Path | Callable[[], list[dict[str, Any]]]) -> str:
     """Chats by alice and bob, an embedding, and refusals (unknown models: counted, not in the ledger);
-    waits until the ledger (a SQLite file, or a function giving its summary by key) holds the requests."""
+    waits until the ledger (a SQLite file, or a function giving its summary by key) holds the requests.
+    Returns the UTC day (ISO) they all landed on."""
+    day = clear_of_midnight()
     for name, count in (("alice", 3), ("bob", 2)):
         with openai.OpenAI(base_url=url + "/v1", api_key=key_secret(name), max_retries=0, timeout=15) as sdk:
             for i in range(count):
@@ -59,6 +78,8 @@ def send_traffic(url: str, ledger: Path | Callable[[], list[dict[str, Any]]]) ->
                 )
     by_key = partial(summarize, ledger, by="key") if isinstance(ledger, Path) else ledger
     assert wait_until(lambda: sum(r["requests"] for r in by_key()) == 6, timeout=10), by_key()
+    assert datetime.now(UTC).date().isoformat() == day, "the traffic took longer than MIDNIGHT_MARGIN"
+    return day
 
 
 @pytest.fixture(scope="module")
@@ -74,5 +95,5 @@ def console_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         with serve_in_thread(create_app(load_settings(config, env), config_path=config, env=env)) as gateway:
             with httpx.Client(base_url=gateway.url, timeout=10) as http:
                 assert wait_until(lambda: is_ready(http))
-            send_traffic(gateway.url, ledger)
-            yield Site(state, gateway, ledger, {"Authorization": f"Bearer {key_secret('admin')}"})
+            day = send_traffic(gateway.url, ledger)
+            yield Site(state, gateway, ledger, {"Authorization": f"Bearer {key_secret('admin')}"}, day)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,6 @@ from tests.console.conftest import Site
 from tests.helpers.gateway import CHAT_MODEL, forwarded, key_secret
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-TODAY = datetime.now(UTC).date().isoformat()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +60,7 @@ def sign_in(page: Page, key: str) -> None:
 
 def test_sign_in_then_the_charts_show_the_ledger(page: Page, console_site: Site, shots: Path) -> None:
     before = (list(forwarded(console_site.state)), console_site.state.catalog_fetches)
-    page.goto(f"/console/usage?start={TODAY}&end={TODAY}")
+    page.goto(f"/console/usage?start={console_site.day}&end={console_site.day}")
     assert "/console/login" in page.url
     sign_in(page, key_secret("alice"))  # not an admin
     assert "admin key" in page.inner_text("#login-error")
@@ -89,7 +87,7 @@ def test_the_filters_work_from_the_form(page: Page, console_site: Site) -> None:
     page.goto("/console/login")
     sign_in(page, key_secret("admin"))
     page.wait_for_url("**/console/usage")
-    page.fill("#start", TODAY)
+    page.fill("#start", console_site.day)
     page.select_option("#by", "model")
     page.fill("#f-key", "bob")
     page.click("text=Show")

@@ -10,7 +10,6 @@ import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
-from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -20,8 +19,6 @@ from gateway.demo import DemoState, default_catalog
 from gateway.usage.reports import summarize
 from tests.console.conftest import ORG_KEY, SECRET_PROMPT, Site
 from tests.helpers.gateway import StartGateway, assert_error_envelope, forwarded, key_secret, wait_until
-
-TODAY = datetime.now(UTC).date().isoformat()
 
 
 @pytest.fixture
@@ -105,7 +102,7 @@ def test_signing_in_sets_a_signed_cookie_that_never_holds_the_key(http: httpx.Cl
 
 
 def test_the_usage_page_shows_what_the_ledger_holds(console_site: Site, admin: httpx.Client) -> None:
-    page = admin.get("/console/usage", params={"start": TODAY, "end": TODAY, "by": "key"})
+    page = admin.get("/console/usage", params={"start": console_site.day, "end": console_site.day, "by": "key"})
     assert page.status_code == 200, page.text
     by_key = {r["key"]: r for r in summarize(console_site.ledger, by="key")}
     assert by_key["alice"]["requests"] == 3
@@ -133,7 +130,9 @@ def test_the_usage_page_shows_what_the_ledger_holds(console_site: Site, admin: h
 
 
 def test_filters_and_grouping(console_site: Site, admin: httpx.Client) -> None:
-    only_bob = admin.get("/console/usage", params={"start": TODAY, "end": TODAY, "by": "model", "key": "bob"})
+    only_bob = admin.get(
+        "/console/usage", params={"start": console_site.day, "end": console_site.day, "by": "model", "key": "bob"}
+    )
     by_model = {r["model"]: r for r in summarize(console_site.ledger, by="model", key="bob")}
     assert set(by_model) >= {"Qwen2.5-32B-Instruct-FP8", "bge-m3"}
     for model, row in by_model.items():
@@ -151,10 +150,13 @@ def test_filters_and_grouping(console_site: Site, admin: httpx.Client) -> None:
 
 
 def test_the_csv_download_is_what_the_page_shows(console_site: Site, admin: httpx.Client) -> None:
-    answer = admin.get("/console/usage.csv", params={"start": TODAY, "end": TODAY, "by": "key", "table": "breakdown"})
+    answer = admin.get(
+        "/console/usage.csv",
+        params={"start": console_site.day, "end": console_site.day, "by": "key", "table": "breakdown"},
+    )
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/csv")
-    assert f"usage-breakdown-key-{TODAY}-{TODAY}.csv" in answer.headers["content-disposition"]
+    assert f"usage-breakdown-key-{console_site.day}-{console_site.day}.csv" in answer.headers["content-disposition"]
     rows = list(csv.DictReader(io.StringIO(answer.text)))
     ledger = {r["key"]: r for r in summarize(console_site.ledger, by="key")}
     assert {r["key"] for r in rows} == {k or "" for k in ledger}
@@ -163,7 +165,9 @@ def test_the_csv_download_is_what_the_page_shows(console_site: Site, admin: http
         assert int(row["requests"]) == want["requests"]
         assert int(row["refused"]) == want["refused"]
         assert float(row["cost_usd"] or 0) == pytest.approx(want["cost_usd"] or 0)
-    series = admin.get("/console/usage.csv", params={"start": TODAY, "end": TODAY, "table": "series"})
+    series = admin.get(
+        "/console/usage.csv", params={"start": console_site.day, "end": console_site.day, "table": "series"}
+    )
     assert sum(float(r["cost_usd"] or 0) for r in csv.DictReader(io.StringIO(series.text))) == pytest.approx(
         sum(float(r["cost_usd"] or 0) for r in rows)
     )

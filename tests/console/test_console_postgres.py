@@ -9,7 +9,6 @@ import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import httpx
 import psycopg
@@ -34,13 +33,12 @@ from tests.helpers.gateway import (
 )
 from tests.helpers.postgres import PostgresServer
 
-TODAY = datetime.now(UTC).date().isoformat()
-
 
 @dataclass(frozen=True)
 class PgSite:
     gateway: LocalServer
     url: str  # the ledger's database
+    day: str  # the UTC day the traffic landed on (ISO)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +53,8 @@ def pg_site(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
         with serve_in_thread(create_app(load_settings(config, env), config_path=config, env=env)) as gateway:
             with httpx.Client(base_url=gateway.url, timeout=10) as http:
                 assert wait_until(lambda: is_ready(http))
-            send_traffic(gateway.url, lambda: summarize_blocking(url, by="key"))
-            yield PgSite(gateway, url)
+            day = send_traffic(gateway.url, lambda: summarize_blocking(url, by="key"))
+            yield PgSite(gateway, url, day)
 
 
 @pytest.fixture
@@ -84,7 +82,7 @@ def test_the_usage_page_shows_the_postgresql_ledgers_numbers(pg_site: PgSite, ad
     assert ledger["alice"][0] == 3
     assert ledger["bob"][0] == 3
     assert ledger["alice"][1] > 0
-    page = admin.get("/console/usage", params={"start": TODAY, "end": TODAY, "by": "key"})
+    page = admin.get("/console/usage", params={"start": pg_site.day, "end": pg_site.day, "by": "key"})
     assert page.status_code == 200, page.text
     for name in ("alice", "bob"):
         assert requests_cell(page.text, name) == str(ledger[name][0])
@@ -103,7 +101,9 @@ def test_the_usage_page_shows_the_postgresql_ledgers_numbers(pg_site: PgSite, ad
     # A filter and another grouping: bob's models.
     bobs = rows_of(pg_site.url, "SELECT model, count(*), coalesce(sum(cost_usd), 0) FROM usage "
                    "WHERE key_name = %s GROUP BY 1", "bob")  # fmt: skip
-    only_bob = admin.get("/console/usage", params={"start": TODAY, "end": TODAY, "by": "model", "key": "bob"})
+    only_bob = admin.get(
+        "/console/usage", params={"start": pg_site.day, "end": pg_site.day, "by": "model", "key": "bob"}
+    )
     assert len(bobs) == 2
     for model, (count, cost) in bobs.items():
         assert model is not None
@@ -114,7 +114,7 @@ def test_the_usage_page_shows_the_postgresql_ledgers_numbers(pg_site: PgSite, ad
 
 def test_the_csv_holds_the_postgresql_ledgers_numbers(pg_site: PgSite, admin: httpx.Client) -> None:
     ledger = rows_of(pg_site.url, "SELECT key_name, count(*), coalesce(sum(cost_usd), 0) FROM usage GROUP BY 1")
-    params = {"start": TODAY, "end": TODAY, "by": "key"}
+    params = {"start": pg_site.day, "end": pg_site.day, "by": "key"}
     answer = admin.get("/console/usage.csv", params={**params, "table": "breakdown"})
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/csv")
@@ -125,7 +125,7 @@ def test_the_csv_holds_the_postgresql_ledgers_numbers(pg_site: PgSite, admin: ht
         assert float(rows[name or ""]["cost_usd"] or 0) == pytest.approx(cost)
     series = admin.get("/console/usage.csv", params={**params, "table": "series", "period": "day"})
     [today] = list(csv.DictReader(io.StringIO(series.text)))
-    assert today["label"] == TODAY
+    assert today["label"] == pg_site.day
     assert int(today["requests"]) == sum(count for count, _ in ledger.values())
     budgets = {r["key"]: r for r in csv.DictReader(io.StringIO(admin.get(
         "/console/usage.csv", params={**params, "table": "budgets"}).text))}  # fmt: skip
