@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from gateway import endpoints
 from gateway.catalog.bounds import prompt_tokens_lower_bound
@@ -29,6 +30,12 @@ from gateway.usage.rewrite import client_wants_usage, with_include_usage
 from gateway.usage.schema import UsageRecord
 
 access_logger = logging.getLogger("gateway.access")
+# The access log line's fields, in order (docs/usage.md, "The access log").
+ACCESS_LINE_FIELDS: Final = (
+    "time", "level", "logger", "request_id", "key", "team", "method", "endpoint", "model", "status", "outcome",
+    "error_code", "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "cost_usd", "cache",
+    "requested_model", "fallback_from",
+)  # fmt: skip
 
 COST_HEADER = b"x-gateway-cost-usd"
 # The member added to the usage object of a stream's usage chunk when its client asked for usage.
@@ -57,6 +64,7 @@ class Accounting:
         self._access_log = access_log
         self._on_finish = on_finish
         self._times = UtcMillis()  # the access line's time (the event loop's thread only)
+        self._line = access_line_template()  # copied for each line (the event loop's thread only)
 
     async def admit(self, exchange: Exchange, requested_tokens: int) -> list[Header]:
         """Apply the key's rate limits and budgets (raising 429/402); returns the rate-limit headers."""
@@ -170,7 +178,7 @@ class Accounting:
                 )
             )
         if self._access_log and access_logger.isEnabledFor(logging.INFO):
-            self._log(exchange, latency_ms, ttfb_ms, self._times)
+            self._log(exchange, latency_ms, ttfb_ms, self._times, self._line)
         if self._on_finish is not None:
             self._on_finish(exchange)
 
@@ -184,37 +192,46 @@ class Accounting:
         return full if self._bill_hits else 0.0
 
     @staticmethod
-    def _log(exchange: Exchange, latency_ms: float, ttfb_ms: float | None, times: UtcMillis) -> None:
+    def _log(
+        exchange: Exchange, latency_ms: float, ttfb_ms: float | None, times: UtcMillis, template: dict[str, Any]
+    ) -> None:
         # The arrival as every line's time; latencies to 10 us, as round(x, 2) would but without its
         # decimal conversion (~0.2 us each): at most a last digit apart, in rare halfway cases.
-        usage = exchange.usage
-        line = {
-            "time": times.format(exchange.arrived),
-            "level": "info",
-            "logger": access_logger.name,
-            "request_id": exchange.request_id,
-            "key": exchange.caller.name if exchange.caller else None,
-            "team": exchange.caller.team if exchange.caller else None,
-            "method": exchange.method,
-            "endpoint": exchange.path,
-            "model": exchange.entry.model_name if exchange.entry else None,
-            "status": exchange.status,
-            "outcome": exchange.outcome,
-            "error_code": exchange.error_code,
-            "latency_ms": round(latency_ms * 100) / 100,
-            "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms * 100) / 100,
-            "prompt_tokens": usage.prompt_tokens if usage else None,
-            "completion_tokens": usage.completion_tokens if usage else None,
-            "cost_usd": exchange.cost,
-            "cache": exchange.cache,
-            "requested_model": exchange.requested_model,
-            "fallback_from": exchange.fallback_from,
-        }
+        # The line is a copy of ``template`` (its keys in order, "level" and "logger" set) with each
+        # value replaced: a copy and replacements take ~3k instructions fewer than a dict display
+        # inserting twenty keys.
+        usage, caller, entry = exchange.usage, exchange.caller, exchange.entry
+        line = template.copy()
+        line["time"] = times.format(exchange.arrived)
+        line["request_id"] = exchange.request_id
+        line["key"] = caller.name if caller else None
+        line["team"] = caller.team if caller else None
+        line["method"] = exchange.method
+        line["endpoint"] = exchange.path
+        line["model"] = entry.model_name if entry else None
+        line["status"] = exchange.status
+        line["outcome"] = exchange.outcome
+        line["error_code"] = exchange.error_code
+        line["latency_ms"] = round(latency_ms * 100) / 100
+        line["ttfb_ms"] = None if ttfb_ms is None else round(ttfb_ms * 100) / 100
+        line["prompt_tokens"] = usage.prompt_tokens if usage else None
+        line["completion_tokens"] = usage.completion_tokens if usage else None
+        line["cost_usd"] = exchange.cost
+        line["cache"] = exchange.cache
+        line["requested_model"] = exchange.requested_model
+        line["fallback_from"] = exchange.fallback_from
         if write_fields(access_logger, line, whole=True):  # the JSON line, buffered
             return
         del line["level"], line["logger"]  # (the record's own)
         summary = f"{exchange.method} {exchange.path} {exchange.status} {line['outcome']} {line['latency_ms']}ms"
         access_logger.info(summary, extra={"access": line})
+
+
+def access_line_template() -> dict[str, Any]:
+    """The access log line's fields in their order, with the two that never change filled in."""
+    line: dict[str, Any] = dict.fromkeys(ACCESS_LINE_FIELDS)
+    line["level"], line["logger"] = "info", access_logger.name
+    return line
 
 
 def _cost(exchange: Exchange) -> float | None:

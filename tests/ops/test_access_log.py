@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.accounting import Accounting, access_logger
+from gateway.accounting import Accounting, access_line_template, access_logger
 from gateway.app import build_stack
 from gateway.auth.keys import Caller
 from gateway.config import load_settings
@@ -139,9 +139,9 @@ def test_accounting_writes_the_same_access_line_either_way() -> None:
     plain = logging.StreamHandler(before)
     plain.setFormatter(JsonFormatter())
     with only_root(plain):
-        Accounting._log(exchange, 12.3456, 4.5, UtcMillis())
+        Accounting._log(exchange, 12.3456, 4.5, UtcMillis(), access_line_template())
     with only_root(handler := JsonHandler(after, delay=NEVER)):
-        Accounting._log(exchange, 12.3456, 4.5, UtcMillis())
+        Accounting._log(exchange, 12.3456, 4.5, UtcMillis(), access_line_template())
         assert after.getvalue() == ""  # buffered: the short way was taken
         handler.flush()
     assert after.getvalue() == before.getvalue()
@@ -209,7 +209,7 @@ def test_caplog_sees_the_access_record_as_before(caplog: pytest.LogCaptureFixtur
     exchange = Exchange("req-c", "GET", "/v1/models", arrived=1767225600.0)
     exchange.status, exchange.outcome = 200, Outcome.COMPLETED
     with caplog.at_level(logging.INFO, logger="gateway.access"):
-        Accounting._log(exchange, 1.0, None, UtcMillis())
+        Accounting._log(exchange, 1.0, None, UtcMillis(), access_line_template())
     [record] = [r for r in caplog.records if r.name == "gateway.access"]
     assert record.getMessage() == "GET /v1/models 200 completed 1.0ms"
     assert getattr(record, "access", {})["request_id"] == "req-c"
