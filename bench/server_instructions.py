@@ -130,16 +130,19 @@ def _per_request(short: dict[str, int], long: dict[str, int], requests: int) -> 
     return {event: (long[event] - short.get(event, 0)) / requests for event in long}
 
 
+def _misses(per: dict[str, float]) -> tuple[float, float]:
+    """The first-level and the last-level misses (0 without --cache-sim)."""
+    return sum(per.get(e, 0.0) for e in FIRST_LEVEL_MISSES), sum(per.get(e, 0.0) for e in LAST_LEVEL_MISSES)
+
+
 def _cycles(per: dict[str, float]) -> float:
     """valgrind's rough estimate of cycles from the instructions and the misses."""
-    first = sum(per.get(event, 0.0) for event in FIRST_LEVEL_MISSES)
-    last = sum(per.get(event, 0.0) for event in LAST_LEVEL_MISSES)
+    first, last = _misses(per)
     return per["Ir"] + 10 * first + 100 * last
 
 
-def _misses(per: dict[str, float]) -> str:
-    first = sum(per.get(event, 0.0) for event in FIRST_LEVEL_MISSES)
-    last = sum(per.get(event, 0.0) for event in LAST_LEVEL_MISSES)
+def _cache_line(per: dict[str, float]) -> str:
+    first, last = _misses(per)
     return f"{first:,.0f} first-level / {last:,.0f} last-level misses, ~{_cycles(per):,.0f} cycles"
 
 
@@ -179,14 +182,14 @@ def main() -> None:
                 print(f"  {kind:14s} {per[kind]:12,.0f} instructions per request ({time.monotonic() - started:.0f} s)",
                       flush=True)  # fmt: skip
                 if args.cache_sim:
-                    print(f"  {'':14s} {_misses(whole)}", flush=True)
+                    print(f"  {'':14s} {_cache_line(whole)}", flush=True)
                 if args.threads and len(short) == len(long):
                     threads = [_per_request(a, b_, large - small) for a, b_ in zip(short, long, strict=True)]
                     each = ", ".join(f"{thread['Ir']:,.0f}" for thread in threads)
                     print(f"  {'':14s} by thread, the main thread first: {each}", flush=True)
                     if args.cache_sim:
                         for i, thread in enumerate(threads, 1):
-                            print(f"  {'':14s}   thread {i}: {_misses(thread)}", flush=True)
+                            print(f"  {'':14s}   thread {i}: {_cache_line(thread)}", flush=True)
         finally:
             nginx.proc.stop()
     if "floor" in per:
