@@ -15,7 +15,7 @@ import pytest
 from gateway.usage import writes
 from gateway.usage.ledger import Ledger
 from gateway.usage.schema import UsageRecord
-from gateway.usage.writes import MAX_ROWS_PER_INSERT, open_writer, write_batch
+from gateway.usage.writes import MAX_ROWS_PER_INSERT, open_writer, write_batch, write_each
 
 COLUMNS = ", ".join(UsageRecord._fields)
 
@@ -76,6 +76,31 @@ def test_rows_per_statement_follow_the_builds_parameter_limit(tmp_path: Path) ->
     inserts = [s for s in statements if s.startswith("INSERT")]  # (with their values, as traced)
     assert [s.count("), (") + 1 for s in inserts] == [2, 2, 1]
     assert stored(tmp_path / "usage.db") == records
+
+
+def test_a_batch_stores_nulls_and_the_cut_flag_as_a_row_by_row_write_does(tmp_path: Path) -> None:
+    """A batch binds None as NaN and ``cut`` as 0 or 1 (types sqlite3 binds without looking up an
+    adapter): every column's value and SQL type are those of the same records written one by one,
+    each value bound as it is (None and the bool through sqlite3's adapters)."""
+    records = [record(i) for i in range(24)]  # every nullable column NULL in some rows; cut both ways
+    columns = ", ".join(f"typeof({c}), {c}" for c in UsageRecord._fields)
+    missing = ", ".join(f"COUNT(*) - COUNT({c})" for c in UsageRecord._fields)  # NULLs per column
+    by_batch, by_row = open_writer(tmp_path / "batch.db"), open_writer(tmp_path / "row.db")
+    try:
+        write_batch(by_batch, records)
+        assert write_each(by_row, records) == []
+        rows = by_batch.execute(f"SELECT {columns} FROM usage ORDER BY id").fetchall()  # noqa: S608 - constants
+        assert rows == by_row.execute(f"SELECT {columns} FROM usage ORDER BY id").fetchall()  # noqa: S608
+        nulls = by_batch.execute(f"SELECT {missing} FROM usage").fetchone()  # noqa: S608
+        null_columns = {c for c, n in zip(UsageRecord._fields, nulls, strict=True) if n}
+        cuts = by_batch.execute("SELECT DISTINCT typeof(cut), cut FROM usage ORDER BY cut").fetchall()
+    finally:
+        by_batch.close()
+        by_row.close()
+    nullable = {"key_name", "team", "cost_usd", "ttfb_ms", "cache", "saved_usd", "requested_model", "fallback_from"}
+    assert null_columns == nullable
+    assert cuts == [("integer", 0), ("integer", 1)]
+    assert stored(tmp_path / "batch.db") == records
 
 
 def test_batches_of_every_size_run_a_few_statements_that_stay_prepared(tmp_path: Path) -> None:
