@@ -88,13 +88,13 @@ def count(
     profile = b.GATEWAY_KIND_PROFILES.get(kind, "defaults")
     config = b.gateway_config(workdir, f"{kind}-{requests}", upstream, port, profile=profile)
     out = (keep or workdir) / f"callgrind.{kind}.{requests}"
-    threads = ["--separate-threads=yes"] if args.threads else []
+    options = ["--separate-threads=yes"] if args.threads else []  # callgrind's, besides the output file
     if args.cache_sim:
-        threads += ["--cache-sim=yes", *([f"--LL={args.ll}"] if args.ll else [])]
+        options += ["--cache-sim=yes", *([f"--LL={args.ll}"] if args.ll else [])]
     argv = [
         "valgrind",
         "--tool=callgrind",
-        *threads,
+        *options,
         f"--callgrind-out-file={out}",
         *b.gateway_argv(kind, config, port),
     ]
