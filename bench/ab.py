@@ -7,6 +7,7 @@
     python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults   # what the defaults cost
     python bench/ab.py --floor --b-rev HEAD --rounds 6 --seconds 5   # the gateway against the bare relay floor
     python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults --writers-beside   # writers elsewhere
+    python bench/ab.py --rev HEAD --b-rev HEAD --config lean --b-config defaults --connections 1 --seconds 5  # p99
     python bench/ab.py --rev HEAD --b-venv /tmp/venv-3.12   # B: the same code on another interpreter
     python bench/ab.py --render bench/results/ab-....json   # re-print a saved comparison
 
@@ -27,7 +28,9 @@ working tree (or, with ``--b-rev``, on another extracted revision). Both are war
 rounds and B first in odd ones, so that drift in the machine's load falls on both alike. Each run's
 CPU is the gateway process tree's user + system time from /proc, before and after; a round's
 figure is B's CPU per request divided by A's. Reported: every round's ratio, the median per seed,
-the median over all rounds, and the spread of the per-seed medians (the hash-seed effect).
+the median over all rounds, and the spread of the per-seed medians (the hash-seed effect); and
+each side's wrk p50 and p99, median over the rounds (with ``--connections 1``: issue #19's
+one-client latency, the two sides interleaved, which one run of bench/run.py cannot resolve).
 
 With ``--floor``, side A is bench/relay_floor.py (uvicorn + aiohttp, no gateway code) instead of a
 gateway revision: B/A is then the gateway's CPU per request over the floor's, measured the same
@@ -85,6 +88,8 @@ class Sample:
     requests: int
     errors: int
     cpu_s: float
+    p50_us: int = 0  # wrk's latency percentiles (0: a run saved before they were kept)
+    p99_us: int = 0
 
 
 @dataclass
@@ -164,7 +169,9 @@ def measure(side: Side, both: list[int], url_path: str, script: Path, args: argp
     requests = int(data["requests"])
     if requests == 0:
         raise RuntimeError(f"gateway {side.name}: no request completed in {args.seconds} s")
-    return Sample(cpu * 1e6 / requests, float(data["rps"]), requests, int(data["errors"]), cpu)
+    return Sample(
+        cpu * 1e6 / requests, float(data["rps"]), requests, int(data["errors"]), cpu, data["p50_us"], data["p99_us"]
+    )
 
 
 def measure_seed(
@@ -194,7 +201,8 @@ def measure_seed(
             b.log(
                 f"seed {seed} round {index + 1:2d}/{args.rounds} ({''.join(order)}): "
                 f"A {samples['A'].cpu_us_per_req:6.1f} us/req {samples['A'].rps:7.0f} req/s, "
-                f"B {samples['B'].cpu_us_per_req:6.1f} us/req {samples['B'].rps:7.0f} req/s, B/A {ratio:.3f}"
+                f"B {samples['B'].cpu_us_per_req:6.1f} us/req {samples['B'].rps:7.0f} req/s, B/A {ratio:.3f}; "
+                f"p99 A {samples['A'].p99_us / 1000:.3f} B {samples['B'].p99_us / 1000:.3f} ms"
             )
     return {"seed": seed, "rounds": rounds, **seed_stats(rounds)}
 
@@ -210,6 +218,8 @@ def seed_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{name}_cpu_us_median"] = statistics.median(r[name]["cpu_us_per_req"] for r in rounds)
         out[f"{name}_rps_median"] = statistics.median(r[name]["rps"] for r in rounds)
         out[f"{name}_errors"] = sum(r[name]["errors"] for r in rounds)
+        for pct in ("p50_us", "p99_us"):
+            out[f"{name}_{pct}_median"] = statistics.median(r[name].get(pct, 0) for r in rounds)
     return out
 
 
@@ -232,6 +242,13 @@ def overall(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "round_ratio_q1": quartiles[0],
         "round_ratio_q3": quartiles[2],
         "rounds": len(ratios),
+        # Each side's latency percentiles, median over every round (at --connections 1: the one-client
+        # p50 and p99 of issue #19's targets, the two sides interleaved).
+        **{
+            f"{name}_{pct}_median": statistics.median(r[name].get(pct, 0) for s in seeds for r in s["rounds"])
+            for name in SIDES
+            for pct in ("p50_us", "p99_us")
+        },
     }
 
 
@@ -382,6 +399,16 @@ def render(results: dict[str, Any]) -> str:
                     f"{o['rps_ratio_q1']:.3f} - {o['rps_ratio_q3']:.3f}).",
                 ]
                 if "rps_ratio" in o  # (saved before 2026-12-05 15:10)
+                else []
+            ),
+            *(
+                [
+                    "",
+                    "Latency (wrk's, per run), median of the rounds: A p50 / p99 "
+                    f"{o['A_p50_us_median'] / 1000:.3f} / {o['A_p99_us_median'] / 1000:.3f} ms, B "
+                    f"{o['B_p50_us_median'] / 1000:.3f} / {o['B_p99_us_median'] / 1000:.3f} ms.",
+                ]
+                if o.get("A_p99_us_median")  # (saved before 2026-12-06 05:00)
                 else []
             ),
             "",
