@@ -937,7 +937,7 @@ def run_streams(
 
 
 # The names the gateway gives its background threads (gateway.threads; a pool's threads get "_0").
-WRITER_THREADS = ("log-writer", "ledger_0", "rollups_0")
+WRITER_THREADS = ("log-writer", "ledger-idle_0", "ledger_0", "rollups_0")
 
 
 def move_writer_threads(pid: int, cpus: tuple[int, ...]) -> list[str]:

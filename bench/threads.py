@@ -24,9 +24,9 @@ slower here (2026-12-05: the ledger's event loop +12 us a request over 7 rounds 
 going second), so a fixed order would be read as a difference between them. The summary gives
 each profile's median, and its ratio to the last profile round by round (the pairs ran together).
 Threads are shown by the names the gateway gives its writers (``gateway.threads``: ``log-writer``,
-``ledger_0``, ``rollups_0``); the event loop's is the first, bearing the process's name. Every
-process is started with its own process group and stopped by its pid in a ``finally`` block;
-everything listens on 127.0.0.1; every loop is bounded.
+``ledger-idle_0`` and ``ledger_0``, ``rollups_0``); the event loop's is the first, bearing the
+process's name. Every process is started with its own process group and stopped by its pid in a
+``finally`` block; everything listens on 127.0.0.1; every loop is bounded.
 """
 
 from __future__ import annotations

@@ -33,3 +33,18 @@ def background_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, thread, max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, thread)))
     with contextlib.suppress(OSError):  # Linux keeps 15 bytes of a thread's name
         Path(f"/proc/self/task/{thread}/comm").write_text(threading.current_thread().name[:15])
+
+
+def idle_priority() -> None:
+    """``background_priority``, then the idle scheduling policy (Linux ``SCHED_IDLE``) where the
+    platform has it: a thread that runs only when nothing else wants the core, and gives it up
+    the moment the event loop does. A nice-10 writer that is running when a request arrives keeps
+    the core a little longer: confined to one core, the event loop waited ~2 us a request for the
+    ledger's writer (``bench/threads.py``), and the one-client p99 showed it. The price: such a
+    thread gets next to nothing of a core the event loop keeps busy, and an unprivileged thread
+    cannot leave the policy again, so its user must be able to move its work to a thread of
+    ``background_priority`` when it falls behind (``gateway.usage.ledger`` does)."""
+    background_priority()
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))

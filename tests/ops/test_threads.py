@@ -41,6 +41,15 @@ def nice_of(prefix: str) -> list[int]:
     ]
 
 
+def policy_of(prefix: str) -> list[int]:
+    """The scheduling policy of each live thread whose name starts with ``prefix``."""
+    return [
+        os.sched_getscheduler(t.native_id)
+        for t in threading.enumerate()
+        if t.name.startswith(prefix) and t.native_id is not None
+    ]
+
+
 async def test_the_ledger_and_roll_up_threads_run_at_background_priority(tmp_path: Path) -> None:
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     async with Ledger(tmp_path / "usage.db", flush_interval=0.01) as ledger:
@@ -48,14 +57,19 @@ async def test_the_ledger_and_roll_up_threads_run_at_background_priority(tmp_pat
         keeper = RollupKeeper(tmp_path / "usage.db", interval=0.01)
         await keeper.start()
         try:
-            assert nice_of("ledger") == [max(base, BACKGROUND_NICE)]
+            # The ledger's two writers: the idle one (below) and the one it falls back on.
+            assert nice_of("ledger") == [max(base, BACKGROUND_NICE)] * 2
             assert nice_of("rollups") == [max(base, BACKGROUND_NICE)]
             if LINUX:
-                assert shown_names("ledger") == ["ledger_0"]
+                assert sorted(shown_names("ledger")) == ["ledger-idle_0", "ledger_0"]
                 assert shown_names("rollups") == ["rollups_0"]
+                assert policy_of("ledger_") == [os.SCHED_OTHER]
+                assert policy_of("ledger-idle") == [os.SCHED_IDLE]
         finally:
             await keeper.aclose()
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the loop's own is untouched
+    if LINUX:
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_the_access_log_writer_runs_at_background_priority() -> None:
