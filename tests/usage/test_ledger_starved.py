@@ -11,6 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,12 @@ pytestmark = pytest.mark.skipif(
 def written(path: Path) -> int:
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0])
+
+
+def cpu_ns(name: str) -> int:
+    """The CPU time (ns, schedstat) of the live thread whose Python name is ``name``."""
+    (thread,) = [t for t in threading.enumerate() if t.name == name]
+    return int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[0])
 
 
 @pytest.fixture
@@ -71,6 +78,7 @@ async def test_a_writer_with_the_core_to_spare_stays_idle(tmp_path: Path, caplog
     caplog.set_level(logging.INFO, logger="gateway.usage.ledger")
     # A batch of 500 rows is a few ms of a core's work: it hands over only if it takes over a second.
     async with Ledger(path, flush_interval=1.0) as ledger:
+        before = {name: cpu_ns(name) for name in ("ledger-idle_0", "ledger_0")}  # (both opened the file)
         for i in range(500):
             ledger.record(rec(i))
         for _ in range(600):  # 30 s at most
@@ -78,4 +86,7 @@ async def test_a_writer_with_the_core_to_spare_stays_idle(tmp_path: Path, caplog
                 break
             await asyncio.sleep(0.05)
         assert written(path) == 500
+        # The idle thread wrote them; the background one, waiting for work, used no CPU meanwhile.
+        assert cpu_ns("ledger-idle_0") > before["ledger-idle_0"]
+        assert cpu_ns("ledger_0") == before["ledger_0"]
     assert not any("fell behind" in r.getMessage() for r in caplog.records)
